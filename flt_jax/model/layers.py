@@ -1,0 +1,120 @@
+"""Building blocks of the reference architecture (DESIGN §2): weightless RMSNorm,
+rotary embedding, MHA/GQA and MLA attention, relu² MLP, and the block with the
+three ways the previous loop's output can enter it."""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flt_jax.model import attention
+from flt_jax.model.config import ModelConfig
+
+_EPS = float(np.finfo(np.float32).eps)  # the reference's F.rms_norm default for float32
+
+
+def rms_norm(x):
+  """RMSNorm without learnable scale, computed in float32, returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _EPS)
+  return y.astype(x.dtype)
+
+
+def rope_tables(head_dim: int, length: int, base: float, round_to_bf16: bool):
+  """cos, sin of shape [length, head_dim // 2] as float32 numpy constants."""
+  inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  freqs = np.outer(np.arange(length, dtype=np.float32), inv_freq.astype(np.float32))
+  cos, sin = np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+  if round_to_bf16:  # the published reference keeps its tables in bfloat16
+    cos = cos.astype(jnp.bfloat16).astype(np.float32)
+    sin = sin.astype(jnp.bfloat16).astype(np.float32)
+  return cos, sin
+
+
+def apply_rope(x_BxTxHxD, cos_TxD2, sin_TxD2):
+  """Rotates the two halves of each head as pairs (the reference's convention)."""
+  d2 = x_BxTxHxD.shape[-1] // 2
+  x32 = x_BxTxHxD.astype(jnp.float32)
+  x1, x2 = x32[..., :d2], x32[..., d2:]
+  cos, sin = cos_TxD2[None, :, None, :], sin_TxD2[None, :, None, :]
+  return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
+
+
+def uniform_init(fan_in: int):
+  """Uniform with std 1/sqrt(fan_in), as the reference initialises its matrices."""
+  bound = math.sqrt(3.0) / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound)
+
+
+def dense(features: int, axes: tuple[str, str], init, cfg: ModelConfig, name: str):
+  return nn.Dense(features, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                  param_dtype=jnp.float32,
+                  kernel_init=nn.with_logical_partitioning(init, axes), name=name)
+
+
+class Attention(nn.Module):
+  """Causal self-attention whose queries may come from another stream (injection)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, q_in_BxTxD, kv_in_BxTxD, cos, sin, window_left):
+    cfg = self.cfg
+    B, T, _ = q_in_BxTxD.shape
+    H, Hkv, hd, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model
+    zeros = nn.initializers.zeros
+    q = dense(H * hd, ("embed", "heads"), uniform_init(D), cfg, "c_q")(q_in_BxTxD)
+    if cfg.kv_lora_rank:
+      r = cfg.kv_lora_rank
+      c_kv = rms_norm(dense(r, ("embed", "kv_lora"), uniform_init(D), cfg,
+                            "c_kv_down")(kv_in_BxTxD))
+      k = dense(Hkv * hd, ("kv_lora", "kv_heads"), uniform_init(r), cfg, "c_k_up")(c_kv)
+      v = dense(Hkv * hd, ("kv_lora", "kv_heads"), uniform_init(r), cfg, "c_v_up")(c_kv)
+    else:
+      k = dense(Hkv * hd, ("embed", "kv_heads"), uniform_init(D), cfg, "c_k")(kv_in_BxTxD)
+      v = dense(Hkv * hd, ("embed", "kv_heads"), uniform_init(D), cfg, "c_v")(kv_in_BxTxD)
+    q_BxTxHxD = rms_norm(apply_rope(q.reshape(B, T, H, hd), cos, sin))
+    k_BxTxKxD = rms_norm(apply_rope(k.reshape(B, T, Hkv, hd), cos, sin))
+    compute = jnp.dtype(cfg.dtype)
+    y = attention.attend(q_BxTxHxD.astype(compute), k_BxTxKxD.astype(compute),
+                         v.reshape(B, T, Hkv, hd).astype(compute),
+                         window_left=window_left, impl=cfg.attention_impl)
+    return dense(D, ("heads", "embed"), zeros, cfg, "c_proj")(y.reshape(B, T, H * hd))
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    D = self.cfg.d_model
+    h = dense(4 * D, ("embed", "mlp"), uniform_init(D), self.cfg, "c_fc")(x_BxTxD)
+    h = jnp.square(jax.nn.relu(h))
+    return dense(D, ("mlp", "embed"), nn.initializers.zeros, self.cfg, "c_proj")(h)
+
+
+class Block(nn.Module):
+  """One transformer block; the previous loop's output can enter it two ways.
+
+  Query injection (FLT; LT_ia at layer 0): the attention query is h_query = norm(h)
+  while keys and values come from norm(x). Residual injection (FLT_res):
+  x <- norm(x + h) before the block. The flags are traced booleans, so one compiled
+  body serves loop 0 (no h yet) and every later loop.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, h_BxTxD, h_query_BxTxD, inject_query, inject_residual,
+               cos, sin, window_left):
+    if self.cfg.variant == "FLT_res":
+      x_BxTxD = jnp.where(inject_residual, rms_norm(x_BxTxD + h_BxTxD), x_BxTxD)
+    x_normed = rms_norm(x_BxTxD)
+    q_in = x_normed
+    if self.cfg.variant in ("FLT", "LT_ia"):
+      q_in = jnp.where(inject_query, h_query_BxTxD, x_normed)
+    x_BxTxD = x_BxTxD + Attention(self.cfg, name="attn")(q_in, x_normed, cos, sin, window_left)
+    x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(rms_norm(x_BxTxD))
+    return x_BxTxD

@@ -1,0 +1,122 @@
+"""The looped decoder: an nn.scan over K loops with shared (broadcast) params,
+around an nn.scan over the L distinct layers with stacked params.
+
+Loop i's input and how h = norm(output of loop i-1) enters (DESIGN §1):
+  LT      x = h                        (loop 0: x = norm(x0))
+  LT_i    x = norm(x0 + h)             (loop 0: x = norm(x0))
+  LT_ia   x = norm(x0); layer 0's attention query is norm(h)
+  FLT_res x = norm(x0); every layer first does x = norm(x + h)
+  FLT     x = norm(x0); every layer's attention query is norm(h)
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flt_jax.model.config import ModelConfig
+from flt_jax.model.layers import Block, rms_norm, rope_tables
+
+_REMAT_POLICIES = {
+    "block": None,  # jax.checkpoint's default: save only the block's inputs
+    "block_save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class _LayerStack(nn.Module):
+  """Runs the L blocks of one loop as an nn.scan over stacked layer params."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, h_BxTxD, h_query_BxTxD, has_h, cos, sin):
+    cfg = self.cfg
+    block = Block
+    if cfg.remat in _REMAT_POLICIES:
+      block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+
+    def body(module, x, layer_xs):
+      window_left, layer_index = layer_xs
+      inject_query = has_h & ((layer_index == 0) | (cfg.variant != "LT_ia"))
+      return module(x, h_BxTxD, h_query_BxTxD, inject_query, has_h, cos, sin,
+                    window_left), None
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=cfg.n_layer, metadata_params={nn.PARTITION_NAME: "layers"})
+    layer_xs = (jnp.asarray(cfg.window_sizes, jnp.int32), jnp.arange(cfg.n_layer))
+    x_BxTxD, _ = scan(block(cfg, name="block"), x_BxTxD, layer_xs)
+    return x_BxTxD
+
+
+class _Loop(nn.Module):
+  """One loop: pick the input for this variant, run the layers, emit h and diagnostics."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxTxD, loop_index, x0_BxTxD, x0_normed, cos, sin, keep_all_loops):
+    has_h = loop_index > 0
+    variant = self.cfg.variant
+    if variant == "LT":
+      x_BxTxD = h_BxTxD  # the carry starts as norm(x0), so loop 0 is covered too
+    elif variant == "LT_i":
+      x_BxTxD = jnp.where(has_h, rms_norm(x0_BxTxD + h_BxTxD), x0_normed)
+    else:
+      x_BxTxD = x0_normed
+    h_query = rms_norm(h_BxTxD) if variant in ("FLT", "LT_ia") else h_BxTxD
+    x_BxTxD = _LayerStack(self.cfg, name="layers")(x_BxTxD, h_BxTxD, h_query, has_h, cos, sin)
+    # The paper's residual-explosion signal: mean L2 norm of the stream before norm.
+    residual_norm = jnp.mean(jnp.linalg.norm(x_BxTxD.astype(jnp.float32), axis=-1))
+    h_BxTxD = rms_norm(x_BxTxD)
+    return h_BxTxD, (h_BxTxD if keep_all_loops else None, residual_norm)
+
+
+class LoopedTransformer(nn.Module):
+  """Decoder-only looped transformer; `loops` is chosen per call (default cfg.loops)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.wte = nn.Embed(
+        cfg.padded_vocab_size, cfg.d_model, param_dtype=jnp.float32,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
+    self.lm_head = nn.Dense(
+        cfg.padded_vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=0.001), ("embed", "vocab")))
+    loop = _Loop
+    if self.cfg.remat == "loop":  # keep only the K loop carries for the backward pass
+      loop = nn.remat(_Loop, prevent_cse=False,
+                      policy=jax.checkpoint_policies.nothing_saveable)
+    scanned = nn.scan(loop, variable_broadcast="params", split_rngs={"params": False},
+                      in_axes=(0,) + (nn.broadcast,) * 5)
+    self.blocks = scanned(self.cfg)
+
+  def hidden_states(self, tokens_BxT, loops: int | None = None, all_loops: bool = False):
+    """Returns (h, residual_norm_K): h is norm(output) of the last loop [B, T, D], or of
+    every loop [K, B, T, D] when all_loops; residual_norm_K is each loop's mean stream norm."""
+    cfg = self.cfg
+    loops = cfg.loops if loops is None else loops
+    if loops < 1:
+      raise ValueError(f"loops={loops} is invalid: a looped model needs at least one loop")
+    T = tokens_BxT.shape[1]
+    if T > cfg.rope_table_len:
+      raise ValueError(
+          f"sequence length {T} exceeds the rotary table ({cfg.rope_table_len} positions); "
+          "raise config.model.rope_max_len or config.model.seq_len")
+    cos, sin = rope_tables(cfg.head_dim, T, cfg.rope_base, cfg.rope_bf16)
+    x0 = self.wte(tokens_BxT).astype(jnp.float32)
+    x0_normed = rms_norm(x0)
+    h_last, (h_all, residual_norm_K) = self.blocks(
+        x0_normed, jnp.arange(loops), x0, x0_normed, jnp.asarray(cos), jnp.asarray(sin),
+        all_loops)
+    return (h_all if all_loops else h_last), residual_norm_K
+
+  def logits(self, h_BxTxD):
+    """Softcapped float32 logits over the true vocabulary."""
+    z = self.lm_head(h_BxTxD).astype(jnp.float32)[..., :self.cfg.vocab_size]
+    return self.cfg.softcap * jnp.tanh(z / self.cfg.softcap)
+
+  def __call__(self, tokens_BxT, loops: int | None = None):
+    h_BxTxD, _ = self.hidden_states(tokens_BxT, loops)
+    return self.logits(h_BxTxD)
