@@ -1,0 +1,48 @@
+"""The train state: everything a checkpoint must hold to resume bit-for-bit."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from flt_jax.model.looped import LoopedTransformer
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer updates applied so far
+  params: Any
+  opt_state: Any
+  nonfinite_in_a_row: jax.Array  # int32: consecutive skipped (non-finite) updates
+  nonfinite_total: jax.Array  # int32: all skipped updates
+
+
+def init_params(model: LoopedTransformer, rng, seq_len: int):
+  """Float32 params as plain arrays (logical-axis boxes removed)."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return nn.meta.unbox(model.init(rng, tokens, 1)["params"])
+
+
+def param_logical_axes(model: LoopedTransformer, seq_len: int):
+  """The logical axis names of every param (for sharding rules)."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, 1))["params"]
+  return nn.get_partition_spec(boxed)
+
+
+def create_train_state(model: LoopedTransformer, optimizer: optax.GradientTransformation,
+                       rng, seq_len: int) -> TrainState:
+  params = init_params(model, rng, seq_len)
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                    nonfinite_in_a_row=zero, nonfinite_total=zero)
+
+
+def count_params(params) -> dict[str, int]:
+  total = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+  embedding = int(params["wte"]["embedding"].size)
+  return {"total": total, "embedding": embedding, "non_embedding": total - embedding}

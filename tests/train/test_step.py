@@ -1,0 +1,113 @@
+"""Train step: accumulation equals one large batch, non-finite updates are skipped."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flt_jax.model import config as model_config
+from flt_jax.model.looped import LoopedTransformer
+from flt_jax.train import state as state_lib
+from flt_jax.train import step as step_lib
+
+
+def _model(**overrides):
+  c = model_config.get_config()
+  c.update(dict(vocab_size=64, n_layer=2, d_model=32, n_head=2, n_kv_head=1, loops=2,
+                seq_len=8, loss_type="STEP"))
+  c.update(overrides)
+  return LoopedTransformer(model_config.ModelConfig.from_config(c))
+
+
+def _batch(B, T=8, seed=0, ignore_frac=0.2):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, 64, size=(B, T + 1)).astype(np.int32)
+  targets = tokens[:, 1:].copy()
+  targets[rng.random(targets.shape) < ignore_frac] = -1  # uneven valid counts per row
+  return {"inputs": tokens[:, :-1], "targets": targets}
+
+
+def _state(model, optimizer):
+  state = state_lib.create_train_state(model, optimizer, jax.random.PRNGKey(0), 8)
+  # Perturb the zero-initialised projections so every parameter gets a gradient.
+  leaves, tree = jax.tree_util.tree_flatten(state.params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree_util.tree_unflatten(
+      tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  return state.replace(params=params, opt_state=optimizer.init(params))
+
+
+def test_accumulated_micro_batches_equal_one_large_batch():
+  num_micro = 4
+  model = _model()
+  optimizer = optax.adam(1e-2)
+  state = _state(model, optimizer)
+  batch = _batch(8)
+  step = lambda n: jax.jit(functools.partial(step_lib.train_step, model=model,
+                                             optimizer=optimizer, num_micro=n))
+  one, m1 = step(1)(state, batch)
+  many, mn = step(num_micro)(state, batch)
+  np.testing.assert_allclose(m1["loss"], mn["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["grad_norm"], mn["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(many.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  assert int(one.step) == int(many.step) == 1
+
+
+def test_batch_that_does_not_split_is_a_clear_error():
+  model = _model()
+  optimizer = optax.sgd(1e-2)
+  state = _state(model, optimizer)
+  with pytest.raises(ValueError, match="micro-batches"):
+    step_lib.train_step(state, _batch(6), model=model, optimizer=optimizer, num_micro=4)
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+  model = _model()
+  optimizer = optax.sgd(1e-2)
+  state = _state(model, optimizer)
+  bad = jax.tree_util.tree_map(lambda x: x, state.params)
+  bad["lm_head"]["kernel"] = bad["lm_head"]["kernel"].at[0, 0].set(jnp.nan)
+  state = state.replace(params=bad)
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer))
+  new, metrics = step(state, _batch(4))
+  assert not bool(metrics["finite"])
+  assert int(new.step) == 0 and int(new.nonfinite_in_a_row) == 1
+  assert int(new.nonfinite_total) == 1
+  for a, b in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(bad)):
+    np.testing.assert_array_equal(a, b)  # untouched, NaN included
+  new2, _ = step(new, _batch(4, seed=1))
+  assert int(new2.nonfinite_in_a_row) == 2
+
+
+def test_diagnostics_report_every_loop_and_layer():
+  model = _model(loops=3)
+  optimizer = optax.sgd(1e-2)
+  state = _state(model, optimizer)
+  _, m = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
+                                   diagnostics=True))(state, _batch(4))
+  assert m["loop_loss"].shape == (3,) and m["residual_norm"].shape == (3,)
+  assert m["layer_grad_norm"].shape == (2,)
+  np.testing.assert_allclose(jnp.mean(m["loop_loss"]), m["loss"], rtol=1e-5)  # STEP
+  assert np.all(np.asarray(m["layer_grad_norm"]) > 0)
+  total = np.sqrt(np.sum(np.square(m["layer_grad_norm"])))
+  assert total <= float(m["grad_norm"]) + 1e-5  # layers are a part of the whole
+
+
+def test_eval_step_counts_bytes_and_answers():
+  model = _model()
+  state = _state(model, optax.sgd(0.0))
+  batch = _batch(2, ignore_frac=0.0)
+  batch["answer_mask"] = np.zeros_like(batch["targets"])
+  batch["answer_mask"][:, -2:] = 1
+  token_bytes = jnp.arange(64, dtype=jnp.int32) % 3 + 1
+  sums = step_lib.eval_step(state.params, batch, token_bytes, model=model)
+  assert int(sums["tokens"]) == batch["targets"].size
+  assert int(sums["bytes"]) == int(np.sum(np.asarray(token_bytes)[batch["targets"]]))
+  assert int(sums["answers"]) == 2
+  logits = model.apply({"params": state.params}, batch["inputs"])
+  pred = np.asarray(jnp.argmax(logits, -1))
+  expect = sum(bool(np.all(pred[b, -2:] == batch["targets"][b, -2:])) for b in range(2))
+  assert int(sums["answers_correct"]) == expect
