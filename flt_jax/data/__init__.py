@@ -1,0 +1,6 @@
+"""Data: embedded/real sources, tokenizers, grain pipelines (see pipeline.py)."""
+from flt_jax.data.config import get_config, validate
+from flt_jax.data.pipeline import (Pipeline, checkpoint_args_restore,
+                                   checkpoint_args_save, make_packed_rows,
+                                   make_pipeline)
+from flt_jax.data.tokenizers import Tokenizer, make_tokenizer
