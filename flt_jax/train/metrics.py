@@ -1,0 +1,288 @@
+"""Throughput accounting (FLOPs, MFU), TensorBoard scalars, console lines.
+
+FLOPs per trained token (forward + backward, `flops_per_token`)::
+
+    6 * N_blocks * K                      block matmuls, once per loop
+  + 12 * L * H * hd * T * K               attention scores and mixing
+  + 6 * D * Vpad * n_loss_loops           lm_head, for every loop with a loss
+
+* N_blocks: parameters of the L shared blocks (attention projections + MLP).
+  The embedding (a lookup) and lm_head are NOT in N_blocks; lm_head is counted
+  by its own term, because it runs once per loop whose loss is computed, not
+  K times. (The reference's 6*(N - N_embedding) counts lm_head once.)
+* n_loss_loops: END -> 1, STEP -> K, FEW -> len(range(2K//3, K)).
+* Attention: 12*L*H*hd*T per loop, as the reference counts it: full T x T
+  (the causal mask is NOT halved) and sliding windows are NOT discounted.
+* Vpad: vocab_size rounded up to a multiple of 64 (the lm_head matmul size).
+* Norms, rotary, softcap, softmax and the loss itself are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import numpy as np
+
+VOCAB_PAD_MULTIPLE = 64
+
+
+# ----------------------------------------------------------------------------
+# FLOPs.
+# ----------------------------------------------------------------------------
+
+
+def _cfg(model_config, name, default=None):
+  if isinstance(model_config, Mapping):
+    v = model_config.get(name, default)
+  else:
+    try:
+      v = getattr(model_config, name)
+    except (AttributeError, KeyError):
+      v = default
+  return default if v is None else v
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+  return -(-int(vocab_size) // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+def num_loss_loops(loops: int, loss_type: str) -> int:
+  """How many loops compute logits + loss for `loss_type` (END/STEP/FEW)."""
+  kind = str(loss_type).lower()
+  if kind == 'end':
+    return 1
+  if kind == 'step':
+    return loops
+  if kind == 'few':
+    return len(range(2 * loops // 3, loops))
+  raise ValueError(f"Unknown loss_type {loss_type!r}; expected 'end', 'step' "
+                   f"or 'few'.")
+
+
+def block_params_per_layer(model_config) -> int:
+  """Matmul parameters of one block (attention + MLP), no norms/biases."""
+  d = int(_cfg(model_config, 'd_model'))
+  h = int(_cfg(model_config, 'n_head'))
+  hkv = int(_cfg(model_config, 'n_kv_head', 0)) or h
+  r = int(_cfg(model_config, 'kv_lora_rank', 0))
+  hd = d // h
+  q = d * h * hd
+  proj = h * hd * d
+  if r > 0:  # MLA: c_kv_down D->r, c_k_up and c_v_up r->Hkv*hd.
+    kv = d * r + 2 * r * hkv * hd
+  else:
+    kv = 2 * d * hkv * hd
+  mlp = 2 * d * 4 * d
+  return q + kv + proj + mlp
+
+
+def flops_per_token(model_config) -> float:
+  """Training FLOPs per token (see the module docstring for the formula)."""
+  n_layer = int(_cfg(model_config, 'n_layer'))
+  d = int(_cfg(model_config, 'd_model'))
+  h = int(_cfg(model_config, 'n_head'))
+  t = int(_cfg(model_config, 'seq_len'))
+  k = int(_cfg(model_config, 'loops', 1))
+  vpad = padded_vocab_size(_cfg(model_config, 'vocab_size'))
+  hd = d // h
+  n_blocks = n_layer * block_params_per_layer(model_config)
+  loss_loops = num_loss_loops(k, _cfg(model_config, 'loss_type', 'end'))
+  return float(6 * n_blocks * k + 12 * n_layer * h * hd * t * k
+               + 6 * d * vpad * loss_loops)
+
+
+# Peak dense bf16 FLOP/s per device (vendor datasheets; sparse figures are 2x).
+_PEAK_FLOPS = (
+    # (platform, substrings of device_kind (lowercase, any), flops)
+    ('tpu', ('v6 lite', 'v6e'), 918e12),       # Trillium.
+    ('tpu', ('v5 lite', 'v5e'), 197e12),
+    ('tpu', ('v5p', 'v5'), 459e12),
+    ('tpu', ('v4',), 275e12),
+    ('gpu', ('h200',), 989e12),               # SXM, dense.
+    ('gpu', ('h100 pcie',), 756e12),
+    ('gpu', ('h100',), 989e12),               # SXM, dense.
+    ('gpu', ('a100',), 312e12),
+)
+# Nominal CPU figure so that MFU prints something on laptops/CI. Not a
+# measurement of any particular CPU.
+CPU_NOMINAL_PEAK_FLOPS = 1e11
+
+
+def peak_flops_per_device(platform: Optional[str] = None,
+                          device_kind: Optional[str] = None,
+                          override: float = 0.0) -> Optional[float]:
+  """Peak bf16 FLOP/s of one device; `override` > 0 wins.
+
+  Defaults to jax.devices()[0]. Returns None for an unknown accelerator (MFU
+  is then not reported; set metrics.peak_flops_per_device).
+  """
+  if override and override > 0:
+    return float(override)
+  if platform is None or device_kind is None:
+    dev = jax.devices()[0]
+    platform = platform or dev.platform
+    device_kind = device_kind or getattr(dev, 'device_kind', '')
+  platform = platform.lower()
+  if platform in ('cuda', 'rocm'):
+    platform = 'gpu'
+  kind = (device_kind or '').lower()
+  if platform == 'cpu':
+    return CPU_NOMINAL_PEAK_FLOPS
+  for plat, keys, flops in _PEAK_FLOPS:
+    if plat == platform and any(key in kind for key in keys):
+      return flops
+  return None
+
+
+def compute_mfu(tokens_per_second: float, flops_per_token_: float,
+                num_devices: int, peak_flops: Optional[float]
+                ) -> Optional[float]:
+  """Model FLOPs utilisation as a fraction (None if the peak is unknown)."""
+  if not peak_flops or num_devices <= 0:
+    return None
+  return tokens_per_second * flops_per_token_ / (num_devices * peak_flops)
+
+
+# ----------------------------------------------------------------------------
+# TensorBoard.
+# ----------------------------------------------------------------------------
+
+
+class MetricsWriter:
+  """Scalars to TensorBoard under ``<workdir>/tb`` (process 0 only)."""
+
+  def __init__(self, workdir, enabled: bool = True):
+    self._writer = None
+    if enabled and jax.process_index() == 0:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self.logdir = str(workdir).rstrip('/') + '/tb'
+      self._writer = tensorboardX.SummaryWriter(logdir=self.logdir)
+    else:
+      self.logdir = None
+
+  @property
+  def active(self) -> bool:
+    return self._writer is not None
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if self._writer is None:
+      return
+    for name, value in scalars.items():
+      v = float(np.asarray(value))
+      self._writer.add_scalar(name, v, global_step=int(step))
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    if self._writer is not None:
+      self._writer.add_text(tag, text, global_step=int(step))
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+# ----------------------------------------------------------------------------
+# Console.
+# ----------------------------------------------------------------------------
+
+
+def format_eta(seconds: Optional[float]) -> str:
+  """45s, 3m12s, 1h02m, 2d03h; '--' if unknown."""
+  if seconds is None or not math.isfinite(seconds) or seconds < 0:
+    return '--'
+  s = int(round(seconds))
+  if s < 60:
+    return f'{s}s'
+  if s < 3600:
+    return f'{s // 60}m{s % 60:02d}s'
+  if s < 86400:
+    return f'{s // 3600}h{(s % 3600) // 60:02d}m'
+  return f'{s // 86400}d{(s % 86400) // 3600:02d}h'
+
+
+def format_progress(step: int, total_steps: int, loss: float,
+                    tokens_per_second: Optional[float] = None,
+                    mfu: Optional[float] = None,
+                    eta_seconds: Optional[float] = None,
+                    extra: Optional[Mapping[str, Any]] = None) -> str:
+  """``step 120/1000 | loss 3.1234 | 45,000 tok/s | MFU 12.3% | ETA 3m12s``."""
+  parts = [f'step {int(step)}/{int(total_steps)}', f'loss {float(loss):.4f}']
+  if tokens_per_second is not None:
+    parts.append(f'{float(tokens_per_second):,.0f} tok/s')
+  if mfu is not None:
+    parts.append(f'MFU {100.0 * float(mfu):.1f}%')
+  for k, v in (extra or {}).items():
+    parts.append(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}')
+  parts.append(f'ETA {format_eta(eta_seconds)}')
+  return ' | '.join(parts)
+
+
+class ConsoleLogger:
+  """Progress lines with an ETA from the measured step rate.
+
+  The rate is measured from the first `log` call on (so compilation before it
+  is excluded): ETA = (total - step) * elapsed / (step - first_step).
+  """
+
+  def __init__(self, total_steps: int, *,
+               print_fn: Callable[[str], Any] = print,
+               clock: Callable[[], float] = time.perf_counter):
+    self.total_steps = int(total_steps)
+    self._print = print_fn
+    self._clock = clock
+    self._first: Optional[tuple[int, float]] = None
+    self._start_time = clock()
+
+  def eta_seconds(self, step: int) -> Optional[float]:
+    now = self._clock()
+    if self._first is None:
+      return None
+    first_step, first_time = self._first
+    done = step - first_step
+    if done <= 0:
+      return None
+    return (self.total_steps - step) * (now - first_time) / done
+
+  def line(self, step: int, loss: float,
+           tokens_per_second: Optional[float] = None,
+           mfu: Optional[float] = None,
+           extra: Optional[Mapping[str, Any]] = None) -> str:
+    """The progress line for `step` (updates the ETA clock, no printing)."""
+    if self._first is None:
+      self._first = (int(step), self._clock())
+    return format_progress(step, self.total_steps, loss, tokens_per_second,
+                           mfu, self.eta_seconds(int(step)), extra)
+
+  def log(self, step: int, loss: float,
+          tokens_per_second: Optional[float] = None,
+          mfu: Optional[float] = None,
+          extra: Optional[Mapping[str, Any]] = None) -> str:
+    """`line` and print it with `print_fn`."""
+    line = self.line(step, loss, tokens_per_second, mfu, extra)
+    self._print(line)
+    return line
+
+  def summary(self, step: int, loss: float, total_tokens: int,
+              elapsed_seconds: Optional[float] = None,
+              extra: Optional[Mapping[str, Any]] = None) -> str:
+    """``done 1000/1000 steps | final loss 2.9876 | 524,288,000 tokens |
+    time 1h02m | 140,000 tok/s``."""
+    elapsed = (self._clock() - self._start_time if elapsed_seconds is None
+               else elapsed_seconds)
+    parts = [f'done {int(step)}/{self.total_steps} steps',
+             f'final loss {float(loss):.4f}',
+             f'{int(total_tokens):,} tokens', f'time {format_eta(elapsed)}']
+    if elapsed > 0:
+      parts.append(f'{total_tokens / elapsed:,.0f} tok/s')
+    for k, v in (extra or {}).items():
+      parts.append(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}')
+    line = ' | '.join(parts)
+    self._print(line)
+    return line
