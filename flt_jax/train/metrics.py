@@ -19,6 +19,7 @@ FLOPs per trained token (forward + backward, `flops_per_token`)::
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -152,10 +153,14 @@ def compute_mfu(tokens_per_second: float, flops_per_token_: float,
 
 
 class MetricsWriter:
-  """Scalars to TensorBoard under ``<workdir>/tb`` (process 0 only)."""
+  """Scalars to TensorBoard under ``<workdir>/tb`` and, one JSON object per write, to
+  ``<workdir>/metrics.jsonl`` for scripts and notebooks (process 0 only)."""
 
   def __init__(self, workdir, enabled: bool = True):
     self._writer = None
+    self._jsonl = None
+    if jax.process_index() == 0:
+      self._jsonl = open(str(workdir).rstrip('/') + '/metrics.jsonl', 'a')
     if enabled and jax.process_index() == 0:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self.logdir = str(workdir).rstrip('/') + '/tb'
@@ -168,10 +173,13 @@ class MetricsWriter:
     return self._writer is not None
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    values = {name: float(np.asarray(value)) for name, value in scalars.items()}
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
+      self._jsonl.flush()
     if self._writer is None:
       return
-    for name, value in scalars.items():
-      v = float(np.asarray(value))
+    for name, v in values.items():
       self._writer.add_scalar(name, v, global_step=int(step))
 
   def write_text(self, step: int, tag: str, text: str) -> None:
@@ -186,6 +194,9 @@ class MetricsWriter:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
 
 
 # ----------------------------------------------------------------------------

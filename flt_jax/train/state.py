@@ -38,8 +38,11 @@ def create_train_state(model: LoopedTransformer, optimizer: optax.GradientTransf
                        rng, seq_len: int) -> TrainState:
   params = init_params(model, rng, seq_len)
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
-                    nonfinite_in_a_row=zero, nonfinite_total=zero)
+  state = TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                     nonfinite_in_a_row=zero, nonfinite_total=zero)
+  # Optimizer states alias buffers (shared counters and scalars); the donated train
+  # step needs every leaf to own its buffer.
+  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state)
 
 
 def count_params(params) -> dict[str, int]:

@@ -1,0 +1,89 @@
+"""Shared base for every experiment: one ConfigDict, presets by name.
+
+Experiment files call `make(variant, loops, preset)`; the preset comes from the
+command line as `--config=experiments/flt_12loop.py:paper`.
+
+Presets
+  cpu       (default) the paper's recipe scaled down: pretrains on the embedded
+            Python-stdlib text corpus and finishes within minutes on 2 CPU cores.
+  multihop  trains on the embedded multi-hop pointer-chasing task and reports
+            answer accuracy at the end (where the loop count matters).
+  paper     the paper's shapes and recipe (DESIGN §2): n_layer 6, d_model 384,
+            sequence 1024, 524,288-token batches, fineweb-edu Parquet shards at
+            --config.data.path, bf16 compute, 20 tokens per parameter.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from flt_jax import config as flt_config
+
+PRESETS = ("cpu", "multihop", "paper")
+
+
+def shape_for(n_layer: int) -> dict:
+  """The reference's shape rule: d_model = 64 * n_layer, head dim 128."""
+  d_model = 64 * n_layer
+  n_head = max(1, math.ceil(d_model / 128))
+  return dict(n_layer=n_layer, d_model=d_model, n_head=n_head, n_kv_head=n_head)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  return flt_config.default_config()
+
+
+def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigDict:
+  preset = preset or "cpu"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS} "
+                     "(e.g. --config=experiments/flt_12loop.py:multihop)")
+  c = get_base_config()
+  c.experiment = f"{variant}_{loops}loop"
+  c.preset = preset
+  c.model.variant = variant
+  c.model.loops = loops
+  if preset == "paper":
+    c.model.update(shape_for(6))
+    c.model.seq_len = 1024
+    c.model.dtype = "bfloat16"
+    c.model.remat = "loop"
+    c.data.source = "parquet"
+    c.data.path = ""  # required: --config.data.path='/data/fineweb-edu/*.parquet'
+    c.data.tokenizer = "bpe"
+    c.data.bpe_vocab_size = 65536
+    c.data.tokenizer_path = ""
+    c.train.steps = -1  # horizon from tokens_per_param
+    c.train.tokens_per_param = 20.0
+    c.train.total_batch_tokens = 524_288
+    c.train.micro_batch_size = 32
+    c.train.eval_every = 250
+    c.train.eval_steps = 20
+    c.train.log_every = 10
+    c.checkpoint.every_steps = 500
+  else:
+    c.model.update(shape_for(2))  # d_model 128, one head of 128
+    c.model.remat = "none"
+    c.optim.muon_momentum_warmup_steps = 30
+    c.train.log_every = 10
+    c.checkpoint.every_steps = 100
+    c.checkpoint.keep = 2
+    if preset == "cpu":
+      c.model.seq_len = 128
+      c.data.source = "stdlib"
+      c.data.tokenizer = "bytes"
+      c.train.steps = 300
+      c.train.total_batch_tokens = 8 * 128
+      c.train.micro_batch_size = 8
+      c.train.eval_every = 100
+      c.train.eval_steps = 4
+    else:  # multihop
+      c.model.seq_len = 128
+      c.data.source = "multihop"
+      c.train.steps = 400
+      c.train.total_batch_tokens = 16 * 128
+      c.train.micro_batch_size = 16
+      c.train.eval_every = 100
+      c.train.eval_steps = 8
+  return c

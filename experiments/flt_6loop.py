@@ -1,0 +1,6 @@
+"""FLT with 6 loops (presets: cpu (default), multihop, paper; see base.py)."""
+from experiments import base
+
+
+def get_config(preset=None):
+  return base.make("FLT", 6, preset)

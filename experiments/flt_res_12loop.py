@@ -1,0 +1,6 @@
+"""FLT_res with 12 loops (presets: cpu (default), multihop, paper; see base.py)."""
+from experiments import base
+
+
+def get_config(preset=None):
+  return base.make("FLT_res", 12, preset)

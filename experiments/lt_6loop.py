@@ -1,0 +1,6 @@
+"""LT with 6 loops (presets: cpu (default), multihop, paper; see base.py)."""
+from experiments import base
+
+
+def get_config(preset=None):
+  return base.make("LT", 6, preset)

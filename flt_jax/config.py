@@ -1,0 +1,36 @@
+"""The full config: every section's defaults, and a check that a config has exactly
+their keys (a typo in an experiment file fails loudly instead of being ignored)."""
+from __future__ import annotations
+
+import ml_collections
+
+from flt_jax.data import config as data_config
+from flt_jax.model import config as model_config
+from flt_jax.train import config as train_config
+
+
+def default_config() -> ml_collections.ConfigDict:
+  config = train_config.get_config()  # optim, train, checkpoint, metrics
+  config.model = model_config.get_config()
+  config.model.vocab_size = 0  # 0 = take it from the tokenizer
+  config.data = data_config.get_config()
+  config.experiment = ""
+  config.preset = ""
+  return config
+
+
+def check_keys(config, reference=None, prefix: str = "config") -> None:
+  """Raises ValueError for keys missing from `config` or unknown to the defaults."""
+  reference = default_config() if reference is None else reference
+  have, want = set(config.keys()), set(reference.keys())
+  if want - have:
+    raise ValueError(f"{prefix} is missing {sorted(want - have)}; start from "
+                     "experiments/base.py, which fills in every default")
+  if have - want:
+    raise ValueError(f"{prefix} has unknown keys {sorted(have - want)}; known keys: "
+                     f"{sorted(want)}")
+  for key in want:
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], (ml_collections.ConfigDict, dict)):
+        raise ValueError(f"{prefix}.{key} must be a section, got {config[key]!r}")
+      check_keys(config[key], reference[key], f"{prefix}.{key}")
