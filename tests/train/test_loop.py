@@ -1,0 +1,170 @@
+"""End-to-end training loop: resume after SIGKILL, SIGTERM saves, bad input, eval sweep."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import base
+from flt_jax.train import loop
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 6
+
+
+def tiny_config(**model):
+  c = base.make("FLT", 2, "cpu")
+  c.model.update(dict(n_layer=1, d_model=32, n_head=1, n_kv_head=1, seq_len=24))
+  c.model.update(model)
+  c.data.update(dict(source="multihop", loss_on_answer_only=False,
+                     num_validation_examples=8))
+  c.data.multihop.update(dict(num_nodes=4, hops_min=1, hops_max=2))
+  c.train.update(dict(steps=STEPS, micro_batch_size=4, total_batch_tokens=96,
+                      log_every=1, eval_every=3, eval_steps=1))
+  c.checkpoint.update(dict(every_steps=3, keep=3))
+  return c
+
+
+def overrides(c):
+  """The tiny config as --config.x.y=v flags for a subprocess."""
+  flat = []
+  for section in ("model", "data", "train", "checkpoint"):
+    for k, v in c[section].items():
+      if not hasattr(v, "items"):
+        flat.append(f"--config.{section}.{k}={v}")
+  for k, v in c.data.multihop.items():
+    flat.append(f"--config.data.multihop.{k}={v}")
+  return flat
+
+
+def losses(workdir):
+  """step -> train loss, the last record of each step winning (a resumed run appends)."""
+  out = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if "train/loss" in rec:
+      out[rec["step"]] = rec["train/loss"]
+  return out
+
+
+def checkpoint_listing(workdir):
+  root = Path(workdir) / "checkpoints"
+  return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  summary = loop.train_and_evaluate(tiny_config(), str(workdir))
+  return workdir, summary
+
+
+def test_trains_and_checkpoints(uninterrupted):
+  workdir, summary = uninterrupted
+  assert summary["step"] == STEPS
+  assert np.isfinite(summary["final_loss"]) and np.isfinite(summary["eval_loss"])
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [3, 6]
+  assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
+  assert list((workdir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(uninterrupted, tmp_path):
+  workdir = tmp_path / "killed"
+  # The child kills itself with SIGKILL as soon as its step-3 checkpoint is durable.
+  child = (
+      "import os, signal, sys\n"
+      "from flt_jax.train import checkpoint as c\n"
+      "orig = c.Checkpointer.save\n"
+      "def save(self, step, *a, **k):\n"
+      "  out = orig(self, step, *a, **k)\n"
+      "  if out and int(step) == 3:\n"
+      "    self.wait_until_finished(); os.kill(os.getpid(), signal.SIGKILL)\n"
+      "  return out\n"
+      "c.Checkpointer.save = save\n"
+      "from absl import app\n"
+      "from flt_jax import main\n"
+      "sys.argv = ['main'] + sys.argv[1:]\n"
+      "app.run(main.main)\n")
+  cmd = [sys.executable, "-c", child, "--config=experiments/flt_12loop.py",
+         f"--workdir={workdir}", "--config.model.loops=2"] + overrides(tiny_config())
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert max(losses(workdir)) == 3
+  summary = loop.train_and_evaluate(tiny_config(), str(workdir))
+  assert summary["step"] == STEPS
+  logged = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in l]
+  assert logged == list(range(1, STEPS + 1))  # resumed at 4, nothing retrained
+  want, got = losses(uninterrupted[0]), losses(workdir)
+  for step in range(4, STEPS + 1):
+    np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-6)
+
+
+def test_sigterm_saves_the_step_it_reached(tmp_path):
+  workdir = tmp_path / "preempted"
+  c = tiny_config()
+  cmd = ([sys.executable, "-m", "flt_jax.main", "--config=experiments/flt_12loop.py",
+          f"--workdir={workdir}", "--config.model.loops=2"] + overrides(c)
+         + ["--config.train.steps=100000", "--config.checkpoint.every_steps=100000",
+            "--config.train.eval_every=0"])
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  try:
+    deadline = time.time() + 240
+    while not (workdir / "metrics.jsonl").exists() or not losses(workdir):
+      assert proc.poll() is None and time.time() < deadline, "training did not start"
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, out[-2000:]
+  saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 1
+  assert f"preempted: saved step {saved[0]}" in out
+
+
+def test_mismatched_workdir_is_refused_and_untouched(uninterrupted):
+  workdir, _ = uninterrupted
+  before = checkpoint_listing(workdir)
+  with pytest.raises(ValueError, match=r"model.d_model: saved 32, now 64"):
+    loop.train_and_evaluate(tiny_config(d_model=64), str(workdir))
+  assert checkpoint_listing(workdir) == before
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+  missing = tiny_config()
+  del missing.train["seed"]
+  with pytest.raises(ValueError, match=r"config.train is missing \['seed'\]"):
+    loop.train_and_evaluate(missing, str(tmp_path / "a"))
+  unknown = tiny_config()
+  unknown.model.unlock()
+  unknown.model.n_layers = 3
+  with pytest.raises(ValueError, match=r"config.model has unknown keys \['n_layers'\]"):
+    loop.train_and_evaluate(unknown, str(tmp_path / "b"))
+  indivisible = tiny_config()
+  indivisible.train.total_batch_tokens = 100
+  with pytest.raises(ValueError, match="total_batch_tokens"):
+    loop.train_and_evaluate(indivisible, str(tmp_path / "c"))
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  with pytest.raises(ValueError, match="writable --workdir"):
+    loop.train_and_evaluate(tiny_config(), str(a_file / "run"))
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_eval_at_other_loop_counts(uninterrupted):
+  workdir, summary = uninterrupted
+  results = loop.evaluate_checkpoint(tiny_config(), str(workdir), [2, 1, 5])
+  assert sorted(results) == [1, 2, 5]
+  np.testing.assert_allclose(results[2]["loss"], summary["eval_loss"], rtol=1e-5)
+  assert results[1]["loss"] != results[2]["loss"] != results[5]["loss"]
+  assert all(0.0 <= r["answer_accuracy"] <= 1.0 for r in results.values())
+  assert json.loads((workdir / "eval_step6.json").read_text())["step"] == 6
