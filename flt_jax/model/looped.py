@@ -86,7 +86,8 @@ class LoopedTransformer(nn.Module):
             nn.initializers.normal(stddev=0.001), ("embed", "vocab")))
     loop = _Loop
     if self.cfg.remat == "loop":  # keep only the K loop carries for the backward pass
-      loop = nn.remat(_Loop, prevent_cse=False,
+      # keep_all_loops (argument 7, counting self) is a Python bool, not an array.
+      loop = nn.remat(_Loop, prevent_cse=False, static_argnums=(7,),
                       policy=jax.checkpoint_policies.nothing_saveable)
     scanned = nn.scan(loop, variable_broadcast="params", split_rngs={"params": False},
                       in_axes=(0,) + (nn.broadcast,) * 5)

@@ -138,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       jax.devices()[0].platform, jax.devices()[0].device_kind,
       config.metrics.peak_flops_per_device)
   flops_per_token = metrics_lib.flops_per_token(model_cfg)
-  writer = metrics_lib.MetricsWriter(workdir, config.metrics.tensorboard)
+  writer = metrics_lib.MetricsWriter(workdir, config.metrics.tensorboard, jsonl=True)
   console = metrics_lib.ConsoleLogger(total_steps, print_fn=_say)
   _say(f"{config.experiment or model_cfg.variant}: {model_cfg.variant} K={model_cfg.loops} "
        f"L={model_cfg.n_layer} d={model_cfg.d_model} vocab={model_cfg.vocab_size} | "

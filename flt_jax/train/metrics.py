@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -153,14 +154,16 @@ def compute_mfu(tokens_per_second: float, flops_per_token_: float,
 
 
 class MetricsWriter:
-  """Scalars to TensorBoard under ``<workdir>/tb`` and, one JSON object per write, to
-  ``<workdir>/metrics.jsonl`` for scripts and notebooks (process 0 only)."""
+  """Scalars to TensorBoard under ``<workdir>/tb`` (if enabled) and, with `jsonl`, one
+  JSON object per write to ``<workdir>/metrics.jsonl`` for scripts and notebooks
+  (process 0 only; the file is appended to, so a resumed run continues it)."""
 
-  def __init__(self, workdir, enabled: bool = True):
+  def __init__(self, workdir, enabled: bool = True, jsonl: bool = False):
     self._writer = None
     self._jsonl = None
-    if jax.process_index() == 0:
-      self._jsonl = open(str(workdir).rstrip('/') + '/metrics.jsonl', 'a')
+    if jsonl and jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     if enabled and jax.process_index() == 0:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self.logdir = str(workdir).rstrip('/') + '/tb'

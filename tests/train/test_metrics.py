@@ -1,4 +1,5 @@
 """Tests for flt_jax.train.metrics."""
+import json
 import glob
 import math
 import struct
@@ -103,6 +104,16 @@ def test_metrics_writer_round_trip(tmp_path):
   off.write_scalars(1, {'x': 1.0})
   off.close()
   assert not (tmp_path / 'off').exists()
+  log = m.MetricsWriter(tmp_path / 'log', enabled=False, jsonl=True)
+  log.write_scalars(7, {'train/loss': 2.5})
+  log.close()
+  log = m.MetricsWriter(tmp_path / 'log', enabled=False, jsonl=True)  # resumed: appends
+  log.write_scalars(8, {'train/loss': 2.25})
+  log.close()
+  lines = (tmp_path / 'log' / 'metrics.jsonl').read_text().splitlines()
+  assert [json.loads(l) for l in lines] == [{'step': 7, 'train/loss': 2.5},
+                                            {'step': 8, 'train/loss': 2.25}]
+  assert not (tmp_path / 'log' / 'tb').exists()
 
 
 def test_format_eta():
