@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eos_token = ''
   c.seed = 0
   c.shuffle = True
+  # Packed rows are shuffled within windows of this many rows (train split), so a
+  # batch mixes documents instead of holding consecutive pieces of one; 0 = off.
+  c.shuffle_window_rows = 1024
   # File-level train/validation split (document-level when only one file).
   c.validation_fraction = 0.05
   c.num_workers = 0  # grain worker processes; 0 = in-process
@@ -94,6 +97,9 @@ def validate(data_config, *, seq_len: int) -> None:
     _fail('bpe_train_bytes', d.bpe_train_bytes, 'must be > 0')
   if not 0.0 <= float(d.validation_fraction) < 1.0:
     _fail('validation_fraction', d.validation_fraction, 'must be in [0, 1)')
+  if int(d.shuffle_window_rows) < 0:
+    _fail('shuffle_window_rows', d.shuffle_window_rows,
+          'must be >= 0 (rows per shuffle window; 0 = no row shuffle)')
   if int(d.num_workers) < 0:
     _fail('num_workers', d.num_workers, 'must be >= 0 (0 = in-process)')
   if int(d.read_threads) < 0:

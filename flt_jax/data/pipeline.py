@@ -4,7 +4,8 @@ Text / token sources:
   units (docs, Parquet row groups) -> host shard units[i::n] -> seeded
   shuffle (reshuffled every epoch) -> repeat -> load + tokenise (+ separator)
   -> flatten to documents -> concat-then-split packing into rows of
-  seq_len + 1 with segment ids -> inputs/targets -> batch.
+  seq_len + 1 with segment ids -> (train) windowed row shuffle ->
+  inputs/targets -> batch.
 Synthetic tasks: example index -> host shard -> shuffle -> repeat -> one
   example per row, padded -> batch.
 
@@ -307,6 +308,9 @@ def make_pipeline(data_config, *, split: str, seq_len: int, batch_size: int,
         d, split=split, seq_len=seq_len, process_index=process_index,
         process_count=process_count, num_epochs=num_epochs,
         tokenizer=tokenizer)
+    if split == 'train' and bool(d.shuffle) and int(d.shuffle_window_rows) > 1:
+      ds = grain.experimental.WindowShuffleIterDataset(
+          ds, window_size=int(d.shuffle_window_rows), seed=int(d.seed))
     ds = ds.map(_packed_to_row)
   ds = ds.batch(batch_size, batch_fn=_PadBatch(batch_size))
   if num_batches is not None:
