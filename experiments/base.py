@@ -77,7 +77,7 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
       c.train.total_batch_tokens = 8 * 128
       c.train.micro_batch_size = 8
       c.train.eval_every = 100
-      c.train.eval_steps = 4
+      c.train.eval_steps = 16
     else:  # multihop
       c.model.seq_len = 128
       c.data.source = "multihop"

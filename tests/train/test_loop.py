@@ -168,3 +168,21 @@ def test_eval_at_other_loop_counts(uninterrupted):
   assert results[1]["loss"] != results[2]["loss"] != results[5]["loss"]
   assert all(0.0 <= r["answer_accuracy"] <= 1.0 for r in results.values())
   assert json.loads((workdir / "eval_step6.json").read_text())["step"] == 6
+
+
+def test_nonfinite_updates_stop_the_run_and_keep_the_checkpoint(uninterrupted, tmp_path,
+                                                                monkeypatch):
+  from flt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "nan"
+  c = tiny_config()
+  c.train.steps = 3
+  loop.train_and_evaluate(c, str(workdir))
+  before = checkpoint_listing(workdir)
+  real_loss_fn = step_lib.loss_fn
+  monkeypatch.setattr(step_lib, "loss_fn", lambda *a, **k: (
+      lambda loss, aux: (loss * float("nan"), aux))(*real_loss_fn(*a, **k)))
+  c.train.steps = STEPS
+  c.train.max_consecutive_nonfinite = 2
+  with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite updates"):
+    loop.train_and_evaluate(c, str(workdir))
+  assert checkpoint_listing(workdir) == before

@@ -308,3 +308,27 @@ def test_config_validation_messages():
   del cfg['metrics']
   with pytest.raises(ValueError, match=r'config.metrics is missing'):
     train_config.validate(cfg)
+
+
+@pytest.mark.parametrize('kv_lora_rank', [0, 8])
+def test_labels_on_the_real_model_tree(kv_lora_rank):
+  """Muon gets exactly the block matrices, AdamW exactly embedding and lm_head."""
+  from flt_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
+  from flt_jax.model.looped import LoopedTransformer  # pylint: disable=g-import-not-at-top
+  from flt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  c = model_config.get_config()
+  c.update(dict(vocab_size=64, n_layer=2, d_model=32, n_head=2, n_kv_head=1,
+                kv_lora_rank=kv_lora_rank, seq_len=8))
+  model = LoopedTransformer(model_config.ModelConfig.from_config(c))
+  params = jax.eval_shape(lambda: state_lib.init_params(model, jax.random.PRNGKey(0), 8))
+  labels = {jax.tree_util.keystr(p): l for p, l in
+            jax.tree_util.tree_leaves_with_path(opt_lib.param_labels(params))}
+  adamw = sorted(k for k, l in labels.items() if l == opt_lib.ADAMW)
+  assert adamw == ["['lm_head']['kernel']", "['wte']['embedding']"]
+  muon = sorted(k for k, l in labels.items() if l == opt_lib.MUON)
+  names = ['c_kv_down', 'c_k_up', 'c_v_up'] if kv_lora_rank else ['c_k', 'c_v']
+  expected = sorted([f"['blocks']['layers']['block']['attn']['{n}']['kernel']"
+                     for n in ['c_q', 'c_proj'] + names] +
+                    [f"['blocks']['layers']['block']['mlp']['{n}']['kernel']"
+                     for n in ['c_fc', 'c_proj']])
+  assert muon == expected

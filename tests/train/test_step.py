@@ -9,6 +9,8 @@ import pytest
 
 from flt_jax.model import config as model_config
 from flt_jax.model.looped import LoopedTransformer
+from flt_jax.train import config as train_config
+from flt_jax.train import optimizer as optim_lib
 from flt_jax.train import state as state_lib
 from flt_jax.train import step as step_lib
 
@@ -42,7 +44,8 @@ def _state(model, optimizer):
 def test_accumulated_micro_batches_equal_one_large_batch():
   num_micro = 4
   model = _model()
-  optimizer = optax.adam(1e-2)
+  optimizer = optim_lib.make_optimizer(train_config.get_optim_config(), d_model=32,
+                                       total_steps=10)  # Muon + AdamW, clipped
   state = _state(model, optimizer)
   batch = _batch(8)
   step = lambda n: jax.jit(functools.partial(step_lib.train_step, model=model,
