@@ -4,3 +4,6 @@ from flt_jax.data.pipeline import (Pipeline, checkpoint_args_restore,
                                    checkpoint_args_save, make_packed_rows,
                                    make_pipeline)
 from flt_jax.data.tokenizers import Tokenizer, make_tokenizer
+
+__all__ = ["Pipeline", "Tokenizer", "checkpoint_args_restore", "checkpoint_args_save",
+           "get_config", "make_packed_rows", "make_pipeline", "make_tokenizer", "validate"]

@@ -8,7 +8,6 @@ from typing import Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flt_jax.train.step import eval_step
 

@@ -17,7 +17,6 @@ ever deletes a checkpoint except Orbax's keep-N after a successful save.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal

@@ -6,7 +6,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -82,6 +81,17 @@ def _data_args(make_args, iterator):
   return {"data": make_args(iterator)}
 
 
+def step_scalars(metrics) -> dict[str, float]:
+  """TensorBoard names for a diagnostics train step's metrics (numpy values)."""
+  out = {"train/loss": float(metrics["loss"]), "train/grad_norm": float(metrics["grad_norm"])}
+  out.update({f"loops/loss_{k}": float(v) for k, v in enumerate(metrics["loop_loss"])})
+  out.update({f"loops/residual_norm_{k}": float(v)
+              for k, v in enumerate(metrics["residual_norm"])})
+  out.update({f"grads/layer_{l}": float(v)
+              for l, v in enumerate(metrics["layer_grad_norm"])})
+  return out
+
+
 def _eval_batches(config, batch_size):
   # A fixed batch count keeps every host in step (padding batches carry no targets).
   return _pipeline(config, "validation", batch_size, num_epochs=1,
@@ -131,8 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def run_eval():
     return eval_lib.evaluate(eval_fn, state.params, _eval_batches(config, eval_batch),
-                             token_bytes_V, loops=model_cfg.loops,
-                             max_batches=config.train.eval_steps)
+                             token_bytes_V, loops=model_cfg.loops)
 
   peak = metrics_lib.peak_flops_per_device(
       jax.devices()[0].platform, jax.devices()[0].device_kind,
@@ -176,19 +185,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mfu = metrics_lib.compute_mfu(tok_s, flops_per_token, jax.device_count(), peak)
         last_loss = float(m["loss"])
         first_loss = last_loss if first_loss is None else first_loss
-        scalars = {"train/loss": last_loss, "train/grad_norm": float(m["grad_norm"]),
-                   "perf/tokens_per_s": tok_s,
-                   "train/nonfinite_total": int(state.nonfinite_total)}
+        scalars = {**step_scalars(m), "perf/tokens_per_s": tok_s,
+                   "train/nonfinite_total": int(state.nonfinite_total),
+                   **optim_lib.current_learning_rates(config.optim, model_cfg.d_model,
+                                                      step, total_steps)}
         if mfu is not None:
           scalars["perf/mfu"] = mfu
-        scalars.update(optim_lib.current_learning_rates(config.optim, model_cfg.d_model,
-                                                        step, total_steps))
-        for k, v in enumerate(m["loop_loss"]):
-          scalars[f"loops/loss_{k}"] = float(v)
-        for k, v in enumerate(m["residual_norm"]):
-          scalars[f"loops/residual_norm_{k}"] = float(v)
-        for l, v in enumerate(m["layer_grad_norm"]):
-          scalars[f"grads/layer_{l}"] = float(v)
         writer.write_scalars(step, scalars)
         console.log(step, last_loss, tok_s, mfu)
       if config.train.eval_every and (step % config.train.eval_every == 0

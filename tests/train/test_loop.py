@@ -1,6 +1,5 @@
 """End-to-end training loop: resume after SIGKILL, SIGTERM saves, bad input, eval sweep."""
 import json
-import os
 import signal
 import subprocess
 import sys
