@@ -7,10 +7,13 @@ Presets
   cpu       (default) the paper's recipe scaled down: pretrains on the embedded
             Python-stdlib text corpus and finishes within minutes on 2 CPU cores.
   multihop  trains on the embedded multi-hop pointer-chasing task and reports
-            answer accuracy at the end (where the loop count matters).
+            answer accuracy at the end (where the loop count matters). At this
+            CPU size (300 steps) accuracy only starts to leave chance (1/6);
+            raise --config.train.steps for a real result.
   paper     the paper's shapes and recipe (DESIGN §2): n_layer 6, d_model 384,
-            sequence 1024, 524,288-token batches, fineweb-edu Parquet shards at
-            --config.data.path, bf16 compute, 20 tokens per parameter.
+            sequence 1024, 524,288-token batches, bf16 compute, 20 tokens per
+            parameter, fineweb-edu Parquet shards at --config.data.path and a
+            65,536-token BPE at --config.data.tokenizer_path (see README, Data).
 """
 from __future__ import annotations
 
@@ -51,8 +54,9 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
     c.model.remat = "loop"
     c.data.source = "parquet"
     c.data.path = ""  # required: --config.data.path='/data/fineweb-edu/*.parquet'
-    c.data.tokenizer = "bpe"
-    c.data.bpe_vocab_size = 65536
+    # required: --config.data.tokenizer_path=tok/tokenizer.json, trained once with
+    # python -m flt_jax.data.prepare train_tokenizer --vocab_size=65536 ...
+    c.data.tokenizer = "file"
     c.data.tokenizer_path = ""
     c.train.steps = -1  # horizon from tokens_per_param
     c.train.tokens_per_param = 20.0
@@ -78,12 +82,15 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
       c.train.micro_batch_size = 8
       c.train.eval_every = 100
       c.train.eval_steps = 16
-    else:  # multihop
-      c.model.seq_len = 128
+    else:  # multihop: short examples, many per step (the loss is on answers only)
+      c.model.seq_len = 32
       c.data.source = "multihop"
-      c.train.steps = 400
-      c.train.total_batch_tokens = 16 * 128
-      c.train.micro_batch_size = 16
+      c.data.multihop.num_nodes = 6
+      c.data.multihop.hops_min = 1
+      c.data.multihop.hops_max = 3
+      c.train.steps = 300
+      c.train.total_batch_tokens = 64 * 32
+      c.train.micro_batch_size = 64
       c.train.eval_every = 100
       c.train.eval_steps = 8
   return c

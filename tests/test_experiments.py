@@ -1,0 +1,49 @@
+"""Every experiment file loads with every preset into a complete, valid config."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from flt_jax import config as flt_config
+from flt_jax.data import config as data_config
+from flt_jax.model import config as model_config
+from flt_jax.train import config as train_config
+
+EXPERIMENTS = sorted(p for p in (Path(__file__).parents[1] / "experiments").glob("*.py")
+                     if p.stem not in ("__init__", "base"))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_the_papers_experiments_are_all_there():
+  names = {p.stem for p in EXPERIMENTS}
+  assert {"flt_12loop", "flt_res_12loop", "lt_12loop", "lt_i_12loop", "lt_ia_12loop",
+          "flt_6loop", "flt_9loop"} <= names
+
+
+@pytest.mark.parametrize("preset", [None, "cpu", "multihop", "paper"])
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_presets_are_valid(path, preset):
+  c = load(path).get_config(preset)
+  flt_config.check_keys(c)
+  loops = int(path.stem.split("_")[-1].removesuffix("loop"))
+  assert c.model.loops == loops
+  assert c.model.variant.lower() == path.stem.rsplit("_", 1)[0]
+  if preset == "paper":
+    assert (c.model.n_layer, c.model.d_model, c.model.seq_len) == (6, 384, 1024)
+    assert c.train.total_batch_tokens == 524_288
+    c.data.path, c.data.tokenizer_path = "/data/*.parquet", "/data/tokenizer.json"
+  c.model.vocab_size = c.model.vocab_size or 256
+  model_config.validate(c.model)
+  data_config.validate(c.data, seq_len=c.model.seq_len)
+  train_config.validate(c)
+
+
+def test_unknown_preset_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown preset 'tiny'.*cpu"):
+    load(EXPERIMENTS[0]).get_config("tiny")
