@@ -68,7 +68,7 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
     c.checkpoint.every_steps = 500
   else:
     c.model.update(shape_for(2))  # d_model 128, one head of 128
-    c.model.remat = "none"
+    c.model.remat = "loop"  # measured faster than "none" on 2 CPU cores at K=12
     c.optim.muon_momentum_warmup_steps = 30
     c.train.log_every = 10
     c.checkpoint.every_steps = 100
