@@ -57,7 +57,12 @@ def dense(features: int, axes: tuple[str, str], init, cfg: ModelConfig, name: st
 
 
 class Attention(nn.Module):
-  """Causal self-attention whose queries may come from another stream (injection)."""
+  """Causal self-attention whose queries may come from another stream (injection).
+
+  With kv_lora_rank > 0 (MLA) keys and values come from norm(c_kv_down(x)). Sliding
+  windows apply to MLA as well; the reference's MLA ignores its window (always full
+  context), so MLA checkpoints with 'S' layers are not interchangeable with it.
+  """
   cfg: ModelConfig
 
   @nn.compact
