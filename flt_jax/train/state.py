@@ -27,13 +27,6 @@ def init_params(model: LoopedTransformer, rng, seq_len: int):
   return nn.meta.unbox(model.init(rng, tokens, 1)["params"])
 
 
-def param_logical_axes(model: LoopedTransformer, seq_len: int):
-  """The logical axis names of every param (for sharding rules)."""
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, 1))["params"]
-  return nn.get_partition_spec(boxed)
-
-
 def create_train_state(model: LoopedTransformer, optimizer: optax.GradientTransformation,
                        rng, seq_len: int) -> TrainState:
   params = init_params(model, rng, seq_len)
