@@ -23,6 +23,19 @@ _EVAL_LOOPS = flags.DEFINE_list("eval_loops", [], "Loop counts to evaluate at in
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv):
+  """absl's parser, with a clear message for an override of a key that does not exist."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise SystemExit(f"error: {e}\nPass --helpfull to list the flags.") from None
+  except (AttributeError, KeyError) as e:
+    bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    raise SystemExit(f"error: unknown config key in {bad} ({e}); every override must "
+                     "name an existing field, see experiments/base.py and the "
+                     "get_config() of flt_jax/{model,data,train}/config.py") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -35,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
