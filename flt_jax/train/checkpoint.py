@@ -201,18 +201,6 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def should_save(self, step: int) -> bool:
-    """True at multiples of ``every_steps`` not yet saved."""
-    step = int(step)
-    return (step % self._every_steps == 0 and
-            step not in self._manager.all_steps())
-
-  def reached_preemption(self, step: int) -> bool:
-    """Multi-host preemption sync point (False when the service is off)."""
-    return self._manager.reached_preemption(step)
-
-  # -- save ------------------------------------------------------------------
-
   def save(self, step: int, state, extra_save_args: Optional[
       Mapping[str, Any]] = None, force: bool = False) -> bool:
     """Saves `state` (+ config + extra items) at `step`.
@@ -403,10 +391,6 @@ class PreemptionHandler:
 
   def __exit__(self, *exc) -> None:
     self.uninstall()
-
-  @property
-  def signal_received(self) -> bool:
-    return self._flag.is_set()
 
   def should_stop(self, step: Optional[int] = None) -> bool:
     if jax.process_count() == 1 or step is None:

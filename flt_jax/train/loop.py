@@ -92,10 +92,10 @@ def step_scalars(metrics) -> dict[str, float]:
   return out
 
 
-def _eval_batches(config, batch_size):
+def _eval_batches(config, batch_size, tokenizer=None):
   # A fixed batch count keeps every host in step (padding batches carry no targets).
   return _pipeline(config, "validation", batch_size, num_epochs=1,
-                   num_batches=config.train.eval_steps)
+                   num_batches=config.train.eval_steps, tokenizer=tokenizer)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -140,8 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_batch = _per_host(config.train.micro_batch_size, "train.micro_batch_size")
 
   def run_eval():
-    return eval_lib.evaluate(eval_fn, state.params, _eval_batches(config, eval_batch),
-                             token_bytes_V, loops=model_cfg.loops)
+    batches = _eval_batches(config, eval_batch, train_pipe.tokenizer)
+    return eval_lib.evaluate(eval_fn, state.params, batches, token_bytes_V,
+                             loops=model_cfg.loops)
 
   peak = metrics_lib.peak_flops_per_device(
       jax.devices()[0].platform, jax.devices()[0].device_kind,
@@ -199,8 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         _say(f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()
                                            if k != "tokens"))
-      if step % config.checkpoint.every_steps == 0 or step == total_steps:
-        checkpointer.save(step, state, save_data(), force=True)
+      # The checkpointer saves at multiples of checkpoint.every_steps; force the last.
+      checkpointer.save(step, state, save_data(), force=step == total_steps)
       if preemption.should_stop(step):
         checkpointer.save(step, state, save_data(), force=True)
         checkpointer.wait_until_finished()
@@ -229,8 +230,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   if bad:
     raise ValueError(f"--eval_loops has {bad}; every loop count must be >= 1")
   eval_batch = _per_host(config.train.micro_batch_size, "train.micro_batch_size")
-  make_batches = lambda: _eval_batches(config, eval_batch)
-  first = make_batches()
+  first = _eval_batches(config, eval_batch)
+  make_batches = lambda: _eval_batches(config, eval_batch, first.tokenizer)
   model_cfg = _resolve_vocab(config, first.vocab_size)
   checkpointer = ckpt_lib.Checkpointer.from_config(workdir, config)
   latest = checkpointer.latest_step()

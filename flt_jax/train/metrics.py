@@ -10,10 +10,11 @@ FLOPs per trained token (forward + backward, `flops_per_token`)::
   The embedding (a lookup) and lm_head are NOT in N_blocks; lm_head is counted
   by its own term, because it runs once per loop whose loss is computed, not
   K times. (The reference's 6*(N - N_embedding) counts lm_head once.)
-* n_loss_loops: END -> 1, STEP -> K, FEW -> len(range(2K//3, K)).
+* n_loss_loops: END -> 1, STEP -> K, FEW -> len(range(2K//3, K))
+  (`ModelConfig.loss_loops`).
 * Attention: 12*L*H*hd*T per loop, as the reference counts it: full T x T
   (the causal mask is NOT halved) and sliding windows are NOT discounted.
-* Vpad: vocab_size rounded up to a multiple of 64 (the lm_head matmul size).
+* Vpad: `ModelConfig.padded_vocab_size` (the lm_head matmul size).
 * Norms, rotary, softcap, softmax and the loss itself are ignored.
 """
 
@@ -28,49 +29,16 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 
-VOCAB_PAD_MULTIPLE = 64
-
+from flt_jax.model.config import ModelConfig
 
 # ----------------------------------------------------------------------------
 # FLOPs.
 # ----------------------------------------------------------------------------
 
 
-def _cfg(model_config, name, default=None):
-  if isinstance(model_config, Mapping):
-    v = model_config.get(name, default)
-  else:
-    try:
-      v = getattr(model_config, name)
-    except (AttributeError, KeyError):
-      v = default
-  return default if v is None else v
-
-
-def padded_vocab_size(vocab_size: int) -> int:
-  return -(-int(vocab_size) // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
-
-
-def num_loss_loops(loops: int, loss_type: str) -> int:
-  """How many loops compute logits + loss for `loss_type` (END/STEP/FEW)."""
-  kind = str(loss_type).lower()
-  if kind == 'end':
-    return 1
-  if kind == 'step':
-    return loops
-  if kind == 'few':
-    return len(range(2 * loops // 3, loops))
-  raise ValueError(f"Unknown loss_type {loss_type!r}; expected 'end', 'step' "
-                   f"or 'few'.")
-
-
-def block_params_per_layer(model_config) -> int:
+def block_params_per_layer(cfg: ModelConfig) -> int:
   """Matmul parameters of one block (attention + MLP), no norms/biases."""
-  d = int(_cfg(model_config, 'd_model'))
-  h = int(_cfg(model_config, 'n_head'))
-  hkv = int(_cfg(model_config, 'n_kv_head', 0)) or h
-  r = int(_cfg(model_config, 'kv_lora_rank', 0))
-  hd = d // h
+  d, h, hkv, r, hd = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.kv_lora_rank, cfg.head_dim
   q = d * h * hd
   proj = h * hd * d
   if r > 0:  # MLA: c_kv_down D->r, c_k_up and c_v_up r->Hkv*hd.
@@ -81,19 +49,13 @@ def block_params_per_layer(model_config) -> int:
   return q + kv + proj + mlp
 
 
-def flops_per_token(model_config) -> float:
+def flops_per_token(cfg: ModelConfig) -> float:
   """Training FLOPs per token (see the module docstring for the formula)."""
-  n_layer = int(_cfg(model_config, 'n_layer'))
-  d = int(_cfg(model_config, 'd_model'))
-  h = int(_cfg(model_config, 'n_head'))
-  t = int(_cfg(model_config, 'seq_len'))
-  k = int(_cfg(model_config, 'loops', 1))
-  vpad = padded_vocab_size(_cfg(model_config, 'vocab_size'))
-  hd = d // h
-  n_blocks = n_layer * block_params_per_layer(model_config)
-  loss_loops = num_loss_loops(k, _cfg(model_config, 'loss_type', 'end'))
-  return float(6 * n_blocks * k + 12 * n_layer * h * hd * t * k
-               + 6 * d * vpad * loss_loops)
+  k = cfg.loops
+  n_blocks = cfg.n_layer * block_params_per_layer(cfg)
+  loss_loops = len(cfg.loss_loops(k))
+  return float(6 * n_blocks * k + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.seq_len * k
+               + 6 * cfg.d_model * cfg.padded_vocab_size * loss_loops)
 
 
 # Peak dense bf16 FLOP/s per device (vendor datasheets; sparse figures are 2x).

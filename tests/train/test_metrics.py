@@ -4,19 +4,20 @@ import glob
 import math
 import struct
 
-import ml_collections
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from flt_jax.model import config as model_config
 from flt_jax.train import metrics as m
 
 
 def _model(**kw):
-  c = dict(vocab_size=100, n_layer=2, d_model=64, n_head=2, n_kv_head=1,
-           kv_lora_rank=0, loops=3, loss_type='step', seq_len=32)
+  c = model_config.get_config()
+  c.update(dict(vocab_size=100, n_layer=2, d_model=64, n_head=2, n_kv_head=1,
+                kv_lora_rank=0, loops=3, loss_type='STEP', seq_len=32))
   c.update(kw)
-  return ml_collections.ConfigDict(c)
+  return model_config.ModelConfig.from_config(c)
 
 
 def _block_shapes(c):
@@ -34,8 +35,8 @@ def _block_shapes(c):
   return shapes
 
 
-@pytest.mark.parametrize('loss_type,loss_loops', [('step', 3), ('END', 1),
-                                                  ('few', 1)])
+@pytest.mark.parametrize('loss_type,loss_loops', [('STEP', 3), ('END', 1),
+                                                  ('FEW', 1)])
 @pytest.mark.parametrize('rank', [0, 16])
 def test_flops_per_token_by_hand(loss_type, loss_loops, rank):
   c = _model(loss_type=loss_type, kv_lora_rank=rank)
@@ -48,12 +49,13 @@ def test_flops_per_token_by_hand(loss_type, loss_loops, rank):
 
 
 def test_loss_loops():
-  assert m.num_loss_loops(12, 'few') == 4       # loops 8..11.
-  assert m.num_loss_loops(6, 'FEW') == 2
-  assert m.num_loss_loops(12, 'step') == 12
-  assert m.num_loss_loops(12, 'end') == 1
+  n = lambda loops, loss_type: len(_model(loss_type=loss_type).loss_loops(loops))
+  assert n(12, 'FEW') == 4       # loops 8..11.
+  assert n(6, 'FEW') == 2
+  assert n(12, 'STEP') == 12
+  assert n(12, 'END') == 1
   with pytest.raises(ValueError, match='loss_type'):
-    m.num_loss_loops(3, 'mean')
+    n(3, 'mean')
 
 
 def test_peak_flops():
