@@ -12,6 +12,7 @@ then the ratios K_max / K_min of compile time (target <= 1.5: nn.scan keeps the 
 size independent of K) and of temp memory with loop remat (target <= 2: only the K
 loop carries are kept). A row whose compilation fails shows the error instead.
 """
+
 import argparse
 import os
 import sys
@@ -51,10 +52,21 @@ def parse_args(argv=None):
 
 def model_config(args, variant, loops, remat):
   c = get_config()
-  c.update(dict(variant=variant, loops=loops, remat=remat, n_layer=args.n_layer,
-                d_model=args.d_model, n_head=args.n_head,
-                n_kv_head=args.n_kv_head or args.n_head, seq_len=args.seq_len,
-                vocab_size=args.vocab_size, loss_type=args.loss_type, dtype=args.dtype))
+  c.update(
+    dict(
+      variant=variant,
+      loops=loops,
+      remat=remat,
+      n_layer=args.n_layer,
+      d_model=args.d_model,
+      n_head=args.n_head,
+      n_kv_head=args.n_kv_head or args.n_head,
+      seq_len=args.seq_len,
+      vocab_size=args.vocab_size,
+      loss_type=args.loss_type,
+      dtype=args.dtype,
+    )
+  )
   return ModelConfig.from_config(c)
 
 
@@ -74,8 +86,7 @@ def bench_row(args, params, inputs, targets, variant, loops, remat):
   step_s = (time.perf_counter() - t0) / steps
   if not np.isfinite(float(loss)):
     raise FloatingPointError(f"loss is {float(loss)}")
-  return dict(compile_s=compile_s, temp=temp, step_s=step_s,
-              tok_s=inputs.size / step_s)
+  return dict(compile_s=compile_s, temp=temp, step_s=step_s, tok_s=inputs.size / step_s)
 
 
 def _fmt(x, spec):
@@ -84,18 +95,22 @@ def _fmt(x, spec):
 
 def main(argv=None):
   args = parse_args(argv)
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device, "
-        f"{os.cpu_count()} cpus); L={args.n_layer} D={args.d_model} H={args.n_head} "
-        f"T={args.seq_len} B={args.batch_size} V={args.vocab_size} loss={args.loss_type} "
-        f"dtype={args.dtype} steps={1 if args.quick else args.steps}\n")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device, "
+    f"{os.cpu_count()} cpus); L={args.n_layer} D={args.d_model} H={args.n_head} "
+    f"T={args.seq_len} B={args.batch_size} V={args.vocab_size} loss={args.loss_type} "
+    f"dtype={args.dtype} steps={1 if args.quick else args.steps}\n"
+  )
   rng = np.random.default_rng(0)
-  tokens = jnp.asarray(rng.integers(0, args.vocab_size,
-                                    (args.batch_size, args.seq_len + 1)), jnp.int32)
+  tokens = jnp.asarray(
+    rng.integers(0, args.vocab_size, (args.batch_size, args.seq_len + 1)), jnp.int32
+  )
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   # params do not depend on the variant, K or remat: initialise once
   init_cfg = model_config(args, args.variants[0], 1, "none")
-  params = nn.meta.unbox(jax.jit(LoopedTransformer(init_cfg).init)(
-      jax.random.PRNGKey(0), inputs)["params"])
+  params = nn.meta.unbox(
+    jax.jit(LoopedTransformer(init_cfg).init)(jax.random.PRNGKey(0), inputs)["params"]
+  )
 
   results = {}
   print("| variant | remat | K | compile s | temp MiB | step s | tokens/s |")
@@ -111,12 +126,14 @@ def main(argv=None):
           continue
         results[(variant, remat, loops)] = r
         temp_mib = None if r["temp"] is None else r["temp"] / 2**20
-        print(f"| {variant} | {remat} | {loops} | {r['compile_s']:.2f} | "
-              f"{_fmt(temp_mib, '.1f')} | {r['step_s']:.3f} | {r['tok_s']:,.0f} |", flush=True)
+        print(
+          f"| {variant} | {remat} | {loops} | {r['compile_s']:.2f} | "
+          f"{_fmt(temp_mib, '.1f')} | {r['step_s']:.3f} | {r['tok_s']:,.0f} |",
+          flush=True,
+        )
 
   lo, hi = min(args.loops), max(args.loops)
-  print(f"\nRatios K={hi} / K={lo} (targets: compile <= 1.5x; temp memory with loop remat "
-        "<= 2x)")
+  print(f"\nRatios K={hi} / K={lo} (targets: compile <= 1.5x; temp memory with loop remat <= 2x)")
   print("| variant | remat | compile ratio | temp memory ratio |")
   print("|---|---|---:|---:|")
   for variant in args.variants:

@@ -15,6 +15,7 @@ Presets
             parameter, fineweb-edu Parquet shards at --config.data.path and a
             65,536-token BPE at --config.data.tokenizer_path (see README, Data).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,10 @@ def get_base_config() -> ml_collections.ConfigDict:
 def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigDict:
   preset = preset or "cpu"
   if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS} "
-                     "(e.g. --config=experiments/flt_12loop.py:multihop)")
+    raise ValueError(
+      f"unknown preset {preset!r}; choose one of {PRESETS} "
+      "(e.g. --config=experiments/flt_12loop.py:multihop)"
+    )
   c = get_base_config()
   c.experiment = f"{variant}_{loops}loop"
   c.preset = preset

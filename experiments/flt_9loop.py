@@ -1,4 +1,5 @@
 """FLT with 9 loops (presets: cpu (default), multihop, paper; see base.py)."""
+
 from experiments import base
 
 

@@ -1,4 +1,5 @@
 """FLT_res with 12 loops (presets: cpu (default), multihop, paper; see base.py)."""
+
 from experiments import base
 
 

@@ -1,4 +1,5 @@
 """LT with 6 loops (presets: cpu (default), multihop, paper; see base.py)."""
+
 from experiments import base
 
 

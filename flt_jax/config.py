@@ -1,5 +1,6 @@
 """The full config: every section's defaults, and a check that a config has exactly
 their keys (a typo in an experiment file fails loudly instead of being ignored)."""
+
 from __future__ import annotations
 
 import ml_collections
@@ -24,11 +25,12 @@ def check_keys(config, reference=None, prefix: str = "config") -> None:
   reference = default_config() if reference is None else reference
   have, want = set(config.keys()), set(reference.keys())
   if want - have:
-    raise ValueError(f"{prefix} is missing {sorted(want - have)}; start from "
-                     "experiments/base.py, which fills in every default")
+    raise ValueError(
+      f"{prefix} is missing {sorted(want - have)}; start from "
+      "experiments/base.py, which fills in every default"
+    )
   if have - want:
-    raise ValueError(f"{prefix} has unknown keys {sorted(have - want)}; known keys: "
-                     f"{sorted(want)}")
+    raise ValueError(f"{prefix} has unknown keys {sorted(have - want)}; known keys: {sorted(want)}")
   for key in want:
     if isinstance(reference[key], ml_collections.ConfigDict):
       if not isinstance(config[key], (ml_collections.ConfigDict, dict)):

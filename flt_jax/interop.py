@@ -4,9 +4,10 @@ state dict (DESIGN §2 names; torch Linear weights are [out, in], ours [in, out]
   params = from_reference(np.load("ref.npz"), model_cfg)      # reference -> flt_jax
   save_reference_npz("out.npz", params, model_cfg)           # flt_jax -> reference
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -31,10 +32,17 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Reference state-dict names and their [out, in] shapes for this model config."""
   D, V, hd = cfg.d_model, cfg.padded_vocab_size, cfg.head_dim
   q, kv, r = cfg.n_head * hd, cfg.n_kv_head * hd, cfg.kv_lora_rank
-  io = {("attn", "c_q"): (q, D), ("attn", "c_k"): (kv, D), ("attn", "c_v"): (kv, D),
-        ("attn", "c_kv_down"): (r, D), ("attn", "c_k_up"): (kv, r),
-        ("attn", "c_v_up"): (kv, r), ("attn", "c_proj"): (D, q),
-        ("mlp", "c_fc"): (4 * D, D), ("mlp", "c_proj"): (D, 4 * D)}
+  io = {
+    ("attn", "c_q"): (q, D),
+    ("attn", "c_k"): (kv, D),
+    ("attn", "c_v"): (kv, D),
+    ("attn", "c_kv_down"): (r, D),
+    ("attn", "c_k_up"): (kv, r),
+    ("attn", "c_v_up"): (kv, r),
+    ("attn", "c_proj"): (D, q),
+    ("mlp", "c_fc"): (4 * D, D),
+    ("mlp", "c_proj"): (D, 4 * D),
+  }
   shapes = {"transformer.wte.weight": (V, D), "lm_head.weight": (V, D)}
   for layer in range(cfg.n_layer):
     for mod, name in _block_matrices(cfg):
@@ -49,28 +57,36 @@ def from_reference(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig) -> di
   unexpected = sorted(set(state_dict) - set(want))
   if missing or unexpected:
     raise ValueError(
-        f"state dict does not match config.model (n_layer={cfg.n_layer}, "
-        f"kv_lora_rank={cfg.kv_lora_rank}): missing {missing[:8]}, unexpected {unexpected[:8]}")
+      f"state dict does not match config.model (n_layer={cfg.n_layer}, "
+      f"kv_lora_rank={cfg.kv_lora_rank}): missing {missing[:8]}, unexpected {unexpected[:8]}"
+    )
   for name, shape in want.items():
     got = tuple(np.shape(state_dict[name]))
     if got != shape:
-      raise ValueError(f"{name} has shape {got} but config.model implies {shape} "
-                       "(check d_model, n_head, n_kv_head, vocab_size, kv_lora_rank)")
+      raise ValueError(
+        f"{name} has shape {got} but config.model implies {shape} "
+        "(check d_model, n_head, n_kv_head, vocab_size, kv_lora_rank)"
+      )
   arr = lambda name: np.asarray(state_dict[name], dtype=np.float32)
   block: dict = {"attn": {}, "mlp": {}}
   for mod, name in _block_matrices(cfg):
-    stacked = np.stack([arr(f"transformer.h.{l}.{mod}.{name}.weight").T
-                        for l in range(cfg.n_layer)])
+    stacked = np.stack(
+      [arr(f"transformer.h.{l}.{mod}.{name}.weight").T for l in range(cfg.n_layer)]
+    )
     block[mod][name] = {"kernel": stacked}
-  return {"wte": {"embedding": arr("transformer.wte.weight")},
-          "lm_head": {"kernel": arr("lm_head.weight").T},
-          "blocks": {"layers": {"block": block}}}
+  return {
+    "wte": {"embedding": arr("transformer.wte.weight")},
+    "lm_head": {"kernel": arr("lm_head.weight").T},
+    "blocks": {"layers": {"block": block}},
+  }
 
 
 def to_reference(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """flt_jax params -> reference state dict (float32 numpy, torch layouts)."""
-  out = {"transformer.wte.weight": np.asarray(params["wte"]["embedding"], np.float32),
-         "lm_head.weight": np.asarray(params["lm_head"]["kernel"], np.float32).T.copy()}
+  out = {
+    "transformer.wte.weight": np.asarray(params["wte"]["embedding"], np.float32),
+    "lm_head.weight": np.asarray(params["lm_head"]["kernel"], np.float32).T.copy(),
+  }
   block = _blocks(params)
   for mod, name in _block_matrices(cfg):
     stacked = np.asarray(block[mod][name]["kernel"], np.float32)

@@ -6,20 +6,29 @@ r"""flt_jax entry point.
   python -m flt_jax.main --config=experiments/flt_12loop.py --workdir=DIR \
       --mode=eval --eval_loops=1,6,12,24
 """
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flt_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, optionally with a preset: file.py:preset.",
-    lock_config=True)
+  "config",
+  None,
+  "Experiment config file, optionally with a preset: file.py:preset.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train (resumes from the workdir's latest checkpoint) or eval "
-                          "(restores it and evaluates at --eval_loops).")
-_EVAL_LOOPS = flags.DEFINE_list("eval_loops", [], "Loop counts to evaluate at in eval mode "
-                                "(default: config.model.loops).")
+_MODE = flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "eval"],
+  "train (resumes from the workdir's latest checkpoint) or eval "
+  "(restores it and evaluates at --eval_loops).",
+)
+_EVAL_LOOPS = flags.DEFINE_list(
+  "eval_loops", [], "Loop counts to evaluate at in eval mode (default: config.model.loops)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -31,9 +40,11 @@ def parse_flags(argv):
     raise SystemExit(f"error: {e}\nPass --helpfull to list the flags.") from None
   except (AttributeError, KeyError) as e:
     bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    raise SystemExit(f"error: unknown config key in {bad} ({e}); every override must "
-                     "name an existing field, see experiments/base.py and the "
-                     "get_config() of flt_jax/{model,data,train}/config.py") from None
+    raise SystemExit(
+      f"error: unknown config key in {bad} ({e}); every override must "
+      "name an existing field, see experiments/base.py and the "
+      "get_config() of flt_jax/{model,data,train}/config.py"
+    ) from None
 
 
 def main(argv):
@@ -43,8 +54,7 @@ def main(argv):
   if _MODE.value == "train":
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   else:
-    loop.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value,
-                             [int(k) for k in _EVAL_LOOPS.value])
+    loop.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, [int(k) for k in _EVAL_LOOPS.value])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Every experiment file loads with every preset into a complete, valid config."""
+
 import importlib.util
 from pathlib import Path
 
@@ -9,8 +10,11 @@ from flt_jax.data import config as data_config
 from flt_jax.model import config as model_config
 from flt_jax.train import config as train_config
 
-EXPERIMENTS = sorted(p for p in (Path(__file__).parents[1] / "experiments").glob("*.py")
-                     if p.stem not in ("__init__", "base"))
+EXPERIMENTS = sorted(
+  p
+  for p in (Path(__file__).parents[1] / "experiments").glob("*.py")
+  if p.stem not in ("__init__", "base")
+)
 
 
 def load(path):
@@ -22,8 +26,15 @@ def load(path):
 
 def test_the_papers_experiments_are_all_there():
   names = {p.stem for p in EXPERIMENTS}
-  assert {"flt_12loop", "flt_res_12loop", "lt_12loop", "lt_i_12loop", "lt_ia_12loop",
-          "flt_6loop", "flt_9loop"} <= names
+  assert {
+    "flt_12loop",
+    "flt_res_12loop",
+    "lt_12loop",
+    "lt_i_12loop",
+    "lt_ia_12loop",
+    "flt_6loop",
+    "flt_9loop",
+  } <= names
 
 
 @pytest.mark.parametrize("preset", [None, "cpu", "multihop", "paper"])

@@ -1,9 +1,23 @@
 """Data: embedded/real sources, tokenizers, grain pipelines (see pipeline.py)."""
+
 from flt_jax.data.config import get_config, validate
-from flt_jax.data.pipeline import (Pipeline, checkpoint_args_restore,
-                                   checkpoint_args_save, make_packed_rows,
-                                   make_pipeline)
+from flt_jax.data.pipeline import (
+  Pipeline,
+  checkpoint_args_restore,
+  checkpoint_args_save,
+  make_packed_rows,
+  make_pipeline,
+)
 from flt_jax.data.tokenizers import Tokenizer, make_tokenizer
 
-__all__ = ["Pipeline", "Tokenizer", "checkpoint_args_restore", "checkpoint_args_save",
-           "get_config", "make_packed_rows", "make_pipeline", "make_tokenizer", "validate"]
+__all__ = [
+  "Pipeline",
+  "Tokenizer",
+  "checkpoint_args_restore",
+  "checkpoint_args_save",
+  "get_config",
+  "make_packed_rows",
+  "make_pipeline",
+  "make_tokenizer",
+  "validate",
+]

@@ -18,6 +18,7 @@ Each batch is a dict of numpy int32 arrays [B, seq_len]:
 The iterator is a grain DatasetIterator: get_state()/set_state() are small
 JSON-able dicts; `checkpoint_args_save/restore` put it into Orbax.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,7 @@ import grain
 import numpy as np
 
 from flt_jax.data import config as config_lib
-from flt_jax.data import sources
-from flt_jax.data import synthetic
+from flt_jax.data import sources, synthetic
 from flt_jax.data import tokenizers as tokenizers_lib
 
 
@@ -41,28 +41,26 @@ class _LoadTokenize:
 
   def __call__(self, unit):
     docs = self.load(unit)
-    if self.kind == 'tokens':
+    if self.kind == "tokens":
       return docs
     eos = np.array([self.tokenizer.eos_id], np.int32)
-    return [np.concatenate([self.tokenizer.encode_array(t), eos])
-            for t in docs]
+    return [np.concatenate([self.tokenizer.encode_array(t), eos]) for t in docs]
 
 
 class _Documents(grain.experimental.FlatMapTransform):
   max_fan_out = 1 << 20
 
   def flat_map(self, element):
-    return [{'tokens': doc} for doc in element]
+    return [{"tokens": doc} for doc in element]
 
 
 def _packed_to_row(el):
-  tok = np.asarray(el['tokens'], np.int32)
-  seg = np.asarray(el['tokens_segment_ids'], np.int32)
-  pos = np.asarray(el['tokens_positions'], np.int32)
+  tok = np.asarray(el["tokens"], np.int32)
+  seg = np.asarray(el["tokens_segment_ids"], np.int32)
+  pos = np.asarray(el["tokens_positions"], np.int32)
   targets = tok[1:].copy()
   targets[(seg[1:] != seg[:-1]) | (seg[:-1] == 0)] = -1
-  return {'inputs': tok[:-1], 'targets': targets, 'segment_ids': seg[:-1],
-          'positions': pos[:-1]}
+  return {"inputs": tok[:-1], "targets": targets, "segment_ids": seg[:-1], "positions": pos[:-1]}
 
 
 class _PadBatch:
@@ -76,14 +74,12 @@ class _PadBatch:
     short = self.batch_size - len(rows)
     if short > 0:
       for k, v in out.items():
-        pad = np.full((short,) + v.shape[1:], -1 if k == 'targets' else 0,
-                      v.dtype)
+        pad = np.full((short,) + v.shape[1:], -1 if k == "targets" else 0, v.dtype)
         out[k] = np.concatenate([v, pad])
     return out
 
 
 class _ExampleRow:
-
   def __init__(self, task, split, seq_len, loss_on_answer_only):
     self.task, self.split = task, split
     self.seq_len, self.loss_on_answer_only = seq_len, loss_on_answer_only
@@ -108,21 +104,19 @@ class _TupleSlicesIterator(grain.DatasetIterator):
 
   def set_state(self, state):
     state = dict(state)
-    state['remainder_slices'] = {
-        k: tuple(int(x) for x in v)
-        for k, v in state['remainder_slices'].items()}
+    state["remainder_slices"] = {
+      k: tuple(int(x) for x in v) for k, v in state["remainder_slices"].items()
+    }
     self._parent.set_state(state)
 
 
 class _TupleSlices(grain.IterDataset):
-
   def __iter__(self):
     return _TupleSlicesIterator(self._parent.__iter__())
 
 
 # ------------------------------------------------- exactly-n-batches wrapper
 class _ExactCountIterator(grain.DatasetIterator):
-
   def __init__(self, parent, count, template):
     super().__init__(parent)
     self._count, self._template, self._emitted = count, template, 0
@@ -143,13 +137,16 @@ class _ExactCountIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self):
-    return {'parent': self._parent.get_state(), 'emitted': self._emitted,
-            'parent_done': self._parent_done}
+    return {
+      "parent": self._parent.get_state(),
+      "emitted": self._emitted,
+      "parent_done": self._parent_done,
+    }
 
   def set_state(self, state):
-    self._parent.set_state(state['parent'])
-    self._emitted = int(state['emitted'])
-    self._parent_done = bool(state['parent_done'])
+    self._parent.set_state(state["parent"])
+    self._emitted = int(state["emitted"])
+    self._parent_done = bool(state["parent_done"])
 
 
 class _ExactCount(grain.IterDataset):
@@ -161,20 +158,20 @@ class _ExactCount(grain.IterDataset):
     self._count, self._template = count, template
 
   def __iter__(self):
-    return _ExactCountIterator(self._parent.__iter__(), self._count,
-                               self._template)
+    return _ExactCountIterator(self._parent.__iter__(), self._count, self._template)
 
 
 # ------------------------------------------------------------------ pipeline
 @dataclasses.dataclass
 class Pipeline:
   """A configured input pipeline. `iter(pipeline)` -> grain DatasetIterator."""
+
   dataset: Any  # grain.IterDataset of batches
   tokenizer: tokenizers_lib.Tokenizer
   split: str
   seq_len: int
   batch_size: int
-  description: str = ''
+  description: str = ""
 
   @property
   def vocab_size(self) -> int:
@@ -186,25 +183,26 @@ class Pipeline:
 
 def _empty_batch(batch_size, seq_len, synthetic_task):
   z = np.zeros([batch_size, seq_len], np.int32)
-  out = {'inputs': z, 'targets': z - 1, 'segment_ids': z, 'positions': z}
+  out = {"inputs": z, "targets": z - 1, "segment_ids": z, "positions": z}
   if synthetic_task:
-    out['answer_mask'] = z
+    out["answer_mask"] = z
   return out
 
 
 def _check_args(split, seq_len, process_index, process_count, num_epochs):
-  if split not in ('train', 'validation'):
+  if split not in ("train", "validation"):
     raise ValueError(f"split={split!r} is invalid: use 'train' or 'validation'")
   if not isinstance(seq_len, int) or seq_len < 2:
-    raise ValueError(f'seq_len={seq_len!r} is invalid: the data pipeline '
-                     'needs seq_len >= 2 (set config.model.seq_len >= 2)')
+    raise ValueError(
+      f"seq_len={seq_len!r} is invalid: the data pipeline "
+      "needs seq_len >= 2 (set config.model.seq_len >= 2)"
+    )
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} must be in '
-                     f'[0, process_count={process_count})')
-  if num_epochs is None and split == 'validation':
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  if num_epochs is None and split == "validation":
     num_epochs = 1
   if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f'num_epochs={num_epochs} must be >= 1 or None (forever)')
+    raise ValueError(f"num_epochs={num_epochs} must be >= 1 or None (forever)")
   return num_epochs
 
 
@@ -212,27 +210,27 @@ def _units(d, split, tokenizer):
   """(MapDataset of units, tokenizer, split-or-task, description)."""
   if d.source in config_lib.SYNTHETIC_SOURCES:
     task = synthetic.make_task(d)
-    n = int(d.num_train_examples if split == 'train'
-            else d.num_validation_examples)
+    n = int(d.num_train_examples if split == "train" else d.num_validation_examples)
     if n < 1:
-      raise ValueError(f'the {split} split of data.source={d.source!r} is '
-                       'empty; raise data.num_validation_examples')
-    return (grain.MapDataset.range(n), task.tokenizer, task,
-            f'{d.source}:{split} {n} examples')
+      raise ValueError(
+        f"the {split} split of data.source={d.source!r} is "
+        "empty; raise data.num_validation_examples"
+      )
+    return (grain.MapDataset.range(n), task.tokenizer, task, f"{d.source}:{split} {n} examples")
   if tokenizer is None:
     tokenizer = tokenizers_lib.make_tokenizer(d)
   sp = sources.get_split(d, split, tokenizer)
   return grain.MapDataset.source(sp.units), tokenizer, sp, sp.description
 
 
-def _ordered_units(d, units, split, process_index, process_count, num_epochs,
-                   description):
+def _ordered_units(d, units, split, process_index, process_count, num_epochs, description):
   units = units[process_index::process_count]
   if len(units) == 0:
     raise ValueError(
-        f'host {process_index} of {process_count} gets no data from the '
-        f'{split} split ({description}); use fewer hosts or more data')
-  if bool(d.shuffle) and split == 'train':
+      f"host {process_index} of {process_count} gets no data from the "
+      f"{split} split ({description}); use fewer hosts or more data"
+    )
+  if bool(d.shuffle) and split == "train":
     units = units.shuffle(int(d.seed))
   return units.repeat(num_epochs)
 
@@ -240,13 +238,20 @@ def _ordered_units(d, units, split, process_index, process_count, num_epochs,
 def _read_options(d):
   threads = int(d.read_threads)
   return grain.ReadOptions(
-      num_threads=threads,
-      prefetch_buffer_size=max(4 * threads, 1) if threads else 0)
+    num_threads=threads, prefetch_buffer_size=max(4 * threads, 1) if threads else 0
+  )
 
 
-def make_packed_rows(data_config, *, split: str, seq_len: int,
-                     process_index: int = 0, process_count: int = 1,
-                     num_epochs: int | None = None, tokenizer=None):
+def make_packed_rows(
+  data_config,
+  *,
+  split: str,
+  seq_len: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_epochs: int | None = None,
+  tokenizer=None,
+):
   """(grain IterDataset of packed rows, tokenizer) for text / token sources.
 
   A row is {'tokens', 'tokens_segment_ids', 'tokens_positions'}, each int
@@ -255,26 +260,30 @@ def make_packed_rows(data_config, *, split: str, seq_len: int,
   is padded (segment id 0).
   """
   d = data_config
-  num_epochs = _check_args(split, seq_len, process_index, process_count,
-                           num_epochs)
+  num_epochs = _check_args(split, seq_len, process_index, process_count, num_epochs)
   if d.source in config_lib.SYNTHETIC_SOURCES:
-    raise ValueError('synthetic tasks are not packed (one example per row); '
-                     'use make_pipeline')
+    raise ValueError("synthetic tasks are not packed (one example per row); use make_pipeline")
   units, tokenizer, sp, description = _units(d, split, tokenizer)
-  units = _ordered_units(d, units, split, process_index, process_count,
-                         num_epochs, description)
+  units = _ordered_units(d, units, split, process_index, process_count, num_epochs, description)
   ds = units.map(_LoadTokenize(sp.load, tokenizer, sp.kind))
   ds = ds.to_iter_dataset(_read_options(d))
   ds = grain.experimental.FlatMapIterDataset(ds, _Documents())
-  ds = grain.experimental.ConcatThenSplitIterDataset(
-      ds, length_struct={'tokens': seq_len + 1})
+  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
   return _TupleSlices(ds), tokenizer, description
 
 
-def make_pipeline(data_config, *, split: str, seq_len: int, batch_size: int,
-                  process_index: int = 0, process_count: int = 1,
-                  num_epochs: int | None = None, tokenizer=None,
-                  num_batches: int | None = None) -> Pipeline:
+def make_pipeline(
+  data_config,
+  *,
+  split: str,
+  seq_len: int,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_epochs: int | None = None,
+  tokenizer=None,
+  num_batches: int | None = None,
+) -> Pipeline:
   """Builds the pipeline of one split for one host.
 
   Args:
@@ -292,39 +301,46 @@ def make_pipeline(data_config, *, split: str, seq_len: int, batch_size: int,
   d = data_config
   config_lib.validate(d, seq_len=seq_len)
   if batch_size < 1:
-    raise ValueError(f'batch_size={batch_size} is invalid: must be >= 1')
+    raise ValueError(f"batch_size={batch_size} is invalid: must be >= 1")
   is_synthetic = d.source in config_lib.SYNTHETIC_SOURCES
   if is_synthetic:
-    num_epochs = _check_args(split, seq_len, process_index, process_count,
-                             num_epochs)
+    num_epochs = _check_args(split, seq_len, process_index, process_count, num_epochs)
     units, tokenizer, task, description = _units(d, split, tokenizer)
-    units = _ordered_units(d, units, split, process_index, process_count,
-                           num_epochs, description)
-    ds = units.map(_ExampleRow(task, split, seq_len,
-                               bool(d.loss_on_answer_only)))
+    units = _ordered_units(d, units, split, process_index, process_count, num_epochs, description)
+    ds = units.map(_ExampleRow(task, split, seq_len, bool(d.loss_on_answer_only)))
     ds = ds.to_iter_dataset(_read_options(d))
   else:
     ds, tokenizer, description = make_packed_rows(
-        d, split=split, seq_len=seq_len, process_index=process_index,
-        process_count=process_count, num_epochs=num_epochs,
-        tokenizer=tokenizer)
-    if split == 'train' and bool(d.shuffle) and int(d.shuffle_window_rows) > 1:
+      d,
+      split=split,
+      seq_len=seq_len,
+      process_index=process_index,
+      process_count=process_count,
+      num_epochs=num_epochs,
+      tokenizer=tokenizer,
+    )
+    if split == "train" and bool(d.shuffle) and int(d.shuffle_window_rows) > 1:
       ds = grain.experimental.WindowShuffleIterDataset(
-          ds, window_size=int(d.shuffle_window_rows), seed=int(d.seed))
+        ds, window_size=int(d.shuffle_window_rows), seed=int(d.seed)
+      )
     ds = ds.map(_packed_to_row)
   ds = ds.batch(batch_size, batch_fn=_PadBatch(batch_size))
   if num_batches is not None:
-    ds = _ExactCount(ds, int(num_batches),
-                     _empty_batch(batch_size, seq_len, is_synthetic))
+    ds = _ExactCount(ds, int(num_batches), _empty_batch(batch_size, seq_len, is_synthetic))
   if int(d.num_workers) > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
+
     if not flags.FLAGS.is_parsed():  # grain workers read absl flags
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(d.num_workers)))
-  return Pipeline(dataset=ds, tokenizer=tokenizer, split=split,
-                  seq_len=seq_len, batch_size=batch_size,
-                  description=description)
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.num_workers)))
+  return Pipeline(
+    dataset=ds,
+    tokenizer=tokenizer,
+    split=split,
+    seq_len=seq_len,
+    batch_size=batch_size,
+    description=description,
+  )
 
 
 # ------------------------------------------------------------ checkpointing

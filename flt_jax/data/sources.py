@@ -12,6 +12,7 @@ Split rule: with >= 2 files, a file goes to validation iff crc32 of its path
 file each side); with a single file the same rule is applied per document
 (per row group for Parquet).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,8 @@ import json
 import os
 import sysconfig
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,88 +36,116 @@ SHARD_VERSION = 1
 HEADER_INTS = 32
 
 
-def write_token_shard(path: str, tokens: np.ndarray, *, vocab_size: int,
-                      eos_id: int, num_docs: int) -> None:
+def write_token_shard(
+  path: str, tokens: np.ndarray, *, vocab_size: int, eos_id: int, num_docs: int
+) -> None:
   tokens = np.asarray(tokens)
   if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-    raise ValueError(f'token ids must be in [0, {vocab_size}) to write {path}')
+    raise ValueError(f"token ids must be in [0, {vocab_size}) to write {path}")
   dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-  header = np.zeros([HEADER_INTS], '<i8')
-  header[:7] = [SHARD_MAGIC, SHARD_VERSION, np.dtype(dtype).itemsize,
-                tokens.size, vocab_size, eos_id, num_docs]
-  with open(path, 'wb') as f:
+  header = np.zeros([HEADER_INTS], "<i8")
+  header[:7] = [
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    np.dtype(dtype).itemsize,
+    tokens.size,
+    vocab_size,
+    eos_id,
+    num_docs,
+  ]
+  with open(path, "wb") as f:
     f.write(header.tobytes())
-    f.write(tokens.astype(np.dtype(dtype).newbyteorder('<')).tobytes())
+    f.write(tokens.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
 
 
 @functools.lru_cache(maxsize=256)
 def read_token_shard(path: str) -> tuple[np.ndarray, dict[str, int]]:
   """Memory-maps a .bin shard or a 1-D .npy file. Returns (tokens, header)."""
-  if path.endswith('.npy'):
-    arr = np.load(path, mmap_mode='r')
-    if arr.ndim != 1 or arr.dtype.kind not in 'iu':
-      raise ValueError(f'{path}: a .npy token shard must be a 1-D integer '
-                       f'array, got shape {arr.shape} dtype {arr.dtype}')
+  if path.endswith(".npy"):
+    arr = np.load(path, mmap_mode="r")
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+      raise ValueError(
+        f"{path}: a .npy token shard must be a 1-D integer "
+        f"array, got shape {arr.shape} dtype {arr.dtype}"
+      )
     return arr, {}
-  header = np.fromfile(path, '<i8', count=HEADER_INTS)
+  header = np.fromfile(path, "<i8", count=HEADER_INTS)
   if header.size < HEADER_INTS or header[0] != SHARD_MAGIC:
-    raise ValueError(f'{path} is not a flt_jax token shard (bad header); write '
-                     'shards with `python -m flt_jax.data.prepare tokenize` '
-                     'or use 1-D .npy files')
+    raise ValueError(
+      f"{path} is not a flt_jax token shard (bad header); write "
+      "shards with `python -m flt_jax.data.prepare tokenize` "
+      "or use 1-D .npy files"
+    )
   if header[1] != SHARD_VERSION or header[2] not in (2, 4):
-    raise ValueError(f'{path}: unsupported shard version {header[1]} / '
-                     f'itemsize {header[2]}')
-  dtype = np.dtype('<u2' if header[2] == 2 else '<u4')
-  arr = np.memmap(path, dtype=dtype, mode='r', offset=HEADER_INTS * 8,
-                  shape=(int(header[3]),))
-  meta = dict(num_tokens=int(header[3]), vocab_size=int(header[4]),
-              eos_id=int(header[5]), num_docs=int(header[6]))
+    raise ValueError(f"{path}: unsupported shard version {header[1]} / itemsize {header[2]}")
+  dtype = np.dtype("<u2" if header[2] == 2 else "<u4")
+  arr = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_INTS * 8, shape=(int(header[3]),))
+  meta = dict(
+    num_tokens=int(header[3]),
+    vocab_size=int(header[4]),
+    eos_id=int(header[5]),
+    num_docs=int(header[6]),
+  )
   return arr, meta
 
 
 # --------------------------------------------------------------------- files
-def resolve_files(path: str, *, source: str = '') -> list[str]:
+def resolve_files(path: str, *, source: str = "") -> list[str]:
   """Sorted files matching a (comma-separated, '**'-recursive) glob."""
   files = set()
-  for pattern in [p.strip() for p in str(path).split(',') if p.strip()]:
+  for pattern in [p.strip() for p in str(path).split(",") if p.strip()]:
     pattern = os.path.expanduser(pattern)
-    files.update(f for f in glob.glob(pattern, recursive=True)
-                 if os.path.isfile(f))
+    files.update(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
   if not files:
-    hint = f" for data.source={source!r}" if source else ''
+    hint = f" for data.source={source!r}" if source else ""
     raise ValueError(
-        f'data.path={path!r} matched no files{hint}; check the glob (use '
-        "'**' for subdirectories) or set data.source='stdlib' for the "
-        'embedded corpus')
+      f"data.path={path!r} matched no files{hint}; check the glob (use "
+      "'**' for subdirectories) or set data.source='stdlib' for the "
+      "embedded corpus"
+    )
   return sorted(files)
 
 
-_STDLIB_SKIP_DIRS = {'site-packages', 'dist-packages', 'test', 'tests',
-                     'idlelib', 'turtledemo', 'ensurepip', 'pydoc_data', '__pycache__', 'venv',
-                     'config-3', 'lib-dynload'}
+_STDLIB_SKIP_DIRS = {
+  "site-packages",
+  "dist-packages",
+  "test",
+  "tests",
+  "idlelib",
+  "turtledemo",
+  "ensurepip",
+  "pydoc_data",
+  "__pycache__",
+  "venv",
+  "config-3",
+  "lib-dynload",
+}
 
 
 @functools.lru_cache(maxsize=1)
 def stdlib_files() -> tuple[str, tuple[str, ...]]:
   """(root, sorted *.py files) of this Python's standard library."""
-  root = sysconfig.get_paths()['stdlib']
+  root = sysconfig.get_paths()["stdlib"]
   out = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(
-        d for d in dirnames
-        if d not in _STDLIB_SKIP_DIRS and not d.startswith('config-')
-        and not d.startswith('.'))
+      d
+      for d in dirnames
+      if d not in _STDLIB_SKIP_DIRS and not d.startswith("config-") and not d.startswith(".")
+    )
     for name in filenames:
-      if name.endswith('.py'):
+      if name.endswith(".py"):
         out.append(os.path.join(dirpath, name))
   if not out:
-    raise ValueError(f'no standard-library *.py files found under {root}; '
-                     'use data.source=multihop/modarith or a local corpus')
+    raise ValueError(
+      f"no standard-library *.py files found under {root}; "
+      "use data.source=multihop/modarith or a local corpus"
+    )
   return root, tuple(sorted(out))
 
 
 def _in_validation(key: str, fraction: float) -> bool:
-  return (zlib.crc32(key.encode('utf-8')) % 1_000_000) < fraction * 1_000_000
+  return (zlib.crc32(key.encode("utf-8")) % 1_000_000) < fraction * 1_000_000
 
 
 def split_keys(keys: list[str], fraction: float) -> tuple[list[int], list[int]]:
@@ -123,7 +153,7 @@ def split_keys(keys: list[str], fraction: float) -> tuple[list[int], list[int]]:
   fraction > 0 and len(keys) >= 2."""
   val = [i for i, k in enumerate(keys) if _in_validation(k, fraction)]
   if fraction > 0 and len(keys) >= 2:
-    scores = [zlib.crc32(k.encode('utf-8')) for k in keys]
+    scores = [zlib.crc32(k.encode("utf-8")) for k in keys]
     if not val:
       val = [int(np.argmin(scores))]
     if len(val) == len(keys):
@@ -135,8 +165,8 @@ def split_keys(keys: list[str], fraction: float) -> tuple[list[int], list[int]]:
 @functools.lru_cache(maxsize=4096)
 def _read_text(path: str, mtime: float) -> str:
   del mtime  # cache key only
-  with open(path, 'rb') as f:
-    return f.read().decode('utf-8', 'replace')
+  with open(path, "rb") as f:
+    return f.read().decode("utf-8", "replace")
 
 
 def _text_docs(path: str) -> list[str]:
@@ -148,7 +178,7 @@ def _text_docs(path: str) -> list[str]:
 def _jsonl_docs(path: str, column: str, mtime: float) -> tuple[str, ...]:
   del mtime
   out = []
-  with open(path, 'rb') as f:
+  with open(path, "rb") as f:
     for lineno, line in enumerate(f, 1):
       line = line.strip()
       if not line:
@@ -156,12 +186,13 @@ def _jsonl_docs(path: str, column: str, mtime: float) -> tuple[str, ...]:
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{lineno} is not valid JSON ({e})') from e
+        raise ValueError(f"{path}:{lineno} is not valid JSON ({e})") from e
       if not isinstance(obj, dict) or column not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(
-            f'{path}:{lineno} has no field data.text_column={column!r} '
-            f'(fields: {keys}); set data.text_column')
+          f"{path}:{lineno} has no field data.text_column={column!r} "
+          f"(fields: {keys}); set data.text_column"
+        )
       if obj[column]:
         out.append(str(obj[column]))
   return tuple(out)
@@ -169,19 +200,21 @@ def _jsonl_docs(path: str, column: str, mtime: float) -> tuple[str, ...]:
 
 def _parquet_units(path: str, column: str) -> list[tuple[str, int]]:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
   pf = pq.ParquetFile(path)
   names = pf.schema_arrow.names
   if column not in names:
     raise ValueError(
-        f'{path} has no column data.text_column={column!r} (columns: '
-        f'{names}); set data.text_column to the text column')
+      f"{path} has no column data.text_column={column!r} (columns: "
+      f"{names}); set data.text_column to the text column"
+    )
   md = pf.metadata
-  return [(path, g) for g in range(md.num_row_groups)
-          if md.row_group(g).num_rows > 0]
+  return [(path, g) for g in range(md.num_row_groups) if md.row_group(g).num_rows > 0]
 
 
 def _load_parquet_row_group(unit, column: str) -> list[str]:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
   path, group = unit
   table = pq.ParquetFile(path).read_row_group(group, columns=[column])
   return [t for t in table.column(column).to_pylist() if t]
@@ -189,19 +222,23 @@ def _load_parquet_row_group(unit, column: str) -> list[str]:
 
 def _token_units(path: str, eos_id: int, vocab_size: int):
   arr, meta = read_token_shard(path)
-  if meta and meta['vocab_size'] != vocab_size:
+  if meta and meta["vocab_size"] != vocab_size:
     raise ValueError(
-        f'{path} was written with vocab_size={meta["vocab_size"]} but the '
-        f'configured tokenizer has vocab_size={vocab_size}; set data.tokenizer'
-        ' / data.tokenizer_path to the tokenizer the shards were made with')
-  if meta and meta['eos_id'] != eos_id:
-    raise ValueError(f'{path} uses separator id {meta["eos_id"]} but the '
-                     f'tokenizer separator is {eos_id}; use the same tokenizer')
+      f"{path} was written with vocab_size={meta['vocab_size']} but the "
+      f"configured tokenizer has vocab_size={vocab_size}; set data.tokenizer"
+      " / data.tokenizer_path to the tokenizer the shards were made with"
+    )
+  if meta and meta["eos_id"] != eos_id:
+    raise ValueError(
+      f"{path} uses separator id {meta['eos_id']} but the "
+      f"tokenizer separator is {eos_id}; use the same tokenizer"
+    )
   if arr.size and int(arr.max()) >= vocab_size:
     raise ValueError(
-        f'{path} contains token id {int(arr.max())}, beyond the vocabulary '
-        f'[0, {vocab_size}); set data.tokenizer to the tokenizer the shards '
-        'were made with')
+      f"{path} contains token id {int(arr.max())}, beyond the vocabulary "
+      f"[0, {vocab_size}); set data.tokenizer to the tokenizer the shards "
+      "were made with"
+    )
   ends = np.flatnonzero(np.asarray(arr) == eos_id) + 1
   if not ends.size or ends[-1] != arr.size:
     ends = np.append(ends, arr.size)
@@ -228,12 +265,12 @@ def _split_by_file_or_unit(file_keys, units_per_file, fraction, split):
   """units_per_file[i] = list of units of file i."""
   if len(file_keys) >= 2:
     train, val = split_keys(file_keys, fraction)
-    chosen = train if split == 'train' else val
+    chosen = train if split == "train" else val
     return [u for i in chosen for u in units_per_file[i]]
   units = units_per_file[0] if units_per_file else []
-  keys = [f'{file_keys[0] if file_keys else ""}#{j}' for j in range(len(units))]
+  keys = [f"{file_keys[0] if file_keys else ''}#{j}" for j in range(len(units))]
   train, val = split_keys(keys, fraction)
-  return [units[j] for j in (train if split == 'train' else val)]
+  return [units[j] for j in (train if split == "train" else val)]
 
 
 def _common_root(files):
@@ -245,57 +282,61 @@ def _common_root(files):
 def get_split(data_config, split: str, tokenizer=None) -> Split:
   """Units and loader of one split of a text or token source."""
   d = data_config
-  if split not in ('train', 'validation', 'all'):
+  if split not in ("train", "validation", "all"):
     raise ValueError(f"split={split!r} is invalid: use 'train' or 'validation'")
   frac = float(d.validation_fraction)
   source = d.source
-  if source == 'stdlib':
+  if source == "stdlib":
     root, files = stdlib_files()
-  elif source in ('text', 'jsonl', 'parquet', 'tokens'):
+  elif source in ("text", "jsonl", "parquet", "tokens"):
     files = resolve_files(d.path, source=source)
     root = _common_root(files)
   else:
-    raise ValueError(f'data.source={source!r} has no file split; allowed '
-                     "values are ('stdlib', 'text', 'jsonl', 'parquet', "
-                     "'tokens')")
+    raise ValueError(
+      f"data.source={source!r} has no file split; allowed "
+      "values are ('stdlib', 'text', 'jsonl', 'parquet', "
+      "'tokens')"
+    )
   keys = [os.path.relpath(f, root) for f in files]
 
-  if source in ('stdlib', 'text'):
+  if source in ("stdlib", "text"):
     per_file = [_text_docs(f) for f in files]
-    kind, load = 'text', _identity_list
-  elif source == 'jsonl':
-    per_file = [list(_jsonl_docs(f, d.text_column, os.path.getmtime(f)))
-                for f in files]
-    kind, load = 'text', _identity_list
-  elif source == 'parquet':
+    kind, load = "text", _identity_list
+  elif source == "jsonl":
+    per_file = [list(_jsonl_docs(f, d.text_column, os.path.getmtime(f))) for f in files]
+    kind, load = "text", _identity_list
+  elif source == "parquet":
     per_file = [_parquet_units(f, d.text_column) for f in files]
-    kind = 'text'
+    kind = "text"
     load = functools.partial(_load_parquet_row_group, column=d.text_column)
   else:
     if tokenizer is None:
-      raise ValueError("data.source='tokens' needs the tokenizer the shards "
-                       'were made with')
-    per_file = [_token_units(f, tokenizer.eos_id, tokenizer.vocab_size)
-                for f in files]
-    kind, load = 'tokens', _load_token_doc
+      raise ValueError("data.source='tokens' needs the tokenizer the shards were made with")
+    per_file = [_token_units(f, tokenizer.eos_id, tokenizer.vocab_size) for f in files]
+    kind, load = "tokens", _load_token_doc
 
   if not any(per_file):
     raise ValueError(
-        f'data.source={source!r} data.path={d.path!r}: the {len(files)} '
-        'matching file(s) contain no documents (empty corpus); point '
-        'data.path at non-empty files')
-  if split == 'all':
+      f"data.source={source!r} data.path={d.path!r}: the {len(files)} "
+      "matching file(s) contain no documents (empty corpus); point "
+      "data.path at non-empty files"
+    )
+  if split == "all":
     units = [u for units_of_file in per_file for u in units_of_file]
   else:
     units = _split_by_file_or_unit(keys, per_file, frac, split)
   if not units:
     raise ValueError(
-        f'the {split} split of data.source={source!r} data.path={d.path!r} is '
-        f'empty (validation_fraction={frac}, {len(files)} file(s)); raise '
-        'data.validation_fraction or provide more files / documents')
-  return Split(units=units, load=load, kind=kind,
-               description=f'{source}:{split} {len(units)} units from '
-               f'{len(files)} files')
+      f"the {split} split of data.source={source!r} data.path={d.path!r} is "
+      f"empty (validation_fraction={frac}, {len(files)} file(s)); raise "
+      "data.validation_fraction or provide more files / documents"
+    )
+  return Split(
+    units=units,
+    load=load,
+    kind=kind,
+    description=f"{source}:{split} {len(units)} units from {len(files)} files",
+  )
 
 
 def _identity_list(unit):
@@ -305,15 +346,14 @@ def _identity_list(unit):
 def training_texts(data_config, budget_bytes: int) -> list[str]:
   """A deterministic sample (<= budget_bytes UTF-8) of the training split's
   text, used to train the BPE tokenizer."""
-  sp = get_split(data_config, 'train')
+  sp = get_split(data_config, "train")
   order = np.random.default_rng(0).permutation(len(sp.units))
   out, used = [], 0
   for i in order:
     for text in sp.load(sp.units[int(i)]):
-      n = len(text.encode('utf-8'))
+      n = len(text.encode("utf-8"))
       if used + n > budget_bytes:
-        text = text.encode('utf-8')[:budget_bytes - used].decode('utf-8',
-                                                                  'ignore')
+        text = text.encode("utf-8")[: budget_bytes - used].decode("utf-8", "ignore")
         n = budget_bytes - used
       if text:
         out.append(text)

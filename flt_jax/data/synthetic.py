@@ -13,16 +13,17 @@ is deterministic, random-access and needs no download. Every example records
 its answer span so accuracy can be measured on it. Symbols are whitespace
 separated; each symbol is one token of a small task vocabulary.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from flt_jax.data import tokenizers
 
-_SPLIT_CODE = {'train': 0, 'validation': 1}
+_SPLIT_CODE = {"train": 0, "validation": 1}
 
 
 class SymbolTokenizer(tokenizers.Tokenizer):
@@ -31,27 +32,27 @@ class SymbolTokenizer(tokenizers.Tokenizer):
   token_bytes counts each symbol's UTF-8 bytes plus its delimiting space, so
   sum(token_bytes[encode(s)]) == len(s.encode()) + 1.
   """
-  name = 'symbols'
+
+  name = "symbols"
 
   def __init__(self, symbols: Sequence[str]):
-    self.symbols = ['<eos>'] + list(symbols)
+    self.symbols = ["<eos>"] + list(symbols)
     self._ids = {s: i for i, s in enumerate(self.symbols)}
     self.vocab_size = len(self.symbols)
     self.eos_id = 0
-    self.token_bytes = np.array(
-        [0] + [len(s.encode('utf-8')) + 1 for s in symbols], np.int32)
+    self.token_bytes = np.array([0] + [len(s.encode("utf-8")) + 1 for s in symbols], np.int32)
 
   def encode(self, text: str) -> list[int]:
     out = []
     for s in text.split():
       if s not in self._ids:
-        raise ValueError(f'symbol {s!r} is not in the task vocabulary')
+        raise ValueError(f"symbol {s!r} is not in the task vocabulary")
       out.append(self._ids[s])
     return out
 
   def decode(self, ids: Sequence[int]) -> str:
     arr = tokenizers._check_ids(ids, self.vocab_size)  # pylint: disable=protected-access
-    return ' '.join(self.symbols[i] for i in arr.tolist() if i != 0)
+    return " ".join(self.symbols[i] for i in arr.tolist() if i != 0)
 
 
 @dataclasses.dataclass
@@ -69,9 +70,9 @@ class _Task:
     return np.random.default_rng([self.task_seed, _SPLIT_CODE[split], index])
 
   def _finish(self, syms: list, answer: Sequence, k: int) -> Example:
-    ids = self.tokenizer.encode(' '.join(map(str, syms)))
+    ids = self.tokenizer.encode(" ".join(map(str, syms)))
     start = len(ids)
-    ids += self.tokenizer.encode(' '.join(map(str, answer)))
+    ids += self.tokenizer.encode(" ".join(map(str, answer)))
     end = len(ids)
     ids.append(self.tokenizer.eos_id)
     return Example(np.asarray(ids, np.int32), start, end, k)
@@ -85,7 +86,7 @@ class MultiHop(_Task):
     self.hops_min, self.hops_max = int(cfg.hops_min), int(cfg.hops_max)
     self.task_seed = int(cfg.task_seed)
     nums = [str(i) for i in range(max(self.num_nodes, self.hops_max + 1))]
-    self.tokenizer = SymbolTokenizer(['>', ',', '|', 'hops', '?'] + nums)
+    self.tokenizer = SymbolTokenizer([">", ",", "|", "hops", "?"] + nums)
 
   def max_length(self) -> int:
     return 4 * self.num_nodes + 6
@@ -100,12 +101,12 @@ class MultiHop(_Task):
     syms = []
     for j, a in enumerate(order):
       if j:
-        syms.append(',')
-      syms += [int(a), '>', int(nxt[a])]
+        syms.append(",")
+      syms += [int(a), ">", int(nxt[a])]
     y = x
     for _ in range(k):
       y = int(nxt[y])
-    syms += ['|', x, 'hops', k, '?']
+    syms += ["|", x, "hops", k, "?"]
     return self._finish(syms, [y], k)
 
 
@@ -119,19 +120,18 @@ class ModArith(_Task):
     self.ops = list(cfg.ops)
     self.task_seed = int(cfg.task_seed)
     nums = [str(i) for i in range(self.p)]
-    names = [f'v{i}' for i in range(self.depth_max + 1)]
-    self.tokenizer = SymbolTokenizer(
-        ['=', ';', '?', '(', ')', '+', '-', '*'] + names + nums)
+    names = [f"v{i}" for i in range(self.depth_max + 1)]
+    self.tokenizer = SymbolTokenizer(["=", ";", "?", "(", ")", "+", "-", "*"] + names + nums)
 
   def max_length(self) -> int:
-    if self.form == 'chain':
+    if self.form == "chain":
       return 6 * self.depth_max + 8
     return 4 * self.depth_max + 4
 
   def _apply(self, a: int, op: str, b: int) -> int:
-    if op == '+':
+    if op == "+":
       return (a + b) % self.p
-    if op == '-':
+    if op == "-":
       return (a - b) % self.p
     return (a * b) % self.p
 
@@ -139,26 +139,26 @@ class ModArith(_Task):
     rng = self._rng(split, index)
     p = self.p
     depth = int(rng.integers(self.depth_min, self.depth_max + 1))
-    if self.form == 'chain':
+    if self.form == "chain":
       c0 = int(rng.integers(p))
       vals = [c0]
-      syms = ['v0', '=', c0, ';']
+      syms = ["v0", "=", c0, ";"]
       for i in range(1, depth + 1):
         op = self.ops[int(rng.integers(len(self.ops)))]
         if i >= 2 and rng.random() < 0.5:  # an earlier variable
           j = int(rng.integers(i - 1))
-          other_sym, other = f'v{j}', vals[j]
+          other_sym, other = f"v{j}", vals[j]
         else:
           other = int(rng.integers(p))
           other_sym = other
-        prev_sym, prev = f'v{i - 1}', vals[i - 1]
+        prev_sym, prev = f"v{i - 1}", vals[i - 1]
         if rng.random() < 0.5:
           lhs, rhs, value = prev_sym, other_sym, self._apply(prev, op, other)
         else:
           lhs, rhs, value = other_sym, prev_sym, self._apply(other, op, prev)
         vals.append(value)
-        syms += [f'v{i}', '=', lhs, op, rhs, ';']
-      syms += [f'v{depth}', '?']
+        syms += [f"v{i}", "=", lhs, op, rhs, ";"]
+      syms += [f"v{depth}", "?"]
       return self._finish(syms, [vals[-1]], depth)
     value = int(rng.integers(p))
     expr = [value]
@@ -166,19 +166,21 @@ class ModArith(_Task):
       op = self.ops[int(rng.integers(len(self.ops)))]
       c = int(rng.integers(p))
       if rng.random() < 0.5:
-        expr, value = ['('] + expr + [op, c, ')'], self._apply(value, op, c)
+        expr, value = ["("] + expr + [op, c, ")"], self._apply(value, op, c)
       else:
-        expr, value = ['(', c, op] + expr + [')'], self._apply(c, op, value)
-    return self._finish(expr + ['='], [value], depth)
+        expr, value = ["(", c, op] + expr + [")"], self._apply(c, op, value)
+    return self._finish(expr + ["="], [value], depth)
 
 
 def make_task(data_config) -> _Task:
-  if data_config.source == 'multihop':
+  if data_config.source == "multihop":
     return MultiHop(data_config.multihop)
-  if data_config.source == 'modarith':
+  if data_config.source == "modarith":
     return ModArith(data_config.modarith)
-  raise ValueError(f'data.source={data_config.source!r} is not a synthetic '
-                   "task; allowed values are ('multihop', 'modarith')")
+  raise ValueError(
+    f"data.source={data_config.source!r} is not a synthetic "
+    "task; allowed values are ('multihop', 'modarith')"
+  )
 
 
 def max_example_length(data_config) -> int:
@@ -186,14 +188,14 @@ def max_example_length(data_config) -> int:
   return make_task(data_config).max_length()
 
 
-def example_to_row(ex: Example, seq_len: int,
-                   loss_on_answer_only: bool) -> dict[str, np.ndarray]:
+def example_to_row(ex: Example, seq_len: int, loss_on_answer_only: bool) -> dict[str, np.ndarray]:
   """One example, padded to a row: inputs/targets/segment_ids/answer_mask."""
   n = len(ex.tokens)
   if n > seq_len + 1:
     raise ValueError(
-        f'a synthetic example has {n} tokens but seq_len + 1 = {seq_len + 1}; '
-        'raise config.model.seq_len or shrink the task')
+      f"a synthetic example has {n} tokens but seq_len + 1 = {seq_len + 1}; "
+      "raise config.model.seq_len or shrink the task"
+    )
   row = np.zeros([seq_len + 1], np.int32)
   row[:n] = ex.tokens
   seg = np.zeros([seq_len + 1], np.int32)
@@ -201,14 +203,13 @@ def example_to_row(ex: Example, seq_len: int,
   targets = row[1:].copy()
   targets[seg[1:] == 0] = -1
   answer_mask = np.zeros([seq_len], np.int32)
-  answer_mask[ex.answer_start - 1:ex.answer_end - 1] = 1
+  answer_mask[ex.answer_start - 1 : ex.answer_end - 1] = 1
   if loss_on_answer_only:
     targets[answer_mask == 0] = -1
   return {
-      'inputs': row[:-1],
-      'targets': targets,
-      'segment_ids': seg[:-1],
-      'positions': np.where(seg[:-1] > 0, np.arange(seq_len, dtype=np.int32),
-                            0).astype(np.int32),
-      'answer_mask': answer_mask,
+    "inputs": row[:-1],
+    "targets": targets,
+    "segment_ids": seg[:-1],
+    "positions": np.where(seg[:-1] > 0, np.arange(seq_len, dtype=np.int32), 0).astype(np.int32),
+    "answer_mask": answer_mask,
   }

@@ -5,6 +5,7 @@ placed after each packed document), `encode(text) -> list[int]`,
 `decode(ids) -> str` and `token_bytes` (int32 [vocab_size], UTF-8 bytes of each
 id, 0 for special tokens) so that evaluation can report bits per byte.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,12 +13,12 @@ import json
 import logging
 import os
 import threading
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-EOS_TOKEN = '<|endoftext|>'
-_EOS_CANDIDATES = (EOS_TOKEN, '</s>', '<|eos|>', '<eos>', '<|bos|>', '<s>')
+EOS_TOKEN = "<|endoftext|>"
+_EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|eos|>", "<eos>", "<|bos|>", "<s>")
 
 
 def _check_ids(ids, vocab_size: int) -> np.ndarray:
@@ -25,18 +26,20 @@ def _check_ids(ids, vocab_size: int) -> np.ndarray:
   if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
     bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
     raise ValueError(
-        f'token id {bad} is outside the vocabulary [0, {vocab_size}); the ids '
-        'were probably made with a different tokenizer (check data.tokenizer '
-        '/ data.tokenizer_path).')
+      f"token id {bad} is outside the vocabulary [0, {vocab_size}); the ids "
+      "were probably made with a different tokenizer (check data.tokenizer "
+      "/ data.tokenizer_path)."
+    )
   return arr
 
 
 class Tokenizer:
   """Interface. Subclasses set vocab_size, eos_id, token_bytes."""
+
   vocab_size: int
   eos_id: int
   token_bytes: np.ndarray
-  name: str = 'tokenizer'
+  name: str = "tokenizer"
 
   def encode(self, text: str) -> list[int]:
     raise NotImplementedError
@@ -50,7 +53,8 @@ class Tokenizer:
 
 class BytesTokenizer(Tokenizer):
   """UTF-8 bytes: ids 0..255 are bytes, 256 is the separator."""
-  name = 'bytes'
+
+  name = "bytes"
 
   def __init__(self):
     self.vocab_size = 257
@@ -59,14 +63,14 @@ class BytesTokenizer(Tokenizer):
     self.token_bytes[256] = 0
 
   def encode(self, text: str) -> list[int]:
-    return list(text.encode('utf-8'))
+    return list(text.encode("utf-8"))
 
   def encode_array(self, text: str) -> np.ndarray:
-    return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
   def decode(self, ids: Sequence[int]) -> str:
     arr = _check_ids(ids, self.vocab_size)
-    return bytes(arr[arr < 256].astype(np.uint8)).decode('utf-8', 'replace')
+    return bytes(arr[arr < 256].astype(np.uint8)).decode("utf-8", "replace")
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -75,9 +79,11 @@ def _byte_level_alphabet() -> dict[str, int]:
   Bytes that are printable Latin-1 characters stand for themselves; the other
   68 bytes are given the code points 256, 257, ... in increasing byte order.
   """
-  keep = (list(range(ord('!'), ord('~') + 1)) +
-          list(range(ord('\xa1'), ord('\xac') + 1)) +
-          list(range(ord('\xae'), ord('\xff') + 1)))
+  keep = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("\xa1"), ord("\xac") + 1))
+    + list(range(ord("\xae"), ord("\xff") + 1))
+  )
   keep_set = set(keep)
   out, extra = {}, 0
   for b in range(256):
@@ -92,7 +98,7 @@ def _byte_level_alphabet() -> dict[str, int]:
 class HFTokenizer(Tokenizer):
   """Wraps a `tokenizers.Tokenizer` (trained BPE or loaded tokenizer.json)."""
 
-  def __init__(self, tok, *, eos_token: str = '', name: str = 'file'):
+  def __init__(self, tok, *, eos_token: str = "", name: str = "file"):
     self.name = name
     self._tok = tok
     self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -100,25 +106,26 @@ class HFTokenizer(Tokenizer):
     if eos_token:
       if eos_token not in vocab:
         raise ValueError(
-            f'data.eos_token={eos_token!r} is not in the tokenizer vocabulary;'
-            " set it to one of the tokenizer's special tokens or '' to detect")
+          f"data.eos_token={eos_token!r} is not in the tokenizer vocabulary;"
+          " set it to one of the tokenizer's special tokens or '' to detect"
+        )
       eos = eos_token
     else:
       eos = next((t for t in _EOS_CANDIDATES if t in vocab), None)
       if eos is None:
         raise ValueError(
-            'the tokenizer has none of the separator tokens '
-            f'{_EOS_CANDIDATES}; set data.eos_token to its end-of-text token')
+          "the tokenizer has none of the separator tokens "
+          f"{_EOS_CANDIDATES}; set data.eos_token to its end-of-text token"
+        )
     self.eos_id = vocab[eos]
     self.token_bytes = self._compute_token_bytes()
 
   def _compute_token_bytes(self) -> np.ndarray:
     spec = json.loads(self._tok.to_str())
-    specials = {t['id'] for t in spec.get('added_tokens', []) if t['special']}
-    decoder = spec.get('decoder') or {}
-    dec_types = {decoder.get('type')} | {
-        d.get('type') for d in decoder.get('decoders', []) or []}
-    byte_level = 'ByteLevel' in dec_types
+    specials = {t["id"] for t in spec.get("added_tokens", []) if t["special"]}
+    decoder = spec.get("decoder") or {}
+    dec_types = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", []) or []}
+    byte_level = "ByteLevel" in dec_types
     alphabet = _byte_level_alphabet()
     out = np.zeros([self.vocab_size], np.int32)
     for i in range(self.vocab_size):
@@ -129,18 +136,17 @@ class HFTokenizer(Tokenizer):
         continue
       if byte_level and all(c in alphabet for c in piece):
         out[i] = len(piece)
-      elif len(piece) == 6 and piece.startswith('<0x') and piece.endswith('>'):
+      elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
         out[i] = 1  # sentencepiece byte fallback
       else:
-        out[i] = len(piece.replace('\u2581', ' ').encode('utf-8'))
+        out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
     return out
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in
-            self._tok.encode_batch(texts, add_special_tokens=False)]
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int]) -> str:
     arr = _check_ids(ids, self.vocab_size)
@@ -151,61 +157,64 @@ class HFTokenizer(Tokenizer):
     self._tok.save(path)
 
 
-def load_tokenizer_file(path: str, eos_token: str = '') -> HFTokenizer:
+def load_tokenizer_file(path: str, eos_token: str = "") -> HFTokenizer:
   import tokenizers  # pylint: disable=g-import-not-at-top
+
   if not path or not os.path.isfile(path):
     raise ValueError(
-        f'data.tokenizer_path={path!r} is not a file; give the path of a '
-        'tokenizer.json (e.g. one written by `python -m flt_jax.data.prepare '
-        'train_tokenizer`)')
-  return HFTokenizer(tokenizers.Tokenizer.from_file(path),
-                     eos_token=eos_token, name='file')
+      f"data.tokenizer_path={path!r} is not a file; give the path of a "
+      "tokenizer.json (e.g. one written by `python -m flt_jax.data.prepare "
+      "train_tokenizer`)"
+    )
+  return HFTokenizer(tokenizers.Tokenizer.from_file(path), eos_token=eos_token, name="file")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
   """Trains a byte-level BPE (lossless: decode(encode(s)) == s)."""
   import tokenizers  # pylint: disable=g-import-not-at-top
   from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+
   tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                               use_regex=True)
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, min_frequency=2, show_progress=False,
-      special_tokens=[EOS_TOKEN],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    vocab_size=vocab_size,
+    min_frequency=2,
+    show_progress=False,
+    special_tokens=[EOS_TOKEN],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(texts, trainer=trainer)
-  return HFTokenizer(tok, eos_token=EOS_TOKEN, name='bpe')
+  return HFTokenizer(tok, eos_token=EOS_TOKEN, name="bpe")
 
 
 _BPE_CACHE: dict[str, HFTokenizer] = {}
 _BPE_LOCK = threading.Lock()
 
 
-def bpe_from_texts(texts: Sequence[str], vocab_size: int,
-                   cache_path: str = '') -> HFTokenizer:
+def bpe_from_texts(texts: Sequence[str], vocab_size: int, cache_path: str = "") -> HFTokenizer:
   """Trains (or loads from the memory / disk cache) a BPE on `texts`."""
-  h = hashlib.sha256(f'bpe-v1:{vocab_size}:{len(texts)}'.encode())
+  h = hashlib.sha256(f"bpe-v1:{vocab_size}:{len(texts)}".encode())
   for t in texts:
-    h.update(hashlib.sha256(t.encode('utf-8', 'replace')).digest())
+    h.update(hashlib.sha256(t.encode("utf-8", "replace")).digest())
   key = h.hexdigest()
   with _BPE_LOCK:
     if key in _BPE_CACHE:
       return _BPE_CACHE[key]
-    meta_path = cache_path + '.meta.json' if cache_path else ''
+    meta_path = cache_path + ".meta.json" if cache_path else ""
     if cache_path and os.path.isfile(cache_path) and os.path.isfile(meta_path):
       with open(meta_path) as f:
-        if json.load(f).get('fingerprint') == key:
+        if json.load(f).get("fingerprint") == key:
           tok = load_tokenizer_file(cache_path, EOS_TOKEN)
-          tok.name = 'bpe'
+          tok.name = "bpe"
           _BPE_CACHE[key] = tok
           return tok
-      logging.info('BPE cache %s is for another corpus; retraining', cache_path)
+      logging.info("BPE cache %s is for another corpus; retraining", cache_path)
     tok = train_bpe(texts, vocab_size)
     if cache_path:
       tok.save(cache_path)
-      with open(meta_path, 'w') as f:
-        json.dump({'fingerprint': key, 'vocab_size': vocab_size}, f)
+      with open(meta_path, "w") as f:
+        json.dump({"fingerprint": key, "vocab_size": vocab_size}, f)
     _BPE_CACHE[key] = tok
     return tok
 
@@ -218,20 +227,23 @@ def make_tokenizer(data_config) -> Tokenizer:
   source.
   """
   from flt_jax.data import sources, synthetic  # pylint: disable=g-import-not-at-top
+
   d = data_config
-  if d.source in ('multihop', 'modarith'):
+  if d.source in ("multihop", "modarith"):
     return synthetic.make_task(d).tokenizer
-  if d.tokenizer == 'bytes':
+  if d.tokenizer == "bytes":
     return BytesTokenizer()
-  if d.tokenizer == 'file':
+  if d.tokenizer == "file":
     return load_tokenizer_file(d.tokenizer_path, d.eos_token)
-  if d.tokenizer == 'bpe':
-    if d.source == 'tokens':
+  if d.tokenizer == "bpe":
+    if d.source == "tokens":
       raise ValueError(
-          "data.tokenizer='bpe' cannot be trained from pre-tokenised shards "
-          "(data.source='tokens'); use data.tokenizer='file' with the "
-          'tokenizer.json the shards were made with')
+        "data.tokenizer='bpe' cannot be trained from pre-tokenised shards "
+        "(data.source='tokens'); use data.tokenizer='file' with the "
+        "tokenizer.json the shards were made with"
+      )
     texts = sources.training_texts(d, int(d.bpe_train_bytes))
     return bpe_from_texts(texts, int(d.bpe_vocab_size), d.tokenizer_path)
-  raise ValueError(f"data.tokenizer={d.tokenizer!r} is invalid: allowed values "
-                   "are ('bytes', 'bpe', 'file')")
+  raise ValueError(
+    f"data.tokenizer={d.tokenizer!r} is invalid: allowed values are ('bytes', 'bpe', 'file')"
+  )

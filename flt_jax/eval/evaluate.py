@@ -1,10 +1,11 @@
 """Validation metrics: loss, bits per byte and (synthetic tasks) answer accuracy,
 at any loop count, so restored checkpoints can be swept over K (test-time compute)."""
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,15 @@ def make_eval_fn(model):
   return jax.jit(functools.partial(eval_step, model=model), static_argnames=("loops",))
 
 
-def evaluate(eval_fn, params, batches: Iterable[dict], token_bytes_V, *, loops: int,
-             max_batches: int | None = None) -> dict[str, float]:
+def evaluate(
+  eval_fn,
+  params,
+  batches: Iterable[dict],
+  token_bytes_V,
+  *,
+  loops: int,
+  max_batches: int | None = None,
+) -> dict[str, float]:
   """Averages over `batches` (a finite iterable of numpy batches)."""
   token_bytes_V = jnp.asarray(token_bytes_V, jnp.int32)
   totals: dict[str, float] = {}
@@ -30,8 +38,10 @@ def evaluate(eval_fn, params, batches: Iterable[dict], token_bytes_V, *, loops: 
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   if not totals.get("tokens"):
-    raise ValueError("the validation data produced no target tokens to evaluate on; "
-                     "check config.data (validation split too small?)")
+    raise ValueError(
+      "the validation data produced no target tokens to evaluate on; "
+      "check config.data (validation split too small?)"
+    )
   out = {"loss": totals["nll"] / totals["tokens"], "tokens": totals["tokens"]}
   if totals.get("bytes"):
     out["bpb"] = totals["nll"] / (math.log(2) * totals["bytes"])
@@ -40,8 +50,13 @@ def evaluate(eval_fn, params, batches: Iterable[dict], token_bytes_V, *, loops: 
   return out
 
 
-def loop_sweep(eval_fn, params, make_batches, token_bytes_V, loops_list, *,
-               max_batches=None) -> dict[int, dict[str, float]]:
+def loop_sweep(
+  eval_fn, params, make_batches, token_bytes_V, loops_list, *, max_batches=None
+) -> dict[int, dict[str, float]]:
   """evaluate() at each K in loops_list; make_batches() gives a fresh iterable each time."""
-  return {int(k): evaluate(eval_fn, params, make_batches(), token_bytes_V, loops=int(k),
-                           max_batches=max_batches) for k in loops_list}
+  return {
+    int(k): evaluate(
+      eval_fn, params, make_batches(), token_bytes_V, loops=int(k), max_batches=max_batches
+    )
+    for k in loops_list
+  }

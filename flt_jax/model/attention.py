@@ -3,6 +3,7 @@
 The model calls `attend` only; a fused kernel (e.g. Pallas) registers itself in
 `_IMPLS` under a name that `config.model.attention_impl` selects.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,13 +30,14 @@ def xla_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, window_left, q_offset=0):
   G = H // K
   q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, G, D)
   logits_BxKxGxTxS = jnp.einsum(
-      "btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
-      preferred_element_type=jnp.float32) / math.sqrt(D)
+    "btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
+  ) / math.sqrt(D)
   mask_TxS = causal_window_mask(jnp.arange(T) + q_offset, jnp.arange(S), window_left)
   logits_BxKxGxTxS = jnp.where(mask_TxS, logits_BxKxGxTxS, -jnp.inf)
   probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
-  out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD,
-                             preferred_element_type=jnp.float32)
+  out_BxTxKxGxD = jnp.einsum(
+    "bkgts,bskd->btkgd", probs, v_BxSxKxD, preferred_element_type=jnp.float32
+  )
   return out_BxTxKxGxD.reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
 
 
@@ -50,5 +52,4 @@ def attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, window_left, impl="xla", q_offset
   """q: [B, T, H, D]; k, v: [B, S, Hkv, D] with Hkv dividing H. Returns [B, T, H, D]."""
   if impl not in _IMPLS:
     raise ValueError(f"attention_impl={impl!r} is not available; choose one of {sorted(_IMPLS)}")
-  return _IMPLS[impl](q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, window_left=window_left,
-                      q_offset=q_offset)
+  return _IMPLS[impl](q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, window_left=window_left, q_offset=q_offset)

@@ -1,4 +1,5 @@
 """The `config.model` section: defaults, validation, and a frozen view for modules."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,30 +55,45 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("dtype", c.dtype, f"choose one of {DTYPES}")
   if c.attention_impl not in ATTENTION_IMPLS:
     _fail("attention_impl", c.attention_impl, f"choose one of {ATTENTION_IMPLS}")
-  for field in ("loops", "n_layer", "d_model", "n_head", "n_kv_head", "vocab_size",
-                "vocab_pad_multiple"):
+  for field in (
+    "loops",
+    "n_layer",
+    "d_model",
+    "n_head",
+    "n_kv_head",
+    "vocab_size",
+    "vocab_pad_multiple",
+  ):
     v = c[field]
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
       _fail(field, v, "must be an integer >= 1")
   if c.seq_len < 2:
     _fail("seq_len", c.seq_len, "must be an integer >= 2")
   if c.d_model % c.n_head:
-    _fail("n_head", c.n_head,
-          f"must divide d_model={c.d_model} (head_dim = d_model / n_head)")
+    _fail("n_head", c.n_head, f"must divide d_model={c.d_model} (head_dim = d_model / n_head)")
   if c.n_head % c.n_kv_head:
     _fail("n_kv_head", c.n_kv_head, f"must divide n_head={c.n_head} (grouped-query attention)")
   if (c.d_model // c.n_head) % 2:
-    _fail("n_head", c.n_head,
-          f"gives an odd head_dim={c.d_model // c.n_head}; rotary embedding needs an even one")
+    _fail(
+      "n_head",
+      c.n_head,
+      f"gives an odd head_dim={c.d_model // c.n_head}; rotary embedding needs an even one",
+    )
   if c.kv_lora_rank < 0:
     _fail("kv_lora_rank", c.kv_lora_rank, "must be 0 (standard attention) or a positive MLA rank")
   pattern = c.window_pattern
   if not isinstance(pattern, str) or not pattern or set(pattern.upper()) - {"S", "L"}:
-    _fail("window_pattern", pattern,
-          "must be a non-empty string of 'S' (window seq_len//4) and 'L' (full), e.g. 'SSSL'")
+    _fail(
+      "window_pattern",
+      pattern,
+      "must be a non-empty string of 'S' (window seq_len//4) and 'L' (full), e.g. 'SSSL'",
+    )
   if c.rope_max_len and c.rope_max_len < c.seq_len:
-    _fail("rope_max_len", c.rope_max_len,
-          f"the rotary table is shorter than seq_len={c.seq_len}; raise it or set 0 (= 10*seq_len)")
+    _fail(
+      "rope_max_len",
+      c.rope_max_len,
+      f"the rotary table is shorter than seq_len={c.seq_len}; raise it or set 0 (= 10*seq_len)",
+    )
   if not c.softcap > 0:
     _fail("softcap", c.softcap, "must be > 0")
 
@@ -85,6 +101,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Immutable, hashable copy of `config.model` that Flax modules hold."""
+
   variant: str
   loops: int
   loss_type: str
@@ -106,7 +123,7 @@ class ModelConfig:
   attention_impl: str
 
   @classmethod
-  def from_config(cls, c: ml_collections.ConfigDict) -> "ModelConfig":
+  def from_config(cls, c: ml_collections.ConfigDict) -> ModelConfig:
     validate(c)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(c.keys()) - set(names))

@@ -1,6 +1,7 @@
 """Building blocks of the reference architecture (DESIGN §2): weightless RMSNorm,
 rotary embedding, MHA/GQA and MLA attention, relu² MLP, and the block with the
 three ways the previous loop's output can enter it."""
+
 from __future__ import annotations
 
 import math
@@ -46,14 +47,18 @@ def apply_rope(x_BxTxHxD, cos_TxD2, sin_TxD2):
 def uniform_init(fan_in: int):
   """Uniform with std 1/sqrt(fan_in), as the reference initialises its matrices."""
   bound = math.sqrt(3.0) / math.sqrt(fan_in)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-      key, shape, dtype, -bound, bound)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def dense(features: int, axes: tuple[str, str], init, cfg: ModelConfig, name: str):
-  return nn.Dense(features, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                  param_dtype=jnp.float32,
-                  kernel_init=nn.with_logical_partitioning(init, axes), name=name)
+  return nn.Dense(
+    features,
+    use_bias=False,
+    dtype=jnp.dtype(cfg.dtype),
+    param_dtype=jnp.float32,
+    kernel_init=nn.with_logical_partitioning(init, axes),
+    name=name,
+  )
 
 
 class Attention(nn.Module):
@@ -63,6 +68,7 @@ class Attention(nn.Module):
   windows apply to MLA as well; the reference's MLA ignores its window (always full
   context), so MLA checkpoints with 'S' layers are not interchangeable with it.
   """
+
   cfg: ModelConfig
 
   @nn.compact
@@ -74,8 +80,9 @@ class Attention(nn.Module):
     q = dense(H * hd, ("embed", "heads"), uniform_init(D), cfg, "c_q")(q_in_BxTxD)
     if cfg.kv_lora_rank:
       r = cfg.kv_lora_rank
-      c_kv = rms_norm(dense(r, ("embed", "kv_lora"), uniform_init(D), cfg,
-                            "c_kv_down")(kv_in_BxTxD))
+      c_kv = rms_norm(
+        dense(r, ("embed", "kv_lora"), uniform_init(D), cfg, "c_kv_down")(kv_in_BxTxD)
+      )
       k = dense(Hkv * hd, ("kv_lora", "kv_heads"), uniform_init(r), cfg, "c_k_up")(c_kv)
       v = dense(Hkv * hd, ("kv_lora", "kv_heads"), uniform_init(r), cfg, "c_v_up")(c_kv)
     else:
@@ -84,9 +91,13 @@ class Attention(nn.Module):
     q_BxTxHxD = rms_norm(apply_rope(q.reshape(B, T, H, hd), cos, sin))
     k_BxTxKxD = rms_norm(apply_rope(k.reshape(B, T, Hkv, hd), cos, sin))
     compute = jnp.dtype(cfg.dtype)
-    y = attention.attend(q_BxTxHxD.astype(compute), k_BxTxKxD.astype(compute),
-                         v.reshape(B, T, Hkv, hd).astype(compute),
-                         window_left=window_left, impl=cfg.attention_impl)
+    y = attention.attend(
+      q_BxTxHxD.astype(compute),
+      k_BxTxKxD.astype(compute),
+      v.reshape(B, T, Hkv, hd).astype(compute),
+      window_left=window_left,
+      impl=cfg.attention_impl,
+    )
     return dense(D, ("heads", "embed"), zeros, cfg, "c_proj")(y.reshape(B, T, H * hd))
 
 
@@ -109,11 +120,13 @@ class Block(nn.Module):
   x <- norm(x + h) before the block. The flags are traced booleans, so one compiled
   body serves loop 0 (no h yet) and every later loop.
   """
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, h_BxTxD, h_query_BxTxD, inject_query, inject_residual,
-               cos, sin, window_left):
+  def __call__(
+    self, x_BxTxD, h_BxTxD, h_query_BxTxD, inject_query, inject_residual, cos, sin, window_left
+  ):
     if self.cfg.variant == "FLT_res":
       x_BxTxD = jnp.where(inject_residual, rms_norm(x_BxTxD + h_BxTxD), x_BxTxD)
     x_normed = rms_norm(x_BxTxD)

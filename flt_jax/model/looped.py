@@ -8,6 +8,7 @@ Loop i's input and how h = norm(output of loop i-1) enters (DESIGN §1):
   FLT_res x = norm(x0); every layer first does x = norm(x + h)
   FLT     x = norm(x0); every layer's attention query is norm(h)
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -18,13 +19,14 @@ from flt_jax.model.config import ModelConfig
 from flt_jax.model.layers import Block, rms_norm, rope_tables
 
 _REMAT_POLICIES = {
-    "block": None,  # jax.checkpoint's default: save only the block's inputs
-    "block_save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  "block": None,  # jax.checkpoint's default: save only the block's inputs
+  "block_save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 
 class _LayerStack(nn.Module):
   """Runs the L blocks of one loop as an nn.scan over stacked layer params."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -37,11 +39,15 @@ class _LayerStack(nn.Module):
     def body(module, x, layer_xs):
       window_left, layer_index = layer_xs
       inject_query = has_h & ((layer_index == 0) | (cfg.variant != "LT_ia"))
-      return module(x, h_BxTxD, h_query_BxTxD, inject_query, has_h, cos, sin,
-                    window_left), None
+      return module(x, h_BxTxD, h_query_BxTxD, inject_query, has_h, cos, sin, window_left), None
 
-    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
-                   length=cfg.n_layer, metadata_params={nn.PARTITION_NAME: "layers"})
+    scan = nn.scan(
+      body,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=cfg.n_layer,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     layer_xs = (jnp.asarray(cfg.window_sizes, jnp.int32), jnp.arange(cfg.n_layer))
     x_BxTxD, _ = scan(block(cfg, name="block"), x_BxTxD, layer_xs)
     return x_BxTxD
@@ -49,6 +55,7 @@ class _LayerStack(nn.Module):
 
 class _Loop(nn.Module):
   """One loop: pick the input for this variant, run the layers, emit h and diagnostics."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -71,26 +78,43 @@ class _Loop(nn.Module):
 
 class LoopedTransformer(nn.Module):
   """Decoder-only looped transformer; `loops` is chosen per call (default cfg.loops)."""
+
   cfg: ModelConfig
 
   def setup(self):
     cfg = self.cfg
     self.wte = nn.Embed(
-        cfg.padded_vocab_size, cfg.d_model, param_dtype=jnp.float32,
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
+      cfg.padded_vocab_size,
+      cfg.d_model,
+      param_dtype=jnp.float32,
+      embedding_init=nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=1.0), ("vocab", "embed")
+      ),
+    )
     self.lm_head = nn.Dense(
-        cfg.padded_vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.normal(stddev=0.001), ("embed", "vocab")))
+      cfg.padded_vocab_size,
+      use_bias=False,
+      dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=0.001), ("embed", "vocab")
+      ),
+    )
     loop = _Loop
     if self.cfg.remat == "loop":  # keep only the K loop carries for the backward pass
       # keep_all_loops (argument 7, counting self) is a Python bool, not an array.
-      loop = nn.remat(_Loop, prevent_cse=False, static_argnums=(7,),
-                      policy=jax.checkpoint_policies.nothing_saveable)
-    scanned = nn.scan(loop, variable_broadcast="params", split_rngs={"params": False},
-                      in_axes=(0,) + (nn.broadcast,) * 5)
+      loop = nn.remat(
+        _Loop,
+        prevent_cse=False,
+        static_argnums=(7,),
+        policy=jax.checkpoint_policies.nothing_saveable,
+      )
+    scanned = nn.scan(
+      loop,
+      variable_broadcast="params",
+      split_rngs={"params": False},
+      in_axes=(0,) + (nn.broadcast,) * 5,
+    )
     self.blocks = scanned(self.cfg)
 
   def hidden_states(self, tokens_BxT, loops: int | None = None, all_loops: bool = False):
@@ -101,21 +125,22 @@ class LoopedTransformer(nn.Module):
     if loops < 1:
       raise ValueError(f"loops={loops} is invalid: a looped model needs at least one loop")
     T = tokens_BxT.shape[1]
-    if T > cfg.rope_table_len:
+    if cfg.rope_table_len < T:
       raise ValueError(
-          f"sequence length {T} exceeds the rotary table ({cfg.rope_table_len} positions); "
-          "raise config.model.rope_max_len or config.model.seq_len")
+        f"sequence length {T} exceeds the rotary table ({cfg.rope_table_len} positions); "
+        "raise config.model.rope_max_len or config.model.seq_len"
+      )
     cos, sin = rope_tables(cfg.head_dim, T, cfg.rope_base, cfg.rope_bf16)
     x0 = self.wte(tokens_BxT).astype(jnp.float32)
     x0_normed = rms_norm(x0)
     h_last, (h_all, residual_norm_K) = self.blocks(
-        x0_normed, jnp.arange(loops), x0, x0_normed, jnp.asarray(cos), jnp.asarray(sin),
-        all_loops)
+      x0_normed, jnp.arange(loops), x0, x0_normed, jnp.asarray(cos), jnp.asarray(sin), all_loops
+    )
     return (h_all if all_loops else h_last), residual_norm_K
 
   def logits(self, h_BxTxD):
     """Softcapped float32 logits over the true vocabulary."""
-    z = self.lm_head(h_BxTxD).astype(jnp.float32)[..., :self.cfg.vocab_size]
+    z = self.lm_head(h_BxTxD).astype(jnp.float32)[..., : self.cfg.vocab_size]
     return self.cfg.softcap * jnp.tanh(z / self.cfg.softcap)
 
   def __call__(self, tokens_BxT, loops: int | None = None):

@@ -3,6 +3,7 @@
 Per-loop losses run in a lax.map whose body is rematerialised, so STEP/FEW hold
 one [B, T, V] float32 logit tensor at a time, never K of them.
 """
+
 from __future__ import annotations
 
 import jax
@@ -27,8 +28,15 @@ def mean_nll(logits_BxTxV, targets_BxT):
   return jnp.sum(nll_BxT) / jnp.maximum(jnp.sum(valid_BxT), 1)
 
 
-def loss_fn(params, model: LoopedTransformer, inputs_BxT, targets_BxT, *,
-            loops: int | None = None, diagnostics: bool = False):
+def loss_fn(
+  params,
+  model: LoopedTransformer,
+  inputs_BxT,
+  targets_BxT,
+  *,
+  loops: int | None = None,
+  diagnostics: bool = False,
+):
   """Returns (loss, aux). aux['residual_norm'] is [K]; with diagnostics, aux['loop_loss']
   is [K], every loop's loss (only the loss type's loops carry gradient)."""
   cfg = model.cfg
@@ -42,12 +50,12 @@ def loss_fn(params, model: LoopedTransformer, inputs_BxT, targets_BxT, *,
   loop_loss = jax.checkpoint(loop_loss, prevent_cse=False)
   aux = {}
   if loss_loops == (loops - 1,) and not diagnostics:
-    h_BxTxD, residual_norm_K = model.apply(variables, inputs_BxT, loops,
-                                           method=model.hidden_states)
+    h_BxTxD, residual_norm_K = model.apply(variables, inputs_BxT, loops, method=model.hidden_states)
     loss = loop_loss(h_BxTxD)
   else:
-    h_KxBxTxD, residual_norm_K = model.apply(variables, inputs_BxT, loops, True,
-                                             method=model.hidden_states)
+    h_KxBxTxD, residual_norm_K = model.apply(
+      variables, inputs_BxT, loops, True, method=model.hidden_states
+    )
     picked = jnp.asarray(loss_loops)
     loss = jnp.mean(jax.lax.map(loop_loss, h_KxBxTxD[picked]))
     if diagnostics:

@@ -21,7 +21,8 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,12 +32,20 @@ from etils import epath
 # Model fields whose change makes a checkpoint unusable. `loops` (and
 # loss_type) are deliberately absent: a checkpoint may be evaluated or
 # fine-tuned at another loop count.
-MODEL_SHAPE_FIELDS = ('vocab_size', 'n_layer', 'd_model', 'n_head',
-                      'n_kv_head', 'kv_lora_rank', 'variant', 'window_pattern',
-                      'seq_len')
+MODEL_SHAPE_FIELDS = (
+  "vocab_size",
+  "n_layer",
+  "d_model",
+  "n_head",
+  "n_kv_head",
+  "kv_lora_rank",
+  "variant",
+  "window_pattern",
+  "seq_len",
+)
 
-STATE_ITEM = 'state'
-CONFIG_ITEM = 'config'
+STATE_ITEM = "state"
+CONFIG_ITEM = "config"
 _RESERVED_ITEMS = (STATE_ITEM, CONFIG_ITEM)
 
 
@@ -52,7 +61,7 @@ class CheckpointError(RuntimeError):
 def _as_dict(config) -> Mapping[str, Any]:
   if config is None:
     return {}
-  if hasattr(config, 'to_dict'):
+  if hasattr(config, "to_dict"):
     return config.to_dict()
   return config
 
@@ -72,8 +81,8 @@ def check_config_compatible(saved_config_dict, config_dict) -> None:
   Compares ``model.<f>`` for f in `MODEL_SHAPE_FIELDS` (not ``loops``). A field
   missing on both sides is ignored.
   """
-  saved_model = _as_dict(_as_dict(saved_config_dict).get('model', {})) or {}
-  model = _as_dict(_as_dict(config_dict).get('model', {})) or {}
+  saved_model = _as_dict(_as_dict(saved_config_dict).get("model", {})) or {}
+  model = _as_dict(_as_dict(config_dict).get("model", {})) or {}
   missing = object()
   diffs = []
   for field in MODEL_SHAPE_FIELDS:
@@ -82,14 +91,16 @@ def check_config_compatible(saved_config_dict, config_dict) -> None:
     if a is missing and b is missing:
       continue
     if a is missing or b is missing or _normalize(a) != _normalize(b):
-      fmt = lambda x: '<absent>' if x is missing else repr(_normalize(x))
-      diffs.append(f'model.{field}: saved {fmt(a)}, now {fmt(b)}')
+      fmt = lambda x: "<absent>" if x is missing else repr(_normalize(x))
+      diffs.append(f"model.{field}: saved {fmt(a)}, now {fmt(b)}")
   if diffs:
     raise ValueError(
-        'The checkpoints in this workdir were written by a model with a '
-        'different shape:\n  ' + '\n  '.join(diffs) +
-        '\nUse a new --workdir for the new model, or restore the saved values '
-        '(e.g. --config.model.<field>=<saved value>).')
+      "The checkpoints in this workdir were written by a model with a "
+      "different shape:\n  "
+      + "\n  ".join(diffs)
+      + "\nUse a new --workdir for the new model, or restore the saved values "
+      "(e.g. --config.model.<field>=<saved value>)."
+    )
 
 
 def _jsonable(obj):
@@ -113,17 +124,18 @@ def _jsonable(obj):
 def ensure_writable_dir(path) -> epath.Path:
   """Creates `path` and writes/deletes a probe file; clear error if it fails."""
   path = epath.Path(path)
-  probe = path / f'.write_probe.{jax.process_index()}.{os.getpid()}'
+  probe = path / f".write_probe.{jax.process_index()}.{os.getpid()}"
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe.write_text('ok')
+    probe.write_text("ok")
     probe.unlink()
   except Exception as e:  # OSError locally, various for remote filesystems.
     raise ValueError(
-        f'Cannot write checkpoints to {path}: {type(e).__name__}: {e}. '
-        f'Choose a writable --workdir (check that the path is not under a '
-        f'file, that the permissions allow writing and the disk is not '
-        f'full).') from e
+      f"Cannot write checkpoints to {path}: {type(e).__name__}: {e}. "
+      f"Choose a writable --workdir (check that the path is not under a "
+      f"file, that the permissions allow writing and the disk is not "
+      f"full)."
+    ) from e
   return path
 
 
@@ -142,6 +154,7 @@ def _to_abstract(tree):
       x = np.asarray(x)
       return jax.ShapeDtypeStruct(x.shape, x.dtype)
     return x
+
   return jax.tree.map(leaf, tree)
 
 
@@ -158,17 +171,23 @@ class Checkpointer:
     async_save: write in a background thread (call `wait_until_finished`).
   """
 
-  def __init__(self, workdir, *, config=None, every_steps: int = 1000,
-               keep: Optional[int] = 3, async_save: bool = True,
-               check_config: bool = True):
-    self._directory = ensure_writable_dir(epath.Path(workdir) / 'checkpoints')
-    self._config_dict = _jsonable(_as_dict(config)) if config is not None \
-        else None
+  def __init__(
+    self,
+    workdir,
+    *,
+    config=None,
+    every_steps: int = 1000,
+    keep: int | None = 3,
+    async_save: bool = True,
+    check_config: bool = True,
+  ):
+    self._directory = ensure_writable_dir(epath.Path(workdir) / "checkpoints")
+    self._config_dict = _jsonable(_as_dict(config)) if config is not None else None
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=int(every_steps),
-        max_to_keep=int(keep) if keep else None,
-        enable_async_checkpointing=bool(async_save),
-        create=True,
+      save_interval_steps=int(every_steps),
+      max_to_keep=int(keep) if keep else None,
+      enable_async_checkpointing=bool(async_save),
+      create=True,
     )
     self._every_steps = int(every_steps)
     self._manager = ocp.CheckpointManager(self._directory, options=options)
@@ -180,11 +199,17 @@ class Checkpointer:
           check_config_compatible(saved, self._config_dict)
 
   @classmethod
-  def from_config(cls, workdir, config, **kwargs) -> 'Checkpointer':
+  def from_config(cls, workdir, config, **kwargs) -> Checkpointer:
     """Builds from ``config.checkpoint`` (every_steps, keep, async_save)."""
     c = config.checkpoint
-    return cls(workdir, config=config, every_steps=c.every_steps, keep=c.keep,
-               async_save=c.async_save, **kwargs)
+    return cls(
+      workdir,
+      config=config,
+      every_steps=c.every_steps,
+      keep=c.keep,
+      async_save=c.async_save,
+      **kwargs,
+    )
 
   # -- queries ---------------------------------------------------------------
 
@@ -198,11 +223,12 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, extra_save_args: Optional[
-      Mapping[str, Any]] = None, force: bool = False) -> bool:
+  def save(
+    self, step: int, state, extra_save_args: Mapping[str, Any] | None = None, force: bool = False
+  ) -> bool:
     """Saves `state` (+ config + extra items) at `step`.
 
     Without `force`, only at multiples of ``every_steps``. A step that already
@@ -213,27 +239,27 @@ class Checkpointer:
     if not force and step % self._every_steps != 0:
       return False
     if step in self._manager.all_steps():
-      logging.info('Checkpoint for step %d already exists; not saving.', step)
+      logging.info("Checkpoint for step %d already exists; not saving.", step)
       return False
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
     if self._config_dict is not None:
       items[CONFIG_ITEM] = ocp.args.JsonSave(self._config_dict)
     for name, args in (extra_save_args or {}).items():
       if name in _RESERVED_ITEMS:
-        raise ValueError(f'Extra checkpoint item name {name!r} is reserved.')
+        raise ValueError(f"Extra checkpoint item name {name!r} is reserved.")
       items[name] = args
     try:
-      return bool(self._manager.save(step, args=ocp.args.Composite(**items),
-                                     force=force))
+      return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
     except Exception as e:
       raise CheckpointError(
-          f'Saving the checkpoint for step {step} to {self.step_dir(step)} '
-          f'failed: {type(e).__name__}: {e}. Existing checkpoints were left '
-          f'untouched; check free disk space and permissions.') from e
+        f"Saving the checkpoint for step {step} to {self.step_dir(step)} "
+        f"failed: {type(e).__name__}: {e}. Existing checkpoints were left "
+        f"untouched; check free disk space and permissions."
+      ) from e
 
   # -- restore ---------------------------------------------------------------
 
-  def restore_config(self, step: Optional[int] = None) -> Optional[dict]:
+  def restore_config(self, step: int | None = None) -> dict | None:
     """The config dict saved with `step` (latest by default), or None."""
     step = self.latest_step() if step is None else step
     if step is None:
@@ -242,16 +268,20 @@ class Checkpointer:
       return None
     try:
       out = self._manager.restore(
-          step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+        step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
+      )
     except Exception as e:
       raise self._corrupt_error(step, e) from e
     return out[CONFIG_ITEM]
 
   saved_config = restore_config  # Alias.
 
-  def restore(self, step: Optional[int] = None, abstract_state=None,
-              extra_restore_args: Optional[Mapping[str, Any]] = None
-              ) -> dict[str, Any]:
+  def restore(
+    self,
+    step: int | None = None,
+    abstract_state=None,
+    extra_restore_args: Mapping[str, Any] | None = None,
+  ) -> dict[str, Any]:
     """Restores `step` (latest if None).
 
     Args:
@@ -271,12 +301,12 @@ class Checkpointer:
     if step is None:
       step = self.latest_step()
       if step is None:
-        raise CheckpointError(f'No checkpoint found in {self._directory}.')
+        raise CheckpointError(f"No checkpoint found in {self._directory}.")
     step = int(step)
     if step not in available:
       raise CheckpointError(
-          f'No checkpoint for step {step} in {self._directory}; available '
-          f'steps: {available}.')
+        f"No checkpoint for step {step} in {self._directory}; available steps: {available}."
+      )
     target = None if abstract_state is None else _to_abstract(abstract_state)
     items = {STATE_ITEM: ocp.args.StandardRestore(target)}
     has_config = (self.step_dir(step) / CONFIG_ITEM).exists()
@@ -284,7 +314,7 @@ class Checkpointer:
       items[CONFIG_ITEM] = ocp.args.JsonRestore()
     for name, args in (extra_restore_args or {}).items():
       if name in _RESERVED_ITEMS:
-        raise ValueError(f'Extra checkpoint item name {name!r} is reserved.')
+        raise ValueError(f"Extra checkpoint item name {name!r} is reserved.")
       items[name] = args
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -296,14 +326,18 @@ class Checkpointer:
 
   def _corrupt_error(self, step: int, e: Exception) -> CheckpointError:
     others = [s for s in self.all_steps() if s != step]
-    hint = (f'resume from an earlier step (available: {others})' if others
-            else 'start from scratch in a new --workdir')
+    hint = (
+      f"resume from an earlier step (available: {others})"
+      if others
+      else "start from scratch in a new --workdir"
+    )
     return CheckpointError(
-        f'Could not restore the checkpoint in {self.step_dir(step)}: '
-        f'{type(e).__name__}: {e}\nIt is corrupt or incomplete (e.g. files '
-        f'truncated or deleted), or it does not match the expected state '
-        f'structure. Delete {self.step_dir(step)} to {hint}. Nothing was '
-        f'deleted or overwritten.')
+      f"Could not restore the checkpoint in {self.step_dir(step)}: "
+      f"{type(e).__name__}: {e}\nIt is corrupt or incomplete (e.g. files "
+      f"truncated or deleted), or it does not match the expected state "
+      f"structure. Delete {self.step_dir(step)} to {hint}. Nothing was "
+      f"deleted or overwritten."
+    )
 
   # -- lifecycle -------------------------------------------------------------
 
@@ -314,7 +348,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
 
-  def __enter__(self) -> 'Checkpointer':
+  def __enter__(self) -> Checkpointer:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -349,29 +383,27 @@ class PreemptionHandler:
     self._signals = tuple(signals)
     self._previous: dict[int, Any] = {}
     self._flag = threading.Event()
-    self._active = False       # Between install() and uninstall().
-    self._installed = False    # Python handlers currently installed.
+    self._active = False  # Between install() and uninstall().
+    self._installed = False  # Python handlers currently installed.
     self._sync_unavailable = False
 
   def _handler(self, signum, frame):
     del frame
-    logging.warning('Received signal %d: will save a checkpoint and stop.',
-                    signum)
+    logging.warning("Received signal %d: will save a checkpoint and stop.", signum)
     self._flag.set()
 
   def _install_signals(self) -> None:
     if self._installed:
       return
     if threading.current_thread() is not threading.main_thread():
-      logging.warning('PreemptionHandler: not in the main thread, signal '
-                      'handlers not installed.')
+      logging.warning("PreemptionHandler: not in the main thread, signal handlers not installed.")
       return
     for sig in self._signals:
       self._previous[sig] = signal.getsignal(sig)
       signal.signal(sig, self._handler)
     self._installed = True
 
-  def install(self) -> 'PreemptionHandler':
+  def install(self) -> PreemptionHandler:
     self._active = True
     if jax.process_count() == 1 or self._sync_unavailable:
       self._install_signals()
@@ -386,25 +418,27 @@ class PreemptionHandler:
     self._previous.clear()
     self._installed = False
 
-  def __enter__(self) -> 'PreemptionHandler':
+  def __enter__(self) -> PreemptionHandler:
     return self.install()
 
   def __exit__(self, *exc) -> None:
     self.uninstall()
 
-  def should_stop(self, step: Optional[int] = None) -> bool:
+  def should_stop(self, step: int | None = None) -> bool:
     if jax.process_count() == 1 or step is None:
       return self._flag.is_set()
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     if not self._sync_unavailable:
       try:
         return bool(multihost_utils.reached_preemption_sync_point(int(step)))
       except RuntimeError:
         self._sync_unavailable = True
-        logging.warning('Preemption sync service unavailable; catching '
-                        'SIGTERM in Python and all-gathering the flag.')
+        logging.warning(
+          "Preemption sync service unavailable; catching "
+          "SIGTERM in Python and all-gathering the flag."
+        )
         if self._active:
           self._install_signals()
-    flags = multihost_utils.process_allgather(
-        np.asarray(self._flag.is_set(), np.int32))
+    flags = multihost_utils.process_allgather(np.asarray(self._flag.is_set(), np.int32))
     return bool(np.any(flags))

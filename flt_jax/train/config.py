@@ -26,32 +26,32 @@ import ml_collections
 def get_optim_config() -> ml_collections.ConfigDict:
   """Optimizer section (Muon for block matrices, AdamW for wte / lm_head)."""
   c = ml_collections.ConfigDict()
-  c.matrix_lr = 0.02            # Muon lr for every matrix under 'blocks'.
-  c.embedding_lr = 0.2          # AdamW lr for wte, times (d_model/768)**-0.5.
-  c.unembedding_lr = 0.004      # AdamW lr for lm_head, times (d_model/768)**-0.5.
+  c.matrix_lr = 0.02  # Muon lr for every matrix under 'blocks'.
+  c.embedding_lr = 0.2  # AdamW lr for wte, times (d_model/768)**-0.5.
+  c.unembedding_lr = 0.004  # AdamW lr for lm_head, times (d_model/768)**-0.5.
   c.adam_b1 = 0.8
   c.adam_b2 = 0.95
   c.adam_eps = 1e-10
-  c.weight_decay = 0.0          # AdamW groups only (Muon has none).
+  c.weight_decay = 0.0  # AdamW groups only (Muon has none).
   c.muon_momentum_start = 0.85
   c.muon_momentum_end = 0.95
   c.muon_momentum_warmup_steps = 300
-  c.ns_steps = 5                # Newton-Schulz iterations.
+  c.ns_steps = 5  # Newton-Schulz iterations.
   c.nesterov = True
-  c.grad_clip = 1.0             # Global-norm clip; 0 disables.
-  c.warmup_steps = 0            # Linear LR warmup (steps).
-  c.warmdown_frac = 0.2         # Linear warm-down to 0 over this last fraction.
+  c.grad_clip = 1.0  # Global-norm clip; 0 disables.
+  c.warmup_steps = 0  # Linear LR warmup (steps).
+  c.warmdown_frac = 0.2  # Linear warm-down to 0 over this last fraction.
   return c
 
 
 def get_train_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.steps = -1                  # > 0: explicit; <= 0: from tokens_per_param.
+  c.steps = -1  # > 0: explicit; <= 0: from tokens_per_param.
   c.tokens_per_param = 20.0
   c.total_batch_tokens = 524_288
-  c.micro_batch_size = 32       # Global sequences per micro-batch.
+  c.micro_batch_size = 32  # Global sequences per micro-batch.
   c.seed = 0
-  c.eval_every = 250            # 0 disables periodic eval.
+  c.eval_every = 250  # 0 disables periodic eval.
   c.eval_steps = 20
   c.log_every = 10
   c.max_consecutive_nonfinite = 5
@@ -61,7 +61,7 @@ def get_train_config() -> ml_collections.ConfigDict:
 def get_checkpoint_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.every_steps = 1000
-  c.keep = 3                    # 0 keeps every checkpoint.
+  c.keep = 3  # 0 keeps every checkpoint.
   c.async_save = True
   return c
 
@@ -87,13 +87,12 @@ def get_config() -> ml_collections.ConfigDict:
 # Validation.
 # ----------------------------------------------------------------------------
 
-_SECTIONS = ('optim', 'train', 'checkpoint', 'metrics')
+_SECTIONS = ("optim", "train", "checkpoint", "metrics")
 
 
 def _get(config, name: str, default: Any = None):
   try:
-    return config.get(name, default) if hasattr(config, 'get') else getattr(
-        config, name, default)
+    return config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
   except (AttributeError, KeyError):
     return default
 
@@ -102,9 +101,10 @@ def _section(config, name: str):
   section = _get(config, name)
   if section is None:
     raise ValueError(
-        f'config.{name} is missing. Include the training sections in your '
-        f'experiment config, e.g. config.{name} = '
-        f'flt_jax.train.config.get_config().{name}.')
+      f"config.{name} is missing. Include the training sections in your "
+      f"experiment config, e.g. config.{name} = "
+      f"flt_jax.train.config.get_config().{name}."
+    )
   return section
 
 
@@ -113,8 +113,9 @@ def _field(section, sect_name: str, name: str):
   if value is _MISSING:
     default = getattr(get_config()[sect_name], name)
     raise ValueError(
-        f'config.{sect_name}.{name} is missing (default: {default!r}). Add it '
-        f'to the config or start from flt_jax.train.config.get_config().')
+      f"config.{sect_name}.{name} is missing (default: {default!r}). Add it "
+      f"to the config or start from flt_jax.train.config.get_config()."
+    )
   return value
 
 
@@ -129,38 +130,45 @@ def _is_int(v) -> bool:
   return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _fail(path: str, value, requirement: str, fix: str = '') -> None:
-  msg = f'config.{path} = {value!r} is invalid: {requirement}.'
+def _fail(path: str, value, requirement: str, fix: str = "") -> None:
+  msg = f"config.{path} = {value!r} is invalid: {requirement}."
   if fix:
-    msg += f' Fix: {fix}.'
+    msg += f" Fix: {fix}."
   raise ValueError(msg)
 
 
-def _check_number(sec, sname, name, *, lo=None, hi=None, lo_open=False,
-                  hi_open=False, integer=False, fix=''):
+def _check_number(
+  sec, sname, name, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, fix=""
+):
   v = _field(sec, sname, name)
-  path = f'{sname}.{name}'
+  path = f"{sname}.{name}"
   if integer and not _is_int(v):
-    _fail(path, v, 'must be an integer', fix or f'set --config.{path}=<int>')
+    _fail(path, v, "must be an integer", fix or f"set --config.{path}=<int>")
   if not _is_number(v) or not math.isfinite(v):
-    _fail(path, v, 'must be a finite number', fix or
-          f'set --config.{path}=<number>')
+    _fail(path, v, "must be a finite number", fix or f"set --config.{path}=<number>")
   if lo is not None and (v <= lo if lo_open else v < lo):
-    _fail(path, v, f'must be {">" if lo_open else ">="} {lo}',
-          fix or f'set --config.{path} to a value {">" if lo_open else ">="} '
-          f'{lo}')
+    _fail(
+      path,
+      v,
+      f"must be {'>' if lo_open else '>='} {lo}",
+      fix or f"set --config.{path} to a value {'>' if lo_open else '>='} {lo}",
+    )
   if hi is not None and (v >= hi if hi_open else v > hi):
-    _fail(path, v, f'must be {"<" if hi_open else "<="} {hi}',
-          fix or f'set --config.{path} to a value {"<" if hi_open else "<="} '
-          f'{hi}')
+    _fail(
+      path,
+      v,
+      f"must be {'<' if hi_open else '<='} {hi}",
+      fix or f"set --config.{path} to a value {'<' if hi_open else '<='} {hi}",
+    )
   return v
 
 
 def _check_bool(sec, sname, name):
   v = _field(sec, sname, name)
   if not isinstance(v, bool):
-    _fail(f'{sname}.{name}', v, 'must be True or False',
-          f'set --config.{sname}.{name}=True or False')
+    _fail(
+      f"{sname}.{name}", v, "must be True or False", f"set --config.{sname}.{name}=True or False"
+    )
   return v
 
 
@@ -174,62 +182,81 @@ def validate(config) -> None:
     _section(config, name)
 
   o = config.optim
-  for lr in ('matrix_lr', 'embedding_lr', 'unembedding_lr'):
-    _check_number(o, 'optim', lr, lo=0.0)
-  _check_number(o, 'optim', 'adam_b1', lo=0.0, hi=1.0, hi_open=True)
-  _check_number(o, 'optim', 'adam_b2', lo=0.0, hi=1.0, hi_open=True)
-  _check_number(o, 'optim', 'adam_eps', lo=0.0, lo_open=True)
-  _check_number(o, 'optim', 'weight_decay', lo=0.0)
-  _check_number(o, 'optim', 'muon_momentum_start', lo=0.0, hi=1.0,
-                hi_open=True)
-  _check_number(o, 'optim', 'muon_momentum_end', lo=0.0, hi=1.0, hi_open=True)
-  _check_number(o, 'optim', 'muon_momentum_warmup_steps', lo=0, integer=True)
-  _check_number(o, 'optim', 'ns_steps', lo=1, integer=True)
-  _check_bool(o, 'optim', 'nesterov')
-  _check_number(o, 'optim', 'grad_clip', lo=0.0,
-                fix='use a positive max global norm, or 0 to disable clipping')
-  _check_number(o, 'optim', 'warmup_steps', lo=0, integer=True)
-  _check_number(o, 'optim', 'warmdown_frac', lo=0.0, hi=1.0)
+  for lr in ("matrix_lr", "embedding_lr", "unembedding_lr"):
+    _check_number(o, "optim", lr, lo=0.0)
+  _check_number(o, "optim", "adam_b1", lo=0.0, hi=1.0, hi_open=True)
+  _check_number(o, "optim", "adam_b2", lo=0.0, hi=1.0, hi_open=True)
+  _check_number(o, "optim", "adam_eps", lo=0.0, lo_open=True)
+  _check_number(o, "optim", "weight_decay", lo=0.0)
+  _check_number(o, "optim", "muon_momentum_start", lo=0.0, hi=1.0, hi_open=True)
+  _check_number(o, "optim", "muon_momentum_end", lo=0.0, hi=1.0, hi_open=True)
+  _check_number(o, "optim", "muon_momentum_warmup_steps", lo=0, integer=True)
+  _check_number(o, "optim", "ns_steps", lo=1, integer=True)
+  _check_bool(o, "optim", "nesterov")
+  _check_number(
+    o, "optim", "grad_clip", lo=0.0, fix="use a positive max global norm, or 0 to disable clipping"
+  )
+  _check_number(o, "optim", "warmup_steps", lo=0, integer=True)
+  _check_number(o, "optim", "warmdown_frac", lo=0.0, hi=1.0)
 
   t = config.train
-  _check_number(t, 'train', 'steps', integer=True)
-  _check_number(t, 'train', 'tokens_per_param', lo=0.0, lo_open=True)
-  total = _check_number(t, 'train', 'total_batch_tokens', lo=1, integer=True)
-  micro = _check_number(t, 'train', 'micro_batch_size', lo=1, integer=True)
-  _check_number(t, 'train', 'seed', integer=True)
-  _check_number(t, 'train', 'eval_every', lo=0, integer=True,
-                fix='use a positive interval, or 0 to disable periodic eval')
-  _check_number(t, 'train', 'eval_steps', lo=0, integer=True)
-  _check_number(t, 'train', 'log_every', lo=1, integer=True)
-  _check_number(t, 'train', 'max_consecutive_nonfinite', lo=1, integer=True)
+  _check_number(t, "train", "steps", integer=True)
+  _check_number(t, "train", "tokens_per_param", lo=0.0, lo_open=True)
+  total = _check_number(t, "train", "total_batch_tokens", lo=1, integer=True)
+  micro = _check_number(t, "train", "micro_batch_size", lo=1, integer=True)
+  _check_number(t, "train", "seed", integer=True)
+  _check_number(
+    t,
+    "train",
+    "eval_every",
+    lo=0,
+    integer=True,
+    fix="use a positive interval, or 0 to disable periodic eval",
+  )
+  _check_number(t, "train", "eval_steps", lo=0, integer=True)
+  _check_number(t, "train", "log_every", lo=1, integer=True)
+  _check_number(t, "train", "max_consecutive_nonfinite", lo=1, integer=True)
 
-  model = _get(config, 'model')
-  seq_len = _get(model, 'seq_len') if model is not None else None
+  model = _get(config, "model")
+  seq_len = _get(model, "seq_len") if model is not None else None
   if seq_len is not None:
     if not _is_int(seq_len) or seq_len < 1:
-      _fail('model.seq_len', seq_len, 'must be a positive integer')
+      _fail("model.seq_len", seq_len, "must be a positive integer")
     tokens_per_micro = micro * seq_len
     if total % tokens_per_micro != 0:
       lower = max(1, total // tokens_per_micro) * tokens_per_micro
       upper = (total // tokens_per_micro + 1) * tokens_per_micro
       _fail(
-          'train.total_batch_tokens', total,
-          f'must be divisible by train.micro_batch_size * model.seq_len = '
-          f'{micro} * {seq_len} = {tokens_per_micro} (one micro-batch)',
-          f'set --config.train.total_batch_tokens to a multiple of '
-          f'{tokens_per_micro} (e.g. {lower} or {upper}), or change '
-          f'train.micro_batch_size / model.seq_len')
+        "train.total_batch_tokens",
+        total,
+        f"must be divisible by train.micro_batch_size * model.seq_len = "
+        f"{micro} * {seq_len} = {tokens_per_micro} (one micro-batch)",
+        f"set --config.train.total_batch_tokens to a multiple of "
+        f"{tokens_per_micro} (e.g. {lower} or {upper}), or change "
+        f"train.micro_batch_size / model.seq_len",
+      )
 
   c = config.checkpoint
-  _check_number(c, 'checkpoint', 'every_steps', lo=1, integer=True)
-  _check_number(c, 'checkpoint', 'keep', lo=0, integer=True,
-                fix='use a positive count, or 0 to keep every checkpoint')
-  _check_bool(c, 'checkpoint', 'async_save')
+  _check_number(c, "checkpoint", "every_steps", lo=1, integer=True)
+  _check_number(
+    c,
+    "checkpoint",
+    "keep",
+    lo=0,
+    integer=True,
+    fix="use a positive count, or 0 to keep every checkpoint",
+  )
+  _check_bool(c, "checkpoint", "async_save")
 
   m = config.metrics
-  _check_number(m, 'metrics', 'peak_flops_per_device', lo=0.0,
-                fix='use a positive FLOP/s value, or 0 for the built-in table')
-  _check_bool(m, 'metrics', 'tensorboard')
+  _check_number(
+    m,
+    "metrics",
+    "peak_flops_per_device",
+    lo=0.0,
+    fix="use a positive FLOP/s value, or 0 for the built-in table",
+  )
+  _check_bool(m, "metrics", "tensorboard")
 
 
 def grad_accum_steps(config) -> int:

@@ -1,4 +1,5 @@
 """train_and_evaluate(config, workdir): the training loop, and checkpoint evaluation."""
+
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,6 @@ from flt_jax.train import metrics as metrics_lib
 from flt_jax.train import optimizer as optim_lib
 from flt_jax.train import state as state_lib
 from flt_jax.train import step as step_lib
-
 
 
 class NonFiniteError(RuntimeError):
@@ -58,21 +58,30 @@ def _resolve_vocab(config, vocab_size: int) -> model_config_lib.ModelConfig:
     config.model.vocab_size = int(vocab_size)
   elif config.model.vocab_size < vocab_size:
     raise ValueError(
-        f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-        f"tokenizer's vocabulary ({vocab_size}); set it to 0 to follow the tokenizer")
+      f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+      f"tokenizer's vocabulary ({vocab_size}); set it to 0 to follow the tokenizer"
+    )
   return model_config_lib.ModelConfig.from_config(config.model)
 
 
 def _pipeline(config, split: str, batch_size: int, **kwargs):
   return data_pipeline.make_pipeline(
-      config.data, split=split, seq_len=config.model.seq_len, batch_size=batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(), **kwargs)
+    config.data,
+    split=split,
+    seq_len=config.model.seq_len,
+    batch_size=batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    **kwargs,
+  )
 
 
 def _per_host(global_batch: int, what: str) -> int:
   if global_batch % jax.process_count():
-    raise ValueError(f"{what}={global_batch} sequences do not divide over "
-                     f"{jax.process_count()} hosts; make it a multiple of the host count")
+    raise ValueError(
+      f"{what}={global_batch} sequences do not divide over "
+      f"{jax.process_count()} hosts; make it a multiple of the host count"
+    )
   return global_batch // jax.process_count()
 
 
@@ -85,17 +94,21 @@ def step_scalars(metrics) -> dict[str, float]:
   """TensorBoard names for a diagnostics train step's metrics (numpy values)."""
   out = {"train/loss": float(metrics["loss"]), "train/grad_norm": float(metrics["grad_norm"])}
   out.update({f"loops/loss_{k}": float(v) for k, v in enumerate(metrics["loop_loss"])})
-  out.update({f"loops/residual_norm_{k}": float(v)
-              for k, v in enumerate(metrics["residual_norm"])})
-  out.update({f"grads/layer_{l}": float(v)
-              for l, v in enumerate(metrics["layer_grad_norm"])})
+  out.update({f"loops/residual_norm_{k}": float(v) for k, v in enumerate(metrics["residual_norm"])})
+  out.update({f"grads/layer_{l}": float(v) for l, v in enumerate(metrics["layer_grad_norm"])})
   return out
 
 
 def _eval_batches(config, batch_size, tokenizer=None):
   # A fixed batch count keeps every host in step (padding batches carry no targets).
-  return _pipeline(config, "validation", batch_size, num_epochs=1,
-                   num_batches=config.train.eval_steps, tokenizer=tokenizer)
+  return _pipeline(
+    config,
+    "validation",
+    batch_size,
+    num_epochs=1,
+    num_batches=config.train.eval_steps,
+    tokenizer=tokenizer,
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -113,47 +126,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   latest = checkpointer.latest_step()
 
   rng = jax.random.PRNGKey(config.train.seed)
-  abstract_params = jax.eval_shape(
-      lambda: state_lib.init_params(model, rng, config.model.seq_len))
+  abstract_params = jax.eval_shape(lambda: state_lib.init_params(model, rng, config.model.seq_len))
   n_params = state_lib.count_params(abstract_params)
   tokens_per_step = global_batch * config.model.seq_len
   total_steps = optim_lib.resolve_total_steps(config.train, n_params["total"], tokens_per_step)
-  optimizer = optim_lib.make_optimizer(config.optim, d_model=model_cfg.d_model,
-                                       total_steps=total_steps)
+  optimizer = optim_lib.make_optimizer(
+    config.optim, d_model=model_cfg.d_model, total_steps=total_steps
+  )
   train_iter = iter(train_pipe)
   if latest is None:
     state = state_lib.create_train_state(model, optimizer, rng, config.model.seq_len)
     start = 0
   else:
     abstract_state = jax.eval_shape(
-        lambda: state_lib.create_train_state(model, optimizer, rng, config.model.seq_len))
-    state = checkpointer.restore(latest, abstract_state, _data_args(
-        data_pipeline.checkpoint_args_restore, train_iter))["state"]
+      lambda: state_lib.create_train_state(model, optimizer, rng, config.model.seq_len)
+    )
+    state = checkpointer.restore(
+      latest, abstract_state, _data_args(data_pipeline.checkpoint_args_restore, train_iter)
+    )["state"]
     start = int(state.step)
     _say(f"resumed from {checkpointer.directory} at step {start}")
 
   make_step = lambda diag: jax.jit(
-      functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
-                        num_micro=num_micro, diagnostics=diag), donate_argnums=0)
+    functools.partial(
+      step_lib.train_step, model=model, optimizer=optimizer, num_micro=num_micro, diagnostics=diag
+    ),
+    donate_argnums=0,
+  )
   train_step, train_step_diag = make_step(False), make_step(True)
   eval_fn = eval_lib.make_eval_fn(model)
   eval_batch = _per_host(config.train.micro_batch_size, "train.micro_batch_size")
 
   def run_eval():
     batches = _eval_batches(config, eval_batch, train_pipe.tokenizer)
-    return eval_lib.evaluate(eval_fn, state.params, batches, token_bytes_V,
-                             loops=model_cfg.loops)
+    return eval_lib.evaluate(eval_fn, state.params, batches, token_bytes_V, loops=model_cfg.loops)
 
   peak = metrics_lib.peak_flops_per_device(
-      jax.devices()[0].platform, jax.devices()[0].device_kind,
-      config.metrics.peak_flops_per_device)
+    jax.devices()[0].platform, jax.devices()[0].device_kind, config.metrics.peak_flops_per_device
+  )
   flops_per_token = metrics_lib.flops_per_token(model_cfg)
   writer = metrics_lib.MetricsWriter(workdir, config.metrics.tensorboard, jsonl=True)
   console = metrics_lib.ConsoleLogger(total_steps, print_fn=_say)
-  _say(f"{config.experiment or model_cfg.variant}: {model_cfg.variant} K={model_cfg.loops} "
-       f"L={model_cfg.n_layer} d={model_cfg.d_model} vocab={model_cfg.vocab_size} | "
-       f"{n_params['total']:,} params ({n_params['non_embedding']:,} non-embedding) | "
-       f"{total_steps} steps x {tokens_per_step:,} tokens ({num_micro} micro-batches)")
+  _say(
+    f"{config.experiment or model_cfg.variant}: {model_cfg.variant} K={model_cfg.loops} "
+    f"L={model_cfg.n_layer} d={model_cfg.d_model} vocab={model_cfg.vocab_size} | "
+    f"{n_params['total']:,} params ({n_params['non_embedding']:,} non-embedding) | "
+    f"{total_steps} steps x {tokens_per_step:,} tokens ({num_micro} micro-batches)"
+  )
 
   save_data = lambda: _data_args(data_pipeline.checkpoint_args_save, train_iter)
   first_loss = last_loss = None
@@ -163,8 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = start
     while step < total_steps:
       batch = next(train_iter)
-      log_now = (step + 1) % config.train.log_every == 0 or step + 1 == total_steps \
-          or step == start
+      log_now = (step + 1) % config.train.log_every == 0 or step + 1 == total_steps or step == start
       fn = train_step_diag if log_now else train_step
       state, m = fn(state, {"inputs": batch["inputs"], "targets": batch["targets"]})
       step = int(state.step)
@@ -174,9 +192,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if in_a_row >= config.train.max_consecutive_nonfinite:
           checkpointer.wait_until_finished()
           raise NonFiniteError(
-              f"{in_a_row} consecutive non-finite updates at step {step}; stopping. The "
-              f"last good checkpoint in {checkpointer.directory} is intact. Lower "
-              "optim.matrix_lr/embedding_lr, set optim.grad_clip, or try model.dtype=float32.")
+            f"{in_a_row} consecutive non-finite updates at step {step}; stopping. The "
+            f"last good checkpoint in {checkpointer.directory} is intact. Lower "
+            "optim.matrix_lr/embedding_lr, set optim.grad_clip, or try model.dtype=float32."
+          )
         continue
       if log_now:
         m = jax.device_get(m)
@@ -186,42 +205,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mfu = metrics_lib.compute_mfu(tok_s, flops_per_token, jax.device_count(), peak)
         last_loss = float(m["loss"])
         first_loss = last_loss if first_loss is None else first_loss
-        scalars = {**step_scalars(m), "perf/tokens_per_s": tok_s,
-                   "train/nonfinite_total": int(state.nonfinite_total),
-                   **optim_lib.current_learning_rates(config.optim, model_cfg.d_model,
-                                                      step, total_steps)}
+        scalars = {
+          **step_scalars(m),
+          "perf/tokens_per_s": tok_s,
+          "train/nonfinite_total": int(state.nonfinite_total),
+          **optim_lib.current_learning_rates(config.optim, model_cfg.d_model, step, total_steps),
+        }
         if mfu is not None:
           scalars["perf/mfu"] = mfu
         writer.write_scalars(step, scalars)
         console.log(step, last_loss, tok_s, mfu)
-      if config.train.eval_every and (step % config.train.eval_every == 0
-                                      or step == total_steps):
+      if config.train.eval_every and (step % config.train.eval_every == 0 or step == total_steps):
         eval_metrics = run_eval()
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-        _say(f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()
-                                           if k != "tokens"))
+        _say(
+          f"eval @ {step}: "
+          + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if k != "tokens")
+        )
       # The checkpointer saves at multiples of checkpoint.every_steps; force the last.
       checkpointer.save(step, state, save_data(), force=step == total_steps)
       if preemption.should_stop(step):
         checkpointer.save(step, state, save_data(), force=True)
         checkpointer.wait_until_finished()
-        _say(f"preempted: saved step {step} to {checkpointer.directory}; rerun the same "
-             "command to resume")
+        _say(
+          f"preempted: saved step {step} to {checkpointer.directory}; rerun the same "
+          "command to resume"
+        )
         writer.close()
         checkpointer.close()
         return {"step": step, "preempted": True}
   checkpointer.close()
   writer.close()
-  summary = {"step": step, "first_loss": first_loss, "final_loss": last_loss,
-             **{f"eval_{k}": v for k, v in eval_metrics.items()}}
-  console.summary(step, last_loss if last_loss is not None else float("nan"),
-                  (step - start) * tokens_per_step,
-                  extra={f"eval_{k}": v for k, v in eval_metrics.items() if k != "tokens"})
+  summary = {
+    "step": step,
+    "first_loss": first_loss,
+    "final_loss": last_loss,
+    **{f"eval_{k}": v for k, v in eval_metrics.items()},
+  }
+  console.summary(
+    step,
+    last_loss if last_loss is not None else float("nan"),
+    (step - start) * tokens_per_step,
+    extra={f"eval_{k}": v for k, v in eval_metrics.items() if k != "tokens"},
+  )
   return summary
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        loops_list: list[int] | None = None) -> dict[int, dict]:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, loops_list: list[int] | None = None
+) -> dict[int, dict]:
   """Restores workdir's latest checkpoint and evaluates it at each loop count
   (test-time compute: params trained at K run at any K' >= 1)."""
   config = resolve_config(config)
@@ -236,24 +268,32 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = ckpt_lib.Checkpointer.from_config(workdir, config)
   latest = checkpointer.latest_step()
   if latest is None:
-    raise ValueError(f"no checkpoint in {checkpointer.directory}; train first with "
-                     "--mode=train and the same --config and --workdir")
+    raise ValueError(
+      f"no checkpoint in {checkpointer.directory}; train first with "
+      "--mode=train and the same --config and --workdir"
+    )
   model = LoopedTransformer(model_cfg)
   optimizer = optim_lib.make_optimizer(config.optim, d_model=model_cfg.d_model, total_steps=1)
-  abstract_state = jax.eval_shape(lambda: state_lib.create_train_state(
-      model, optimizer, jax.random.PRNGKey(0), config.model.seq_len))
+  abstract_state = jax.eval_shape(
+    lambda: state_lib.create_train_state(
+      model, optimizer, jax.random.PRNGKey(0), config.model.seq_len
+    )
+  )
   params = checkpointer.restore(latest, abstract_state)["state"].params
   checkpointer.close()
   token_bytes_V = np.asarray(first.tokenizer.token_bytes, np.int32)
-  results = eval_lib.loop_sweep(eval_lib.make_eval_fn(model), params, make_batches,
-                                token_bytes_V, loops_list)
-  _say(f"checkpoint step {latest} of {workdir} ({model_cfg.variant}, trained at "
-       f"K={model_cfg.loops}):")
+  results = eval_lib.loop_sweep(
+    eval_lib.make_eval_fn(model), params, make_batches, token_bytes_V, loops_list
+  )
+  _say(
+    f"checkpoint step {latest} of {workdir} ({model_cfg.variant}, trained at K={model_cfg.loops}):"
+  )
   for k, m in results.items():
-    _say(f"  loops {k:3d}: " + " | ".join(f"{name} {v:.4f}" for name, v in m.items()
-                                          if name != "tokens"))
+    _say(
+      f"  loops {k:3d}: "
+      + " | ".join(f"{name} {v:.4f}" for name, v in m.items() if name != "tokens")
+    )
   if jax.process_index() == 0:
     with open(f"{workdir.rstrip('/')}/eval_step{latest}.json", "w") as f:
-      json.dump({"step": latest, "loops": {str(k): v for k, v in results.items()}}, f,
-                indent=1)
+      json.dump({"step": latest, "loops": {str(k): v for k, v in results.items()}}, f, indent=1)
   return results

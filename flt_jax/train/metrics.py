@@ -24,7 +24,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -54,21 +55,24 @@ def flops_per_token(cfg: ModelConfig) -> float:
   k = cfg.loops
   n_blocks = cfg.n_layer * block_params_per_layer(cfg)
   loss_loops = len(cfg.loss_loops(k))
-  return float(6 * n_blocks * k + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.seq_len * k
-               + 6 * cfg.d_model * cfg.padded_vocab_size * loss_loops)
+  return float(
+    6 * n_blocks * k
+    + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.seq_len * k
+    + 6 * cfg.d_model * cfg.padded_vocab_size * loss_loops
+  )
 
 
 # Peak dense bf16 FLOP/s per device (vendor datasheets; sparse figures are 2x).
 _PEAK_FLOPS = (
-    # (platform, substrings of device_kind (lowercase, any), flops)
-    ('tpu', ('v6 lite', 'v6e'), 918e12),       # Trillium.
-    ('tpu', ('v5 lite', 'v5e'), 197e12),
-    ('tpu', ('v5p', 'v5'), 459e12),
-    ('tpu', ('v4',), 275e12),
-    ('gpu', ('h200',), 989e12),               # SXM, dense.
-    ('gpu', ('h100 pcie',), 756e12),
-    ('gpu', ('h100',), 989e12),               # SXM, dense.
-    ('gpu', ('a100',), 312e12),
+  # (platform, substrings of device_kind (lowercase, any), flops)
+  ("tpu", ("v6 lite", "v6e"), 918e12),  # Trillium.
+  ("tpu", ("v5 lite", "v5e"), 197e12),
+  ("tpu", ("v5p", "v5"), 459e12),
+  ("tpu", ("v4",), 275e12),
+  ("gpu", ("h200",), 989e12),  # SXM, dense.
+  ("gpu", ("h100 pcie",), 756e12),
+  ("gpu", ("h100",), 989e12),  # SXM, dense.
+  ("gpu", ("a100",), 312e12),
 )
 # Nominal CPU figure so that MFU prints something on laptops/CI: per core, two
 # 8-lane float32 FMA units at 2.5 GHz (AVX2), 40 GFLOP/s. An estimate, not a
@@ -77,9 +81,9 @@ CPU_NOMINAL_PEAK_FLOPS_PER_CORE = 2 * 8 * 2 * 2.5e9
 CPU_NOMINAL_PEAK_FLOPS = CPU_NOMINAL_PEAK_FLOPS_PER_CORE * (os.cpu_count() or 1)
 
 
-def peak_flops_per_device(platform: Optional[str] = None,
-                          device_kind: Optional[str] = None,
-                          override: float = 0.0) -> Optional[float]:
+def peak_flops_per_device(
+  platform: str | None = None, device_kind: str | None = None, override: float = 0.0
+) -> float | None:
   """Peak bf16 FLOP/s of one device; `override` > 0 wins.
 
   Defaults to jax.devices()[0]. Returns None for an unknown accelerator (MFU
@@ -90,12 +94,12 @@ def peak_flops_per_device(platform: Optional[str] = None,
   if platform is None or device_kind is None:
     dev = jax.devices()[0]
     platform = platform or dev.platform
-    device_kind = device_kind or getattr(dev, 'device_kind', '')
+    device_kind = device_kind or getattr(dev, "device_kind", "")
   platform = platform.lower()
-  if platform in ('cuda', 'rocm'):
-    platform = 'gpu'
-  kind = (device_kind or '').lower()
-  if platform == 'cpu':
+  if platform in ("cuda", "rocm"):
+    platform = "gpu"
+  kind = (device_kind or "").lower()
+  if platform == "cpu":
     return CPU_NOMINAL_PEAK_FLOPS
   for plat, keys, flops in _PEAK_FLOPS:
     if plat == platform and any(key in kind for key in keys):
@@ -103,9 +107,9 @@ def peak_flops_per_device(platform: Optional[str] = None,
   return None
 
 
-def compute_mfu(tokens_per_second: float, flops_per_token_: float,
-                num_devices: int, peak_flops: Optional[float]
-                ) -> Optional[float]:
+def compute_mfu(
+  tokens_per_second: float, flops_per_token_: float, num_devices: int, peak_flops: float | None
+) -> float | None:
   """Model FLOPs utilisation as a fraction (None if the peak is unknown)."""
   if not peak_flops or num_devices <= 0:
     return None
@@ -127,10 +131,11 @@ class MetricsWriter:
     self._jsonl = None
     if jsonl and jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
     if enabled and jax.process_index() == 0:
       import tensorboardX  # pylint: disable=g-import-not-at-top
-      self.logdir = str(workdir).rstrip('/') + '/tb'
+
+      self.logdir = str(workdir).rstrip("/") + "/tb"
       self._writer = tensorboardX.SummaryWriter(logdir=self.logdir)
     else:
       self.logdir = None
@@ -142,7 +147,7 @@ class MetricsWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = {name: float(np.asarray(value)) for name, value in scalars.items()}
     if self._jsonl is not None:
-      self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
+      self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
       self._jsonl.flush()
     if self._writer is None:
       return
@@ -171,35 +176,39 @@ class MetricsWriter:
 # ----------------------------------------------------------------------------
 
 
-def format_eta(seconds: Optional[float]) -> str:
+def format_eta(seconds: float | None) -> str:
   """45s, 3m12s, 1h02m, 2d03h; '--' if unknown."""
   if seconds is None or not math.isfinite(seconds) or seconds < 0:
-    return '--'
+    return "--"
   s = int(round(seconds))
   if s < 60:
-    return f'{s}s'
+    return f"{s}s"
   if s < 3600:
-    return f'{s // 60}m{s % 60:02d}s'
+    return f"{s // 60}m{s % 60:02d}s"
   if s < 86400:
-    return f'{s // 3600}h{(s % 3600) // 60:02d}m'
-  return f'{s // 86400}d{(s % 86400) // 3600:02d}h'
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+  return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
 
 
-def format_progress(step: int, total_steps: int, loss: float,
-                    tokens_per_second: Optional[float] = None,
-                    mfu: Optional[float] = None,
-                    eta_seconds: Optional[float] = None,
-                    extra: Optional[Mapping[str, Any]] = None) -> str:
+def format_progress(
+  step: int,
+  total_steps: int,
+  loss: float,
+  tokens_per_second: float | None = None,
+  mfu: float | None = None,
+  eta_seconds: float | None = None,
+  extra: Mapping[str, Any] | None = None,
+) -> str:
   """``step 120/1000 | loss 3.1234 | 45,000 tok/s | MFU 12.3% | ETA 3m12s``."""
-  parts = [f'step {int(step)}/{int(total_steps)}', f'loss {float(loss):.4f}']
+  parts = [f"step {int(step)}/{int(total_steps)}", f"loss {float(loss):.4f}"]
   if tokens_per_second is not None:
-    parts.append(f'{float(tokens_per_second):,.0f} tok/s')
+    parts.append(f"{float(tokens_per_second):,.0f} tok/s")
   if mfu is not None:
-    parts.append(f'MFU {100.0 * float(mfu):.1f}%')
+    parts.append(f"MFU {100.0 * float(mfu):.1f}%")
   for k, v in (extra or {}).items():
-    parts.append(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}')
-  parts.append(f'ETA {format_eta(eta_seconds)}')
-  return ' | '.join(parts)
+    parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+  parts.append(f"ETA {format_eta(eta_seconds)}")
+  return " | ".join(parts)
 
 
 class ConsoleLogger:
@@ -209,16 +218,20 @@ class ConsoleLogger:
   is excluded): ETA = (total - step) * elapsed / (step - first_step).
   """
 
-  def __init__(self, total_steps: int, *,
-               print_fn: Callable[[str], Any] = print,
-               clock: Callable[[], float] = time.perf_counter):
+  def __init__(
+    self,
+    total_steps: int,
+    *,
+    print_fn: Callable[[str], Any] = print,
+    clock: Callable[[], float] = time.perf_counter,
+  ):
     self.total_steps = int(total_steps)
     self._print = print_fn
     self._clock = clock
-    self._first: Optional[tuple[int, float]] = None
+    self._first: tuple[int, float] | None = None
     self._start_time = clock()
 
-  def eta_seconds(self, step: int) -> Optional[float]:
+  def eta_seconds(self, step: int) -> float | None:
     now = self._clock()
     if self._first is None:
       return None
@@ -228,39 +241,55 @@ class ConsoleLogger:
       return None
     return (self.total_steps - step) * (now - first_time) / done
 
-  def line(self, step: int, loss: float,
-           tokens_per_second: Optional[float] = None,
-           mfu: Optional[float] = None,
-           extra: Optional[Mapping[str, Any]] = None) -> str:
+  def line(
+    self,
+    step: int,
+    loss: float,
+    tokens_per_second: float | None = None,
+    mfu: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+  ) -> str:
     """The progress line for `step` (updates the ETA clock, no printing)."""
     if self._first is None:
       self._first = (int(step), self._clock())
-    return format_progress(step, self.total_steps, loss, tokens_per_second,
-                           mfu, self.eta_seconds(int(step)), extra)
+    return format_progress(
+      step, self.total_steps, loss, tokens_per_second, mfu, self.eta_seconds(int(step)), extra
+    )
 
-  def log(self, step: int, loss: float,
-          tokens_per_second: Optional[float] = None,
-          mfu: Optional[float] = None,
-          extra: Optional[Mapping[str, Any]] = None) -> str:
+  def log(
+    self,
+    step: int,
+    loss: float,
+    tokens_per_second: float | None = None,
+    mfu: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+  ) -> str:
     """`line` and print it with `print_fn`."""
     line = self.line(step, loss, tokens_per_second, mfu, extra)
     self._print(line)
     return line
 
-  def summary(self, step: int, loss: float, total_tokens: int,
-              elapsed_seconds: Optional[float] = None,
-              extra: Optional[Mapping[str, Any]] = None) -> str:
+  def summary(
+    self,
+    step: int,
+    loss: float,
+    total_tokens: int,
+    elapsed_seconds: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+  ) -> str:
     """``done 1000/1000 steps | final loss 2.9876 | 524,288,000 tokens |
     time 1h02m | 140,000 tok/s``."""
-    elapsed = (self._clock() - self._start_time if elapsed_seconds is None
-               else elapsed_seconds)
-    parts = [f'done {int(step)}/{self.total_steps} steps',
-             f'final loss {float(loss):.4f}',
-             f'{int(total_tokens):,} tokens', f'time {format_eta(elapsed)}']
+    elapsed = self._clock() - self._start_time if elapsed_seconds is None else elapsed_seconds
+    parts = [
+      f"done {int(step)}/{self.total_steps} steps",
+      f"final loss {float(loss):.4f}",
+      f"{int(total_tokens):,} tokens",
+      f"time {format_eta(elapsed)}",
+    ]
     if elapsed > 0:
-      parts.append(f'{total_tokens / elapsed:,.0f} tok/s')
+      parts.append(f"{total_tokens / elapsed:,.0f} tok/s")
     for k, v in (extra or {}).items():
-      parts.append(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}')
-    line = ' | '.join(parts)
+      parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    line = " | ".join(parts)
     self._print(line)
     return line

@@ -48,27 +48,27 @@ lr/momentum for iteration ``it`` before ``opt.step()``.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-MUON = 'muon'
-ADAMW = 'adamw'
+MUON = "muon"
+ADAMW = "adamw"
 
 # Internal group names: one Muon group and two AdamW groups (different lrs).
-_EMBEDDING = 'embedding'
-_LM_HEAD = 'lm_head'
-_TOP_LEVEL_GROUPS = {'wte': _EMBEDDING, 'lm_head': _LM_HEAD, 'blocks': MUON}
+_EMBEDDING = "embedding"
+_LM_HEAD = "lm_head"
+_TOP_LEVEL_GROUPS = {"wte": _EMBEDDING, "lm_head": _LM_HEAD, "blocks": MUON}
 
 # Newton-Schulz normalisation epsilon of the reference implementation.
 MUON_NS_EPS = 1e-7
 # Reference model width for the AdamW lr scaling (d_model/768)**-0.5.
 ADAM_LR_REFERENCE_WIDTH = 768
 
-MUON_DIMENSION_NUMBERS = optax.contrib.MuonDimensionNumbers(
-    reduction_axis=-2, output_axis=-1)
+MUON_DIMENSION_NUMBERS = optax.contrib.MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
 
 
 # ----------------------------------------------------------------------------
@@ -80,8 +80,7 @@ def _is_traced_or_array(x) -> bool:
   return isinstance(x, jax.Array)
 
 
-def lr_multiplier(step, total_steps: int, warmup_steps: int = 0,
-                  warmdown_frac: float = 0.2):
+def lr_multiplier(step, total_steps: int, warmup_steps: int = 0, warmdown_frac: float = 0.2):
   """LR multiplier applied to every group.
 
   * ``step < warmup_steps``: ``(step + 1) / warmup_steps``;
@@ -100,8 +99,7 @@ def lr_multiplier(step, total_steps: int, warmup_steps: int = 0,
     s = jnp.asarray(step, jnp.float32)
     warm = (s + 1.0) / max(warmup_steps, 1)
     down = (total_steps - s) / max(warmdown, 1)
-    m = jnp.where(s < warmup_steps, warm,
-                  jnp.where(s <= total_steps - warmdown, 1.0, down))
+    m = jnp.where(s < warmup_steps, warm, jnp.where(s <= total_steps - warmdown, 1.0, down))
     return jnp.clip(m, 0.0, 1.0)
   s = float(step)
   if s < warmup_steps:
@@ -113,16 +111,17 @@ def lr_multiplier(step, total_steps: int, warmup_steps: int = 0,
   return float(min(max(m, 0.0), 1.0))
 
 
-def muon_momentum(step, start: float = 0.85, end: float = 0.95,
-                  warmup_steps: int = 300):
+def muon_momentum(step, start: float = 0.85, end: float = 0.95, warmup_steps: int = 300):
   """Muon momentum: linear from `start` (step 0) to `end` (step>=warmup)."""
   warmup_steps = int(warmup_steps)
   if _is_traced_or_array(step):
-    frac = (jnp.clip(jnp.asarray(step, jnp.float32) / warmup_steps, 0.0, 1.0)
-            if warmup_steps > 0 else jnp.float32(1.0))
+    frac = (
+      jnp.clip(jnp.asarray(step, jnp.float32) / warmup_steps, 0.0, 1.0)
+      if warmup_steps > 0
+      else jnp.float32(1.0)
+    )
     return (1.0 - frac) * start + frac * end
-  frac = min(max(float(step) / warmup_steps, 0.0), 1.0) if warmup_steps > 0 \
-      else 1.0
+  frac = min(max(float(step) / warmup_steps, 0.0), 1.0) if warmup_steps > 0 else 1.0
   return float((1.0 - frac) * start + frac * end)
 
 
@@ -131,24 +130,24 @@ def adam_lr_scale(d_model: int) -> float:
   return (d_model / ADAM_LR_REFERENCE_WIDTH) ** -0.5
 
 
-def current_learning_rates(optim_config, d_model: int, step,
-                           total_steps: int) -> dict[str, float]:
+def current_learning_rates(optim_config, d_model: int, step, total_steps: int) -> dict[str, float]:
   """Learning rates (and Muon momentum) used for the update at `step`.
 
   Returns keys 'lr/muon', 'lr/embedding', 'lr/lm_head', 'optim/muon_momentum'.
   """
   step = int(step)
-  m = lr_multiplier(step, total_steps, optim_config.warmup_steps,
-                    optim_config.warmdown_frac)
+  m = lr_multiplier(step, total_steps, optim_config.warmup_steps, optim_config.warmdown_frac)
   scale = adam_lr_scale(d_model)
   return {
-      'lr/muon': optim_config.matrix_lr * m,
-      'lr/embedding': optim_config.embedding_lr * scale * m,
-      'lr/lm_head': optim_config.unembedding_lr * scale * m,
-      'optim/muon_momentum': muon_momentum(
-          step, optim_config.muon_momentum_start,
-          optim_config.muon_momentum_end,
-          optim_config.muon_momentum_warmup_steps),
+    "lr/muon": optim_config.matrix_lr * m,
+    "lr/embedding": optim_config.embedding_lr * scale * m,
+    "lr/lm_head": optim_config.unembedding_lr * scale * m,
+    "optim/muon_momentum": muon_momentum(
+      step,
+      optim_config.muon_momentum_start,
+      optim_config.muon_momentum_end,
+      optim_config.muon_momentum_warmup_steps,
+    ),
   }
 
 
@@ -159,7 +158,7 @@ def current_learning_rates(optim_config, d_model: int, step,
 
 def _top_key(path) -> str:
   k = path[0]
-  for attr in ('key', 'name', 'idx'):
+  for attr in ("key", "name", "idx"):
     if hasattr(k, attr):
       return getattr(k, attr)
   return str(k)
@@ -169,28 +168,31 @@ def _group_labels(params) -> Any:
   """Labels each leaf 'muon' | 'embedding' | 'lm_head' (internal groups)."""
   if not isinstance(params, Mapping):
     raise ValueError(
-        f'Expected the params to be a dict with top-level keys '
-        f'{sorted(_TOP_LEVEL_GROUPS)}, got {type(params).__name__}.')
+      f"Expected the params to be a dict with top-level keys "
+      f"{sorted(_TOP_LEVEL_GROUPS)}, got {type(params).__name__}."
+    )
   unknown = sorted(str(k) for k in params if k not in _TOP_LEVEL_GROUPS)
   if unknown:
     raise ValueError(
-        f'Unknown top-level param keys {unknown}: the optimizer assigns AdamW '
-        f"to exactly 'wte' and 'lm_head' and Muon to every leaf under "
-        f"'blocks'. Put new block matrices under 'blocks', or extend "
-        f'flt_jax/train/optimizer.py with a group for them.')
+      f"Unknown top-level param keys {unknown}: the optimizer assigns AdamW "
+      f"to exactly 'wte' and 'lm_head' and Muon to every leaf under "
+      f"'blocks'. Put new block matrices under 'blocks', or extend "
+      f"flt_jax/train/optimizer.py with a group for them."
+    )
 
   def label(path, x):
     group = _TOP_LEVEL_GROUPS[_top_key(path)]
     if group == MUON:
-      ndim = getattr(x, 'ndim', None)
+      ndim = getattr(x, "ndim", None)
       if ndim is None:
-        ndim = len(getattr(x, 'shape', ()))
+        ndim = len(getattr(x, "shape", ()))
       if ndim not in (2, 3):
         raise ValueError(
-            f'Muon parameter {jax.tree_util.keystr(path)} has shape '
-            f'{tuple(x.shape)}; expected a stacked [L, in, out] matrix (or a '
-            f'2-D [in, out] matrix). Reshape it so the orthogonalised '
-            f'dimensions are the last two.')
+          f"Muon parameter {jax.tree_util.keystr(path)} has shape "
+          f"{tuple(x.shape)}; expected a stacked [L, in, out] matrix (or a "
+          f"2-D [in, out] matrix). Reshape it so the orthogonalised "
+          f"dimensions are the last two."
+        )
     return group
 
   return jax.tree_util.tree_map_with_path(label, params)
@@ -198,8 +200,7 @@ def _group_labels(params) -> Any:
 
 def param_labels(params) -> Any:
   """Pytree like `params` with 'muon' (blocks) or 'adamw' (wte, lm_head)."""
-  return jax.tree.map(lambda g: MUON if g == MUON else ADAMW,
-                      _group_labels(params))
+  return jax.tree.map(lambda g: MUON if g == MUON else ADAMW, _group_labels(params))
 
 
 # ----------------------------------------------------------------------------
@@ -207,8 +208,7 @@ def param_labels(params) -> Any:
 # ----------------------------------------------------------------------------
 
 
-def make_optimizer(optim_config, *, d_model: int,
-                   total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_config, *, d_model: int, total_steps: int) -> optax.GradientTransformation:
   """Builds clip -> partition(muon | adamw(wte) | adamw(lm_head)).
 
   The state is ``(clip_state, PartitionState)``; the Muon group's state is an
@@ -220,7 +220,7 @@ def make_optimizer(optim_config, *, d_model: int,
   """
   c = optim_config
   if total_steps < 1:
-    raise ValueError(f'total_steps must be >= 1, got {total_steps}.')
+    raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
 
   def mult(count):
     return lr_multiplier(count, total_steps, c.warmup_steps, c.warmdown_frac)
@@ -229,39 +229,42 @@ def make_optimizer(optim_config, *, d_model: int,
     return c.matrix_lr * mult(count)
 
   def momentum(count):
-    return muon_momentum(count, c.muon_momentum_start, c.muon_momentum_end,
-                         c.muon_momentum_warmup_steps)
+    return muon_momentum(
+      count, c.muon_momentum_start, c.muon_momentum_end, c.muon_momentum_warmup_steps
+    )
 
   muon_tx = optax.inject_hyperparams(
-      optax.contrib.muon, static_args=('ns_steps',),
-      hyperparam_dtype=jnp.float32)(
-          learning_rate=muon_lr,
-          beta=momentum,
-          ns_steps=int(c.ns_steps),
-          eps=MUON_NS_EPS,
-          weight_decay=0.0,
-          nesterov=bool(c.nesterov),
-          muon_weight_dimension_numbers=MUON_DIMENSION_NUMBERS,
-      )
+    optax.contrib.muon, static_args=("ns_steps",), hyperparam_dtype=jnp.float32
+  )(
+    learning_rate=muon_lr,
+    beta=momentum,
+    ns_steps=int(c.ns_steps),
+    eps=MUON_NS_EPS,
+    weight_decay=0.0,
+    nesterov=bool(c.nesterov),
+    muon_weight_dimension_numbers=MUON_DIMENSION_NUMBERS,
+  )
 
   scale = adam_lr_scale(d_model)
 
   def adamw(base_lr):
     return optax.adamw(
-        learning_rate=lambda count: base_lr * scale * mult(count),
-        b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps,
-        weight_decay=c.weight_decay)
+      learning_rate=lambda count: base_lr * scale * mult(count),
+      b1=c.adam_b1,
+      b2=c.adam_b2,
+      eps=c.adam_eps,
+      weight_decay=c.weight_decay,
+    )
 
   partitioned = optax.partition(
-      {
-          MUON: muon_tx,
-          _EMBEDDING: adamw(c.embedding_lr),
-          _LM_HEAD: adamw(c.unembedding_lr),
-      },
-      _group_labels,
+    {
+      MUON: muon_tx,
+      _EMBEDDING: adamw(c.embedding_lr),
+      _LM_HEAD: adamw(c.unembedding_lr),
+    },
+    _group_labels,
   )
-  clip = (optax.clip_by_global_norm(c.grad_clip) if c.grad_clip > 0
-          else optax.identity())
+  clip = optax.clip_by_global_norm(c.grad_clip) if c.grad_clip > 0 else optax.identity()
   return optax.chain(clip, partitioned)
 
 
@@ -270,8 +273,7 @@ def make_optimizer(optim_config, *, d_model: int,
 # ----------------------------------------------------------------------------
 
 
-def resolve_total_steps(train_config, num_params: int,
-                        tokens_per_step: int) -> int:
+def resolve_total_steps(train_config, num_params: int, tokens_per_step: int) -> int:
   """``train.steps`` if > 0, else ceil(tokens_per_param * N / tokens_per_step).
 
   `num_params` is whatever the caller counts as the model size (the reference
@@ -282,9 +284,10 @@ def resolve_total_steps(train_config, num_params: int,
     return steps
   if num_params <= 0 or tokens_per_step <= 0:
     raise ValueError(
-        f'Cannot derive the horizon from train.tokens_per_param: need '
-        f'num_params > 0 and tokens_per_step > 0, got {num_params} and '
-        f'{tokens_per_step}. Set --config.train.steps explicitly.')
+      f"Cannot derive the horizon from train.tokens_per_param: need "
+      f"num_params > 0 and tokens_per_step > 0, got {num_params} and "
+      f"{tokens_per_step}. Set --config.train.steps explicitly."
+    )
   target_tokens = float(train_config.tokens_per_param) * num_params
   return max(1, int(math.ceil(target_tokens / tokens_per_step)))
 
@@ -293,12 +296,20 @@ def muon_hyperparams(opt_state) -> dict[str, Any]:
   """The Muon group's injected hyperparams (learning_rate, beta, ...)."""
   partition_state = opt_state[1]
   inner = partition_state.inner_states[MUON]
-  inner = getattr(inner, 'inner_state', inner)  # MaskedState -> inject state.
+  inner = getattr(inner, "inner_state", inner)  # MaskedState -> inject state.
   return dict(inner.hyperparams)
 
 
 __all__ = [
-    'MUON', 'ADAMW', 'MUON_DIMENSION_NUMBERS', 'lr_multiplier', 'muon_momentum',
-    'adam_lr_scale', 'current_learning_rates', 'param_labels',
-    'make_optimizer', 'resolve_total_steps', 'muon_hyperparams',
+  "MUON",
+  "ADAMW",
+  "MUON_DIMENSION_NUMBERS",
+  "lr_multiplier",
+  "muon_momentum",
+  "adam_lr_scale",
+  "current_learning_rates",
+  "param_labels",
+  "make_optimizer",
+  "resolve_total_steps",
+  "muon_hyperparams",
 ]

@@ -1,4 +1,5 @@
 """The train state: everything a checkpoint must hold to resume bit-for-bit."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,12 +28,18 @@ def init_params(model: LoopedTransformer, rng, seq_len: int):
   return nn.meta.unbox(model.init(rng, tokens, 1)["params"])
 
 
-def create_train_state(model: LoopedTransformer, optimizer: optax.GradientTransformation,
-                       rng, seq_len: int) -> TrainState:
+def create_train_state(
+  model: LoopedTransformer, optimizer: optax.GradientTransformation, rng, seq_len: int
+) -> TrainState:
   params = init_params(model, rng, seq_len)
   zero = jnp.zeros((), jnp.int32)
-  state = TrainState(step=zero, params=params, opt_state=optimizer.init(params),
-                     nonfinite_in_a_row=zero, nonfinite_total=zero)
+  state = TrainState(
+    step=zero,
+    params=params,
+    opt_state=optimizer.init(params),
+    nonfinite_in_a_row=zero,
+    nonfinite_total=zero,
+  )
   # Optimizer states alias buffers (shared counters and scalars); the donated train
   # step needs every leaf to own its buffer.
   return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state)

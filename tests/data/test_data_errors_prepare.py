@@ -1,4 +1,5 @@
 """Bad input gives clear errors; the prepare command works end to end."""
+
 import json
 
 import numpy as np
@@ -6,8 +7,7 @@ import pytest
 
 from flt_jax.data import config as config_lib
 from flt_jax.data import pipeline as pl
-from flt_jax.data import prepare
-from flt_jax.data import sources
+from flt_jax.data import prepare, sources
 
 
 def _cfg(**kw):
@@ -18,92 +18,119 @@ def _cfg(**kw):
 
 
 def _make(d, seq_len=16):
-  return pl.make_pipeline(d, split='train', seq_len=seq_len, batch_size=2)
+  return pl.make_pipeline(d, split="train", seq_len=seq_len, batch_size=2)
 
 
 def test_glob_matching_nothing(tmp_path):
   with pytest.raises(ValueError, match=r"matched no files.*data.source='stdlib'"):
-    _make(_cfg(source='text', path=str(tmp_path / 'nope/*.txt')))
+    _make(_cfg(source="text", path=str(tmp_path / "nope/*.txt")))
 
 
 def test_empty_corpus(tmp_path):
-  (tmp_path / 'a.txt').write_text('')
-  (tmp_path / 'b.jsonl').write_text('\n\n')
-  with pytest.raises(ValueError, match='empty corpus'):
-    _make(_cfg(source='text', path=str(tmp_path / '*.txt')))
-  with pytest.raises(ValueError, match='empty corpus'):
-    _make(_cfg(source='jsonl', path=str(tmp_path / '*.jsonl')))
+  (tmp_path / "a.txt").write_text("")
+  (tmp_path / "b.jsonl").write_text("\n\n")
+  with pytest.raises(ValueError, match="empty corpus"):
+    _make(_cfg(source="text", path=str(tmp_path / "*.txt")))
+  with pytest.raises(ValueError, match="empty corpus"):
+    _make(_cfg(source="jsonl", path=str(tmp_path / "*.jsonl")))
 
 
 def test_parquet_without_column(tmp_path):
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  pq.write_table(pa.table({'content': ['x', 'y']}), tmp_path / 'a.parquet')
+
+  pq.write_table(pa.table({"content": ["x", "y"]}), tmp_path / "a.parquet")
   with pytest.raises(ValueError, match=r"no column data.text_column='text'.*content"):
-    _make(_cfg(source='parquet', path=str(tmp_path / '*.parquet')))
+    _make(_cfg(source="parquet", path=str(tmp_path / "*.parquet")))
 
 
 def test_token_id_beyond_vocab_in_shard(tmp_path):
-  np.save(tmp_path / 'a.npy', np.array([1, 2, 300, 256], np.uint16))
-  with pytest.raises(ValueError, match='beyond the vocabulary'):
-    _make(_cfg(source='tokens', path=str(tmp_path / '*.npy')))
-  sources.write_token_shard(str(tmp_path / 'b.bin'), np.array([1, 256]),
-                            vocab_size=4096, eos_id=0, num_docs=1)
-  with pytest.raises(ValueError, match='vocab_size=4096'):
-    _make(_cfg(source='tokens', path=str(tmp_path / '*.bin')))
+  np.save(tmp_path / "a.npy", np.array([1, 2, 300, 256], np.uint16))
+  with pytest.raises(ValueError, match="beyond the vocabulary"):
+    _make(_cfg(source="tokens", path=str(tmp_path / "*.npy")))
+  sources.write_token_shard(
+    str(tmp_path / "b.bin"), np.array([1, 256]), vocab_size=4096, eos_id=0, num_docs=1
+  )
+  with pytest.raises(ValueError, match="vocab_size=4096"):
+    _make(_cfg(source="tokens", path=str(tmp_path / "*.bin")))
 
 
-@pytest.mark.parametrize('seq_len', [1, 0, -3])
+@pytest.mark.parametrize("seq_len", [1, 0, -3])
 def test_seq_len_below_two(seq_len):
-  with pytest.raises(ValueError, match='seq_len >= 2'):
+  with pytest.raises(ValueError, match="seq_len >= 2"):
     _make(_cfg(), seq_len=seq_len)
 
 
-@pytest.mark.parametrize('field,value,match', [
-    ('source', 'web', 'data.source=.web.*allowed'),
-    ('tokenizer', 'sp', 'data.tokenizer=.sp.*allowed'),
-    ('validation_fraction', 1.5, 'validation_fraction'),
-])
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    ("source", "web", "data.source=.web.*allowed"),
+    ("tokenizer", "sp", "data.tokenizer=.sp.*allowed"),
+    ("validation_fraction", 1.5, "validation_fraction"),
+  ],
+)
 def test_bad_fields_named(field, value, match):
   with pytest.raises(ValueError, match=match):
     config_lib.validate(_cfg(**{field: value}), seq_len=16)
 
 
 def test_bad_task_knobs():
-  d = _cfg(source='multihop')
+  d = _cfg(source="multihop")
   d.multihop.hops_min, d.multihop.hops_max = 3, 2
-  with pytest.raises(ValueError, match='multihop.hops_max'):
+  with pytest.raises(ValueError, match="multihop.hops_max"):
     config_lib.validate(d, seq_len=128)
-  d = _cfg(source='modarith')
-  d.modarith.ops = '+/'
-  with pytest.raises(ValueError, match='modarith.ops'):
+  d = _cfg(source="modarith")
+  d.modarith.ops = "+/"
+  with pytest.raises(ValueError, match="modarith.ops"):
     config_lib.validate(d, seq_len=128)
 
 
 def test_prepare_train_tokenizer_and_tokenize(tmp_path, capsys):
-  docs = [f'línea {i}: ' + 'abc def ' * (i % 7 + 1) for i in range(60)]
-  with open(tmp_path / 'c.jsonl', 'w', encoding='utf-8') as f:
+  docs = [f"línea {i}: " + "abc def " * (i % 7 + 1) for i in range(60)]
+  with open(tmp_path / "c.jsonl", "w", encoding="utf-8") as f:
     for t in docs:
-      f.write(json.dumps({'text': t}) + '\n')
-  tok_path = str(tmp_path / 'tok' / 'tokenizer.json')
-  assert prepare.main(['train_tokenizer', '--source=jsonl',
-                       f'--path={tmp_path}/*.jsonl', '--vocab_size=300',
-                       f'--out={tok_path}']) == 0
-  assert prepare.main(['tokenize', '--source=jsonl',
-                       f'--path={tmp_path}/*.jsonl', '--tokenizer=file',
-                       f'--tokenizer_path={tok_path}', '--shard_tokens=200',
-                       f'--out_dir={tmp_path}/shards']) == 0
+      f.write(json.dumps({"text": t}) + "\n")
+  tok_path = str(tmp_path / "tok" / "tokenizer.json")
+  assert (
+    prepare.main(
+      [
+        "train_tokenizer",
+        "--source=jsonl",
+        f"--path={tmp_path}/*.jsonl",
+        "--vocab_size=300",
+        f"--out={tok_path}",
+      ]
+    )
+    == 0
+  )
+  assert (
+    prepare.main(
+      [
+        "tokenize",
+        "--source=jsonl",
+        f"--path={tmp_path}/*.jsonl",
+        "--tokenizer=file",
+        f"--tokenizer_path={tok_path}",
+        "--shard_tokens=200",
+        f"--out_dir={tmp_path}/shards",
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
-  summary = json.loads(out[out.rindex('{\n'):])
-  assert summary['documents'] == 60 and summary['shards'] >= 2
-  assert summary['bytes'] == sum(len(t.encode()) for t in docs)
-  d = _cfg(source='tokens', path=f'{tmp_path}/shards/*.bin', tokenizer='file',
-           tokenizer_path=tok_path)
-  sp = sources.get_split(d, 'all', pl.tokenizers_lib.make_tokenizer(d))
+  summary = json.loads(out[out.rindex("{\n") :])
+  assert summary["documents"] == 60 and summary["shards"] >= 2
+  assert summary["bytes"] == sum(len(t.encode()) for t in docs)
+  d = _cfg(
+    source="tokens", path=f"{tmp_path}/shards/*.bin", tokenizer="file", tokenizer_path=tok_path
+  )
+  sp = sources.get_split(d, "all", pl.tokenizers_lib.make_tokenizer(d))
   tok = pl.tokenizers_lib.make_tokenizer(d)
   texts = [tok.decode(x) for u in sp.units for x in sp.load(u)]
   assert texts == docs
   b = next(iter(_make(d)))
-  assert b['inputs'].shape == (2, 16)
-  assert prepare.main(['tokenize', '--source=text', '--path=/nonexistent/*',
-                       f'--out_dir={tmp_path}/x']) == 2
+  assert b["inputs"].shape == (2, 16)
+  assert (
+    prepare.main(["tokenize", "--source=text", "--path=/nonexistent/*", f"--out_dir={tmp_path}/x"])
+    == 2
+  )

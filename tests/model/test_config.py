@@ -1,4 +1,5 @@
 """config.model validation: every invalid setting raises ValueError naming its field."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,16 @@ def _config(**overrides):
 
 def test_defaults_and_small_config_are_valid():
   ModelConfig.from_config(get_config())
-  cfg = ModelConfig.from_config(_config(window_pattern="SSL", kv_lora_rank=8, n_kv_head=1,
-                                        loss_type="FEW", remat="block", variant="LT_ia"))
+  cfg = ModelConfig.from_config(
+    _config(
+      window_pattern="SSL",
+      kv_lora_rank=8,
+      n_kv_head=1,
+      loss_type="FEW",
+      remat="block",
+      variant="LT_ia",
+    )
+  )
   assert cfg.head_dim == 16 and cfg.padded_vocab_size == 64
   assert cfg.window_sizes == (4, -1)  # the last layer is forced to full context
 
@@ -32,7 +41,9 @@ def test_window_sizes_follow_pattern_and_last_layer_is_full():
   assert cfg.window_sizes == (4, 4, -1)
 
 
-@pytest.mark.parametrize("overrides,field", [
+@pytest.mark.parametrize(
+  "overrides,field",
+  [
     (dict(d_model=32, n_head=3), "n_head"),
     (dict(n_head=4, n_kv_head=3), "n_kv_head"),
     (dict(n_head=2, n_kv_head=4), "n_kv_head"),
@@ -47,7 +58,8 @@ def test_window_sizes_follow_pattern_and_last_layer_is_full():
     (dict(d_model=30, n_head=2), "n_head|d_model|head_dim"),  # head_dim 15 is odd
     (dict(dtype="float16"), "dtype"),
     (dict(kv_lora_rank=-1), "kv_lora_rank"),
-])
+  ],
+)
 def test_invalid_config_raises_naming_the_field(overrides, field):
   with pytest.raises(ValueError, match=field):
     ModelConfig.from_config(_config(**overrides))
@@ -64,8 +76,9 @@ def _model_and_params(**overrides):
   cfg = ModelConfig.from_config(_config(**overrides))
   model = LoopedTransformer(cfg)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
-  params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                  nn.meta.unbox(shapes["params"]))
+  params = jax.tree_util.tree_map(
+    lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(shapes["params"])
+  )
   return model, params
 
 

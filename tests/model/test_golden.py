@@ -1,5 +1,6 @@
 """Logits of the official PyTorch implementation (tests/golden/README.md), reproduced
 from its own weights loaded through flt_jax.interop, for every variant and K in {1, 3}."""
+
 import functools
 from pathlib import Path
 
@@ -24,30 +25,43 @@ ROPE = {"fp32rope": (False, 1e-4), "bf16rope": (True, 5e-3)}
 
 def _cfg(variant, rope_bf16):
   c = get_config()
-  c.update(dict(variant=variant, n_layer=2, d_model=128, n_head=2, n_kv_head=2,
-                vocab_size=300, seq_len=24, window_pattern="L", kv_lora_rank=0,
-                rope_bf16=rope_bf16, loops=max(LOOPS)))
+  c.update(
+    dict(
+      variant=variant,
+      n_layer=2,
+      d_model=128,
+      n_head=2,
+      n_kv_head=2,
+      vocab_size=300,
+      seq_len=24,
+      window_pattern="L",
+      kv_lora_rank=0,
+      rope_bf16=rope_bf16,
+      loops=max(LOOPS),
+    )
+  )
   return ModelConfig.from_config(c)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _golden():
   with np.load(LOGITS) as f:
     return dict(f)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params():
   return interop.load_reference_npz(str(WEIGHTS), _cfg("FLT", False))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _logits(variant, rope_bf16):
   model = LoopedTransformer(_cfg(variant, rope_bf16))
   fn = lambda p, tok: tuple(model.apply({"params": p}, tok, k) for k in LOOPS)
   toks = jnp.asarray(_golden()["tokens"])
-  compiled = jax.jit(fn).lower(_params(), toks).compile(
-      {"xla_backend_optimization_level": 0})  # compiles ~4x faster on CPU, same maths
+  compiled = (
+    jax.jit(fn).lower(_params(), toks).compile({"xla_backend_optimization_level": 0})
+  )  # compiles ~4x faster on CPU, same maths
   return dict(zip(LOOPS, (np.asarray(x) for x in compiled(_params(), toks))))
 
 

@@ -1,5 +1,6 @@
 """Reference state-dict import/export (flt_jax.interop) against the layout of DESIGN §2,
 written out here by hand rather than taken from interop itself."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,20 @@ B, T = 2, 12
 
 def _cfg(**overrides):
   c = get_config()
-  c.update(dict(variant="FLT", loops=2, n_layer=2, d_model=32, n_head=4, n_kv_head=2,
-                vocab_size=100, seq_len=T, window_pattern="L", kv_lora_rank=0))
+  c.update(
+    dict(
+      variant="FLT",
+      loops=2,
+      n_layer=2,
+      d_model=32,
+      n_head=4,
+      n_kv_head=2,
+      vocab_size=100,
+      seq_len=T,
+      window_pattern="L",
+      kv_lora_rank=0,
+    )
+  )
   c.update(overrides)
   return ModelConfig.from_config(c)
 
@@ -28,8 +41,10 @@ def reference_state_dict(cfg, seed=0):
   vpad = -(-cfg.vocab_size // 64) * 64
   q, kv, r = cfg.n_head * hd, cfg.n_kv_head * hd, cfg.kv_lora_rank
   w = lambda *shape: rng.normal(0, 0.05, shape).astype(np.float32)
-  sd = {"transformer.wte.weight": rng.normal(0, 1, (vpad, d)).astype(np.float32),
-        "lm_head.weight": w(vpad, d)}
+  sd = {
+    "transformer.wte.weight": rng.normal(0, 1, (vpad, d)).astype(np.float32),
+    "lm_head.weight": w(vpad, d),
+  }
   for l in range(cfg.n_layer):
     p = f"transformer.h.{l}."
     sd[p + "attn.c_q.weight"] = w(q, d)
@@ -59,16 +74,17 @@ def _assert_trees_equal(a, b):
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
     assert np.asarray(x).dtype == np.asarray(y).dtype, jax.tree_util.keystr(path)
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                  err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
 def test_params_npz_roundtrip_is_exact(tmp_path):
   cfg = _cfg()
   rng = np.random.default_rng(0)  # random values in the model's own tree
   params = jax.tree_util.tree_map(
-      lambda s: jnp.asarray(rng.normal(0, 0.1, s[0]), s[1]), _init_shapes(cfg),
-      is_leaf=lambda x: isinstance(x, tuple))
+    lambda s: jnp.asarray(rng.normal(0, 0.1, s[0]), s[1]),
+    _init_shapes(cfg),
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
   path = tmp_path / "ref.npz"
   interop.save_reference_npz(str(path), params, cfg)
   with np.load(path) as f:
@@ -76,11 +92,13 @@ def test_params_npz_roundtrip_is_exact(tmp_path):
   assert set(saved) == set(reference_state_dict(cfg))
   # torch layout: Linear weights are [out, in], layer l is its own entry
   blk = params["blocks"]["layers"]["block"]
-  np.testing.assert_array_equal(saved["transformer.h.1.attn.c_k.weight"],
-                                np.asarray(blk["attn"]["c_k"]["kernel"][1]).T)
+  np.testing.assert_array_equal(
+    saved["transformer.h.1.attn.c_k.weight"], np.asarray(blk["attn"]["c_k"]["kernel"][1]).T
+  )
   np.testing.assert_array_equal(saved["lm_head.weight"], np.asarray(params["lm_head"]["kernel"]).T)
-  np.testing.assert_array_equal(saved["transformer.wte.weight"],
-                                np.asarray(params["wte"]["embedding"]))
+  np.testing.assert_array_equal(
+    saved["transformer.wte.weight"], np.asarray(params["wte"]["embedding"])
+  )
   _assert_trees_equal(interop.load_reference_npz(str(path), cfg), params)
 
 
@@ -94,9 +112,12 @@ def test_reference_layout_loads_and_runs(mla):
   assert got == _init_shapes(cfg)
   blk = params["blocks"]["layers"]["block"]
   name = "c_kv_down" if mla else "c_v"
-  np.testing.assert_array_equal(blk["attn"][name]["kernel"][0],
-                                sd[f"transformer.h.0.attn.{name}.weight"].T)
-  np.testing.assert_array_equal(blk["mlp"]["c_fc"]["kernel"][1], sd["transformer.h.1.mlp.c_fc.weight"].T)
+  np.testing.assert_array_equal(
+    blk["attn"][name]["kernel"][0], sd[f"transformer.h.0.attn.{name}.weight"].T
+  )
+  np.testing.assert_array_equal(
+    blk["mlp"]["c_fc"]["kernel"][1], sd["transformer.h.1.mlp.c_fc.weight"].T
+  )
   logits = LoopedTransformer(cfg).apply({"params": params}, _tokens())
   assert logits.shape == (B, T, cfg.vocab_size)
   assert bool(jnp.all(jnp.isfinite(logits)))
@@ -118,7 +139,7 @@ def _variants_of_bad(cfg):
   d["transformer.h.1.mlp.c_fc.weight"] = d["transformer.h.1.mlp.c_fc.weight"].T  # [in, out]
   bad["transposed"] = d
   d = dict(sd)
-  d["lm_head.weight"] = d["lm_head.weight"][:cfg.vocab_size]  # unpadded vocab
+  d["lm_head.weight"] = d["lm_head.weight"][: cfg.vocab_size]  # unpadded vocab
   bad["unpadded vocab"] = d
   d = dict(sd)
   del d["transformer.h.1.attn.c_v.weight"]

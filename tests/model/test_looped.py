@@ -8,6 +8,7 @@ Compilation dominates the runtime on CPU, so every compiled function is built
 once per (config, shapes) with XLA's backend optimisation turned off (faster to
 compile, same semantics) and shared between tests through caches.
 """
+
 import functools
 import itertools
 
@@ -24,14 +25,23 @@ from flt_jax.model.loss import loss_fn
 VARIANTS = ("FLT", "FLT_res", "LT", "LT_i", "LT_ia")
 B, T = 2, 16
 VOCAB = 70  # padded to 128 internally, so the slice back to the true vocab is exercised
-BASE = dict(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=VOCAB, seq_len=T,
-            loops=3, window_pattern="L", kv_lora_rank=0)
+BASE = dict(
+  n_layer=2,
+  d_model=32,
+  n_head=2,
+  n_kv_head=2,
+  vocab_size=VOCAB,
+  seq_len=T,
+  loops=3,
+  window_pattern="L",
+  kv_lora_rank=0,
+)
 ATTENTION = {
-    "full": dict(),
-    "gqa": dict(n_head=4, n_kv_head=2),
-    # layer 0 is 'S' (window seq_len//4 = 4 < T), layer 1 is always full
-    "swa": dict(window_pattern="SL", n_head=4, n_kv_head=1),
-    "mla": dict(kv_lora_rank=16, n_head=4, n_kv_head=2),
+  "full": dict(),
+  "gqa": dict(n_head=4, n_kv_head=2),
+  # layer 0 is 'S' (window seq_len//4 = 4 < T), layer 1 is always full
+  "swa": dict(window_pattern="SL", n_head=4, n_kv_head=1),
+  "mla": dict(kv_lora_rank=16, n_head=4, n_kv_head=2),
 }
 _FAST = {"xla_backend_optimization_level": 0}
 
@@ -60,21 +70,22 @@ class fast_jit:  # pylint: disable=invalid-name
     return self._compiled[sig](*args)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def forward(cfg_key, loops=(1, 3)):
   """Compiled fn(params, tokens) -> tuple of logits, one per loop count."""
   model = LoopedTransformer(make_cfg(**dict(cfg_key)))
   return fast_jit(lambda p, tok: tuple(model.apply({"params": p}, tok, k) for k in loops))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def noisy_params(cfg_key, seed=0, block_std=0.05, head_std=0.05):
   """Params with the model's tree and shapes, every matrix non-zero: embedding N(0, 1),
   lm_head N(0, head_std), block matrices N(0, block_std) (so that zero-initialised
   projections cannot hide bugs)."""
   cfg = make_cfg(**dict(cfg_key))
-  shapes = jax.eval_shape(LoopedTransformer(cfg).init, jax.random.PRNGKey(0),
-                          jnp.zeros((B, T), jnp.int32))
+  shapes = jax.eval_shape(
+    LoopedTransformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((B, T), jnp.int32)
+  )
   shapes = nn.meta.unbox(shapes["params"])
   rng = np.random.default_rng(seed)
 
@@ -87,8 +98,9 @@ def noisy_params(cfg_key, seed=0, block_std=0.05, head_std=0.05):
 
 
 def tokens(seed=0, batch=B, length=T):
-  return jnp.asarray(np.random.default_rng(100 + seed).integers(0, VOCAB, (batch, length)),
-                     jnp.int32)
+  return jnp.asarray(
+    np.random.default_rng(100 + seed).integers(0, VOCAB, (batch, length)), jnp.int32
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -106,7 +118,7 @@ def _rope(x, base=10000.0):  # x [B, T, H, hd]: rotate the two halves as pairs
   freq = base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
   ang = np.arange(t, dtype=np.float64)[:, None] * freq[None, :]
   cos, sin = np.cos(ang)[None, :, None, :], np.sin(ang)[None, :, None, :]
-  a, b = x[..., :hd // 2], x[..., hd // 2:]
+  a, b = x[..., : hd // 2], x[..., hd // 2 :]
   return np.concatenate([a * cos + b * sin, -a * sin + b * cos], axis=-1)
 
 
@@ -166,7 +178,7 @@ def reference_logits(params, cfg, toks, loops):
       m = _rms(x) @ layer_w("mlp", l)["c_fc"]
       x = x + (np.maximum(m, 0.0) ** 2) @ layer_w("mlp", l)["c_proj"]
     h = _rms(x)
-  z = (h @ p["lm_head"]["kernel"])[..., :cfg.vocab_size]
+  z = (h @ p["lm_head"]["kernel"])[..., : cfg.vocab_size]
   return cfg.softcap * np.tanh(z / cfg.softcap)
 
 
@@ -195,8 +207,9 @@ def test_scan_model_matches_unrolled_reference(variant, attention):
   for loops, got in zip((1, 3), forward(key)(params, toks)):
     want = reference_logits(params, cfg, toks, loops)
     assert got.shape == (B, T, VOCAB) and got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0,
-                               err_msg=f"{variant} {attention} K={loops}")
+    np.testing.assert_allclose(
+      np.asarray(got), want, atol=1e-5, rtol=0, err_msg=f"{variant} {attention} K={loops}"
+    )
 
 
 def test_reference_window_matters_at_this_seq_len():
@@ -204,7 +217,8 @@ def test_reference_window_matters_at_this_seq_len():
   params, toks = noisy_params(_key(ATTENTION["swa"])), tokens()
   with_window = reference_logits(params, make_cfg(variant="FLT", **ATTENTION["swa"]), toks, 3)
   no_window = reference_logits(
-      params, make_cfg(variant="FLT", **{**ATTENTION["swa"], "window_pattern": "L"}), toks, 3)
+    params, make_cfg(variant="FLT", **{**ATTENTION["swa"], "window_pattern": "L"}), toks, 3
+  )
   w = BASE["seq_len"] // 4
   np.testing.assert_allclose(with_window[:, :w], no_window[:, :w], atol=1e-12)
   assert np.abs(with_window[:, w:] - no_window[:, w:]).max() > 1e-3
@@ -235,8 +249,13 @@ def test_causal_changing_token_t_leaves_earlier_positions_unchanged(variant, att
     changed = toks.at[:, t].set((toks[:, t] + 17) % VOCAB)
     for loops, before, after in zip((1, 3), fn(params, toks), fn(params, changed)):
       before, after = np.asarray(before), np.asarray(after)
-      np.testing.assert_allclose(after[:, :t], before[:, :t], atol=1e-6, rtol=0,
-                                 err_msg=f"{variant} {attention} K={loops} t={t}")
+      np.testing.assert_allclose(
+        after[:, :t],
+        before[:, :t],
+        atol=1e-6,
+        rtol=0,
+        err_msg=f"{variant} {attention} K={loops} t={t}",
+      )
       assert np.abs(after[:, t] - before[:, t]).max() > 1e-4  # the change is visible at t
 
 
@@ -251,13 +270,14 @@ def test_parameter_count_independent_of_loops():
   s1, s12 = shapes(1), shapes(12)
   assert jax.tree_util.tree_structure(s1) == jax.tree_util.tree_structure(s12)
   assert jax.tree_util.tree_map(lambda a: a.shape, s1) == jax.tree_util.tree_map(
-      lambda a: a.shape, s12)
+    lambda a: a.shape, s12
+  )
   count = sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(s12))
   d, vpad, layers = BASE["d_model"], 128, BASE["n_layer"]
   assert count == 2 * vpad * d + layers * (4 * d * d + 8 * d * d)  # wte + lm_head + blocks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _value_and_grad(cfg_key, loops):
   model = LoopedTransformer(make_cfg(**dict(cfg_key)))
   fn = lambda p, x, y: loss_fn(p, model, x, y, loops=loops)[0]
@@ -285,8 +305,9 @@ def test_remat_does_not_change_loss_or_gradients(remat):
   loss1, g1 = _value_and_grad(_key({**REMAT_CASE, "remat": remat}), 3)(params, toks, targets)
   np.testing.assert_allclose(float(loss1), float(loss0), atol=1e-5, rtol=0)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves(g1)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(b), np.asarray(a), atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 def test_remat_loop_forward_and_end_loss_run():
@@ -299,7 +320,7 @@ def test_remat_loop_forward_and_end_loss_run():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loss_and_per_loop(variant, loss_type, loops):
   """Compiled fn -> (loss_fn loss, diagnostics loop_loss [K], per-loop logits [K, B, T, V])."""
   model = LoopedTransformer(make_cfg(variant=variant, loss_type=loss_type))
@@ -308,19 +329,23 @@ def _loss_and_per_loop(variant, loss_type, loops):
     loss, aux = loss_fn(p, model, x, y, loops=loops, diagnostics=True)
     loss_nodiag, _ = loss_fn(p, model, x, y, loops=loops)
     h_all, _ = model.apply({"params": p}, x, loops, True, method=model.hidden_states)
-    logits = jnp.stack([model.apply({"params": p}, h_all[k], method=model.logits)
-                        for k in range(loops)])
+    logits = jnp.stack(
+      [model.apply({"params": p}, h_all[k], method=model.logits) for k in range(loops)]
+    )
     return loss, loss_nodiag, aux["loop_loss"], aux["residual_norm"], logits
 
   return fast_jit(fn)
 
 
-@pytest.mark.parametrize("loss_type,loops,picked", [
+@pytest.mark.parametrize(
+  "loss_type,loops,picked",
+  [
     ("END", 3, [2]),
     ("STEP", 3, [0, 1, 2]),
     ("FEW", 3, [2]),
     ("FEW", 6, [4, 5]),
-])
+  ],
+)
 def test_loss_placement(loss_type, loops, picked):
   # larger weights than elsewhere so that the per-loop losses clearly differ
   params = noisy_params(_key(ATTENTION["full"]), block_std=0.2, head_std=1.0)
@@ -328,8 +353,9 @@ def test_loss_placement(loss_type, loops, picked):
   targets = np.asarray(jnp.roll(toks, -1, 1)).copy()
   targets[:, -1] = -1  # ignored label
   targets[0, 3] = -1
-  loss, loss_nodiag, loop_loss, residual_norm, logits = _loss_and_per_loop(
-      "FLT", loss_type, loops)(params, toks, jnp.asarray(targets))
+  loss, loss_nodiag, loop_loss, residual_norm, logits = _loss_and_per_loop("FLT", loss_type, loops)(
+    params, toks, jnp.asarray(targets)
+  )
   own = [_ce(logits[k], targets) for k in range(loops)]
   assert loop_loss.shape == (loops,) and residual_norm.shape == (loops,)
   np.testing.assert_allclose(np.asarray(loop_loss), own, atol=1e-5, rtol=0)
@@ -363,7 +389,8 @@ def test_params_initialised_at_one_k_run_at_another():
   # the reference init zeroes both c_proj; perturb so that K matters
   rng = np.random.default_rng(7)
   params = jax.tree_util.tree_map(
-      lambda a: a + jnp.asarray(rng.normal(0, 0.05, a.shape), jnp.float32), params)
+    lambda a: a + jnp.asarray(rng.normal(0, 0.05, a.shape), jnp.float32), params
+  )
   key2 = _key({"variant": "FLT", "loops": 2, **ATTENTION["gqa"]})
   at2, at5 = (np.asarray(o) for o in forward(key2, (2, 5))(params, toks))
   np.testing.assert_allclose(at5, reference_logits(params, cfg2, toks, 5), atol=1e-5, rtol=0)
@@ -377,10 +404,12 @@ def test_params_initialised_at_one_k_run_at_another():
 def test_bfloat16_compute_close_to_float32():
   key32 = _key({"variant": "FLT", **ATTENTION["gqa"]})
   key16 = _key({"variant": "FLT", "dtype": "bfloat16", **ATTENTION["gqa"]})
-  shapes = jax.eval_shape(LoopedTransformer(make_cfg(**dict(key16))).init,
-                          jax.random.PRNGKey(0), tokens())
-  assert all(a.dtype == jnp.float32
-             for a in jax.tree_util.tree_leaves(nn.meta.unbox(shapes["params"])))
+  shapes = jax.eval_shape(
+    LoopedTransformer(make_cfg(**dict(key16))).init, jax.random.PRNGKey(0), tokens()
+  )
+  assert all(
+    a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(nn.meta.unbox(shapes["params"]))
+  )
   params, toks = noisy_params(_key(ATTENTION["gqa"])), tokens()
   for loops, a, b in zip((1, 3), forward(key32)(params, toks), forward(key16)(params, toks)):
     assert b.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(b)))

@@ -1,4 +1,5 @@
 """Tests for flt_jax.train.checkpoint."""
+
 import os
 import signal
 
@@ -13,24 +14,37 @@ from flt_jax.train import checkpoint as ckpt_lib
 
 
 def _config(d_model=16, loops=2):
-  return ml_collections.ConfigDict({
-      'model': {'vocab_size': 64, 'n_layer': 2, 'd_model': d_model,
-                'n_head': 2, 'n_kv_head': 2, 'kv_lora_rank': 0,
-                'variant': 'FLT', 'window_pattern': 'L', 'seq_len': 32,
-                'loops': loops},
-      'checkpoint': {'every_steps': 2, 'keep': 2, 'async_save': True},
-  })
+  return ml_collections.ConfigDict(
+    {
+      "model": {
+        "vocab_size": 64,
+        "n_layer": 2,
+        "d_model": d_model,
+        "n_head": 2,
+        "n_kv_head": 2,
+        "kv_lora_rank": 0,
+        "variant": "FLT",
+        "window_pattern": "L",
+        "seq_len": 32,
+        "loops": loops,
+      },
+      "checkpoint": {"every_steps": 2, "keep": 2, "async_save": True},
+    }
+  )
 
 
 def _state(seed=0):
   k = jax.random.split(jax.random.PRNGKey(seed), 3)
-  params = {'wte': {'embedding': jax.random.normal(k[0], (8, 4))},
-            'blocks': {'mlp': {'c_fc': jax.random.normal(k[1], (2, 4, 16))}}}
-  opt_state = {'mu': jax.tree.map(lambda x: 0.5 * x, params),
-               'count': jnp.int32(7),
-               'lr': jnp.asarray(0.25, jnp.bfloat16)}
-  return {'params': params, 'opt_state': opt_state,
-          'step': jnp.int32(seed), 'rng': k[2]}
+  params = {
+    "wte": {"embedding": jax.random.normal(k[0], (8, 4))},
+    "blocks": {"mlp": {"c_fc": jax.random.normal(k[1], (2, 4, 16))}},
+  }
+  opt_state = {
+    "mu": jax.tree.map(lambda x: 0.5 * x, params),
+    "count": jnp.int32(7),
+    "lr": jnp.asarray(0.25, jnp.bfloat16),
+  }
+  return {"params": params, "opt_state": opt_state, "step": jnp.int32(seed), "rng": k[2]}
 
 
 def _assert_same(a, b):
@@ -50,7 +64,7 @@ def test_round_trip_keep_n_and_resume(tmp_path):
     if ck.save(step, s):
       saved[step] = s
   assert sorted(saved) == [2, 4, 6]  # every_steps=2.
-  assert ck.save(7, _state(7), force=True)   # Forced (e.g. SIGTERM/final).
+  assert ck.save(7, _state(7), force=True)  # Forced (e.g. SIGTERM/final).
   assert not ck.save(7, _state(99), force=True)  # Never overwrite.
   saved[7] = _state(7)
   ck.wait_until_finished()
@@ -61,28 +75,26 @@ def test_round_trip_keep_n_and_resume(tmp_path):
   ck2 = ckpt_lib.Checkpointer.from_config(tmp_path, cfg)
   assert ck2.latest_step() == 7
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      _state(0))
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(0)
+  )
   out = ck2.restore(abstract_state=abstract)
-  _assert_same(out['state'], saved[7])
-  assert out['config']['model']['d_model'] == 16
-  assert ck2.saved_config(6)['model']['loops'] == 2
+  _assert_same(out["state"], saved[7])
+  assert out["config"]["model"]["d_model"] == 16
+  assert ck2.saved_config(6)["model"]["loops"] == 2
   out6 = ck2.restore(6, abstract_state=_state(0))  # Concrete target works.
-  _assert_same(out6['state'], saved[6])
-  with pytest.raises(ckpt_lib.CheckpointError, match=r'step 2 .*\[6, 7\]'):
+  _assert_same(out6["state"], saved[6])
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 2 .*\[6, 7\]"):
     ck2.restore(2, abstract)
   ck2.close()
 
 
 def test_extra_items(tmp_path):
   ck = ckpt_lib.Checkpointer(tmp_path, config=_config(), async_save=False)
-  ck.save(3, _state(3), extra_save_args={
-      'data': ocp.args.JsonSave({'position': 123})}, force=True)
-  out = ck.restore(3, _state(0),
-                   extra_restore_args={'data': ocp.args.JsonRestore()})
-  assert out['data'] == {'position': 123}
+  ck.save(3, _state(3), extra_save_args={"data": ocp.args.JsonSave({"position": 123})}, force=True)
+  out = ck.restore(3, _state(0), extra_restore_args={"data": ocp.args.JsonRestore()})
+  assert out["data"] == {"position": 123}
   # Extra items are optional on restore.
-  assert set(ck.restore(3, _state(0))) == {'state', 'config'}
+  assert set(ck.restore(3, _state(0))) == {"state", "config"}
   ck.close()
 
 
@@ -93,51 +105,52 @@ def test_mismatched_config_refused(tmp_path):
   # Loops may change (eval at another K).
   ckpt_lib.Checkpointer(tmp_path, config=_config(d_model=16, loops=12)).close()
   cfg = _config(d_model=32)
-  cfg.model.window_pattern = 'SSL'
+  cfg.model.window_pattern = "SSL"
   with pytest.raises(ValueError) as e:
     ckpt_lib.Checkpointer(tmp_path, config=cfg)
   msg = str(e.value)
-  assert 'model.d_model: saved 16, now 32' in msg
+  assert "model.d_model: saved 16, now 32" in msg
   assert "model.window_pattern: saved 'L', now 'SSL'" in msg
-  assert 'loops' not in msg
-  assert '--workdir' in msg
+  assert "loops" not in msg
+  assert "--workdir" in msg
 
 
 def test_check_config_compatible_direct():
-  a = {'model': {'d_model': 128, 'n_layer': 2, 'loops': 3}}
-  ckpt_lib.check_config_compatible(a, {'model': {'d_model': 128,
-                                                 'n_layer': 2, 'loops': 6}})
-  with pytest.raises(ValueError, match=r'model.n_layer: saved 2, now 4'):
-    ckpt_lib.check_config_compatible(a, {'model': {'d_model': 128,
-                                                   'n_layer': 4}})
+  a = {"model": {"d_model": 128, "n_layer": 2, "loops": 3}}
+  ckpt_lib.check_config_compatible(a, {"model": {"d_model": 128, "n_layer": 2, "loops": 6}})
+  with pytest.raises(ValueError, match=r"model.n_layer: saved 2, now 4"):
+    ckpt_lib.check_config_compatible(a, {"model": {"d_model": 128, "n_layer": 4}})
 
 
 def test_corrupt_checkpoint_error(tmp_path):
   ck = ckpt_lib.Checkpointer(tmp_path, config=_config(), async_save=False)
   ck.save(1, _state(1), force=True)
   ck.save(2, _state(2), force=True)
-  step_dir = tmp_path / 'checkpoints' / '2' / 'state'
-  files = [p for p in step_dir.rglob('*') if p.is_file()]
+  step_dir = tmp_path / "checkpoints" / "2" / "state"
+  files = [p for p in step_dir.rglob("*") if p.is_file()]
   assert files
   for p in files:  # Truncate every file of the latest state item.
-    p.write_bytes(b'')
+    p.write_bytes(b"")
   with pytest.raises(ckpt_lib.CheckpointError) as e:
     ck.restore(None, _state(0))
   msg = str(e.value)
-  assert str(tmp_path / 'checkpoints' / '2') in msg
-  assert 'Delete' in msg and '[1]' in msg
+  assert str(tmp_path / "checkpoints" / "2") in msg
+  assert "Delete" in msg and "[1]" in msg
   # Nothing was deleted; the earlier step still restores.
   assert ck.all_steps() == [1, 2]
-  _assert_same(ck.restore(1, _state(0))['state'], _state(1))
+  _assert_same(ck.restore(1, _state(0))["state"], _state(1))
   ck.close()
 
 
 def test_unwritable_workdir(tmp_path):
-  blocker = tmp_path / 'a_file'
-  blocker.write_text('x')
-  with pytest.raises(ValueError, match=r'Cannot write checkpoints to .*'
-                     r'a_file.*writable --workdir'):
-    ckpt_lib.Checkpointer(blocker / 'run', config=_config())
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  with pytest.raises(
+    ValueError,
+    match=r"Cannot write checkpoints to .*"
+    r"a_file.*writable --workdir",
+  ):
+    ckpt_lib.Checkpointer(blocker / "run", config=_config())
 
 
 def test_preemption_handler_sets_flag_and_restores():
@@ -150,7 +163,7 @@ def test_preemption_handler_sets_flag_and_restores():
       os.kill(os.getpid(), signal.SIGTERM)
       assert handler.should_stop()
       assert handler.should_stop(step=5)
-      assert calls == []   # Our handler replaced the previous one.
+      assert calls == []  # Our handler replaced the previous one.
     assert signal.getsignal(signal.SIGTERM) is previous
     os.kill(os.getpid(), signal.SIGTERM)
     assert calls == [signal.SIGTERM]
@@ -162,22 +175,23 @@ def test_real_optimizer_state_round_trip(tmp_path):
   """The optax state (MaskedNode, inject_hyperparams) survives save/restore."""
   from flt_jax.train import config as train_config
   from flt_jax.train import optimizer as opt_lib
+
   k = jax.random.split(jax.random.key(0), 3)
-  params = {'wte': {'embedding': jax.random.normal(k[0], (16, 8))},
-            'lm_head': {'kernel': jax.random.normal(k[1], (8, 16))},
-            'blocks': {'c_q': jax.random.normal(k[2], (2, 8, 8))}}
-  tx = opt_lib.make_optimizer(train_config.get_config().optim, d_model=8,
-                              total_steps=10)
+  params = {
+    "wte": {"embedding": jax.random.normal(k[0], (16, 8))},
+    "lm_head": {"kernel": jax.random.normal(k[1], (8, 16))},
+    "blocks": {"c_q": jax.random.normal(k[2], (2, 8, 8))},
+  }
+  tx = opt_lib.make_optimizer(train_config.get_config().optim, d_model=8, total_steps=10)
   update = jax.jit(tx.update)
   _, opt_state = update(params, tx.init(params), params)
-  state = {'params': params, 'opt_state': opt_state, 'step': jnp.int32(1),
-           'rng': jax.random.key(1)}
+  state = {"params": params, "opt_state": opt_state, "step": jnp.int32(1), "rng": jax.random.key(1)}
   ck = ckpt_lib.Checkpointer(tmp_path, config=_config(), async_save=True)
   ck.save(1, state, force=True)
   ck.wait_until_finished()
-  out = ck.restore(None, jax.eval_shape(lambda: state))['state']
+  out = ck.restore(None, jax.eval_shape(lambda: state))["state"]
   assert jax.tree.structure(out) == jax.tree.structure(state)
-  u_restored, _ = update(params, out['opt_state'], params)
+  u_restored, _ = update(params, out["opt_state"], params)
   u_orig, _ = update(params, opt_state, params)
   _assert_same(u_restored, u_orig)
   ck.close()

@@ -1,4 +1,5 @@
 """End-to-end training loop: resume after SIGKILL, SIGTERM saves, bad input, eval sweep."""
+
 import json
 import signal
 import subprocess
@@ -20,11 +21,18 @@ def tiny_config(**model):
   c = base.make("FLT", 2, "cpu")
   c.model.update(dict(n_layer=1, d_model=32, n_head=1, n_kv_head=1, seq_len=24))
   c.model.update(model)
-  c.data.update(dict(source="multihop", loss_on_answer_only=False,
-                     num_validation_examples=8))
+  c.data.update(dict(source="multihop", loss_on_answer_only=False, num_validation_examples=8))
   c.data.multihop.update(dict(num_nodes=4, hops_min=1, hops_max=2))
-  c.train.update(dict(steps=STEPS, micro_batch_size=4, total_batch_tokens=96,
-                      log_every=1, eval_every=3, eval_steps=1))
+  c.train.update(
+    dict(
+      steps=STEPS,
+      micro_batch_size=4,
+      total_batch_tokens=96,
+      log_every=1,
+      eval_every=3,
+      eval_steps=1,
+    )
+  )
   c.checkpoint.update(dict(every_steps=3, keep=3))
   return c
 
@@ -53,8 +61,11 @@ def losses(workdir):
 
 def checkpoint_listing(workdir):
   root = Path(workdir) / "checkpoints"
-  return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
-                for p in root.rglob("*") if p.is_file())
+  return sorted(
+    (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+    for p in root.rglob("*")
+    if p.is_file()
+  )
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +79,10 @@ def test_trains_and_checkpoints(uninterrupted):
   workdir, summary = uninterrupted
   assert summary["step"] == STEPS
   assert np.isfinite(summary["final_loss"]) and np.isfinite(summary["eval_loss"])
-  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
-                if p.name.isdigit()) == [3, 6]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+    3,
+    6,
+  ]
   assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
   assert list((workdir / "tb").glob("events.out.tfevents.*"))
 
@@ -78,28 +91,38 @@ def test_resume_after_sigkill_equals_uninterrupted_run(uninterrupted, tmp_path):
   workdir = tmp_path / "killed"
   # The child kills itself with SIGKILL as soon as its step-3 checkpoint is durable.
   child = (
-      "import os, signal, sys\n"
-      "from flt_jax.train import checkpoint as c\n"
-      "orig = c.Checkpointer.save\n"
-      "def save(self, step, *a, **k):\n"
-      "  out = orig(self, step, *a, **k)\n"
-      "  if out and int(step) == 3:\n"
-      "    self.wait_until_finished(); os.kill(os.getpid(), signal.SIGKILL)\n"
-      "  return out\n"
-      "c.Checkpointer.save = save\n"
-      "from absl import app\n"
-      "from flt_jax import main\n"
-      "sys.argv = ['main'] + sys.argv[1:]\n"
-      "app.run(main.main)\n")
-  cmd = [sys.executable, "-c", child, "--config=experiments/flt_12loop.py",
-         f"--workdir={workdir}", "--config.model.loops=2"] + overrides(tiny_config())
+    "import os, signal, sys\n"
+    "from flt_jax.train import checkpoint as c\n"
+    "orig = c.Checkpointer.save\n"
+    "def save(self, step, *a, **k):\n"
+    "  out = orig(self, step, *a, **k)\n"
+    "  if out and int(step) == 3:\n"
+    "    self.wait_until_finished(); os.kill(os.getpid(), signal.SIGKILL)\n"
+    "  return out\n"
+    "c.Checkpointer.save = save\n"
+    "from absl import app\n"
+    "from flt_jax import main\n"
+    "sys.argv = ['main'] + sys.argv[1:]\n"
+    "app.run(main.main)\n"
+  )
+  cmd = [
+    sys.executable,
+    "-c",
+    child,
+    "--config=experiments/flt_12loop.py",
+    f"--workdir={workdir}",
+    "--config.model.loops=2",
+  ] + overrides(tiny_config())
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert max(losses(workdir)) == 3
   summary = loop.train_and_evaluate(tiny_config(), str(workdir))
   assert summary["step"] == STEPS
-  logged = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
-            if "train/loss" in l]
+  logged = [
+    json.loads(l)["step"]
+    for l in (workdir / "metrics.jsonl").read_text().splitlines()
+    if "train/loss" in l
+  ]
   assert logged == list(range(1, STEPS + 1))  # resumed at 4, nothing retrained
   want, got = losses(uninterrupted[0]), losses(workdir)
   for step in range(4, STEPS + 1):
@@ -109,12 +132,25 @@ def test_resume_after_sigkill_equals_uninterrupted_run(uninterrupted, tmp_path):
 def test_sigterm_saves_the_step_it_reached(tmp_path):
   workdir = tmp_path / "preempted"
   c = tiny_config()
-  cmd = ([sys.executable, "-m", "flt_jax.main", "--config=experiments/flt_12loop.py",
-          f"--workdir={workdir}", "--config.model.loops=2"] + overrides(c)
-         + ["--config.train.steps=100000", "--config.checkpoint.every_steps=100000",
-            "--config.train.eval_every=0"])
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  cmd = (
+    [
+      sys.executable,
+      "-m",
+      "flt_jax.main",
+      "--config=experiments/flt_12loop.py",
+      f"--workdir={workdir}",
+      "--config.model.loops=2",
+    ]
+    + overrides(c)
+    + [
+      "--config.train.steps=100000",
+      "--config.checkpoint.every_steps=100000",
+      "--config.train.eval_every=0",
+    ]
+  )
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   try:
     deadline = time.time() + 240
     while not (workdir / "metrics.jsonl").exists() or not losses(workdir):
@@ -169,17 +205,22 @@ def test_eval_at_other_loop_counts(uninterrupted):
   assert json.loads((workdir / "eval_step6.json").read_text())["step"] == 6
 
 
-def test_nonfinite_updates_stop_the_run_and_keep_the_checkpoint(uninterrupted, tmp_path,
-                                                                monkeypatch):
+def test_nonfinite_updates_stop_the_run_and_keep_the_checkpoint(
+  uninterrupted, tmp_path, monkeypatch
+):
   from flt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path / "nan"
   c = tiny_config()
   c.train.steps = 3
   loop.train_and_evaluate(c, str(workdir))
   before = checkpoint_listing(workdir)
   real_loss_fn = step_lib.loss_fn
-  monkeypatch.setattr(step_lib, "loss_fn", lambda *a, **k: (
-      lambda loss, aux: (loss * float("nan"), aux))(*real_loss_fn(*a, **k)))
+  monkeypatch.setattr(
+    step_lib,
+    "loss_fn",
+    lambda *a, **k: (lambda loss, aux: (loss * float("nan"), aux))(*real_loss_fn(*a, **k)),
+  )
   c.train.steps = STEPS
   c.train.max_consecutive_nonfinite = 2
   with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite updates"):

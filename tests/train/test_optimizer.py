@@ -1,4 +1,5 @@
 """Tests for flt_jax.train.optimizer."""
+
 import math
 
 import jax
@@ -18,17 +19,17 @@ TOTAL = 10
 def _params(key=0):
   k = jax.random.split(jax.random.key(key), 5)
   return {
-      'wte': {'embedding': jax.random.normal(k[0], (V, D))},
-      'lm_head': {'kernel': 0.01 * jax.random.normal(k[1], (D, V))},
-      'blocks': {
-          'layers': {
-              'attn': {'c_q': jax.random.normal(k[2], (L, D, D))},
-              'mlp': {
-                  'c_fc': jax.random.normal(k[3], (L, D, 4 * D)),
-                  'c_proj': jax.random.normal(k[4], (L, 4 * D, D)),
-              },
-          },
+    "wte": {"embedding": jax.random.normal(k[0], (V, D))},
+    "lm_head": {"kernel": 0.01 * jax.random.normal(k[1], (D, V))},
+    "blocks": {
+      "layers": {
+        "attn": {"c_q": jax.random.normal(k[2], (L, D, D))},
+        "mlp": {
+          "c_fc": jax.random.normal(k[3], (L, D, 4 * D)),
+          "c_proj": jax.random.normal(k[4], (L, 4 * D, D)),
+        },
       },
+    },
   }
 
 
@@ -66,7 +67,7 @@ def test_lr_multiplier_values():
   f = lambda s, w=0: opt_lib.lr_multiplier(s, 1000, w, 0.2)
   assert f(0) == 1.0
   assert f(500) == 1.0
-  assert f(800) == 1.0            # Last constant step: 1000 - 200.
+  assert f(800) == 1.0  # Last constant step: 1000 - 200.
   assert f(801) == pytest.approx(199 / 200)
   assert f(900) == pytest.approx(0.5)
   assert f(999) == pytest.approx(1 / 200)
@@ -78,8 +79,9 @@ def test_lr_multiplier_values():
   assert f(10, 10) == 1.0
   # The JAX path (used inside the optimizer) agrees with the Python path.
   for s in (0, 4, 9, 500, 801, 900, 999, 1000):
-    assert float(opt_lib.lr_multiplier(jnp.int32(s), 1000, 10, 0.2)) == \
-        pytest.approx(f(s, 10), abs=1e-6)
+    assert float(opt_lib.lr_multiplier(jnp.int32(s), 1000, 10, 0.2)) == pytest.approx(
+      f(s, 10), abs=1e-6
+    )
   assert opt_lib.lr_multiplier(5, 10, 0, 0.0) == 1.0  # No warm-down.
 
 
@@ -97,10 +99,10 @@ def test_current_learning_rates():
   d_model = 384
   lrs = opt_lib.current_learning_rates(c, d_model, 900, 1000)
   scale = (384 / 768) ** -0.5
-  assert lrs['lr/muon'] == pytest.approx(0.02 * 0.5)
-  assert lrs['lr/embedding'] == pytest.approx(0.2 * scale * 0.5)
-  assert lrs['lr/lm_head'] == pytest.approx(0.004 * scale * 0.5)
-  assert lrs['optim/muon_momentum'] == pytest.approx(0.95)
+  assert lrs["lr/muon"] == pytest.approx(0.02 * 0.5)
+  assert lrs["lr/embedding"] == pytest.approx(0.2 * scale * 0.5)
+  assert lrs["lr/lm_head"] == pytest.approx(0.004 * scale * 0.5)
+  assert lrs["optim/muon_momentum"] == pytest.approx(0.95)
   assert all(isinstance(v, float) for v in lrs.values())
 
 
@@ -112,7 +114,7 @@ def test_resolve_total_steps():
   t.tokens_per_param = 20
   assert opt_lib.resolve_total_steps(t, 1000, 3000) == math.ceil(20000 / 3000)
   assert opt_lib.resolve_total_steps(t, 1000, 20000) == 1
-  with pytest.raises(ValueError, match='train.steps'):
+  with pytest.raises(ValueError, match="train.steps"):
     opt_lib.resolve_total_steps(t, 0, 1000)
 
 
@@ -121,15 +123,15 @@ def test_resolve_total_steps():
 
 def test_param_labels():
   labels = opt_lib.param_labels(_params())
-  assert labels['wte']['embedding'] == 'adamw'
-  assert labels['lm_head']['kernel'] == 'adamw'
-  block_labels = jax.tree.leaves(labels['blocks'])
-  assert block_labels and set(block_labels) == {'muon'}
-  bad = dict(_params(), pos_emb={'embedding': jnp.zeros((4, D))})
+  assert labels["wte"]["embedding"] == "adamw"
+  assert labels["lm_head"]["kernel"] == "adamw"
+  block_labels = jax.tree.leaves(labels["blocks"])
+  assert block_labels and set(block_labels) == {"muon"}
+  bad = dict(_params(), pos_emb={"embedding": jnp.zeros((4, D))})
   with pytest.raises(ValueError, match=r"pos_emb.*'blocks'"):
     opt_lib.param_labels(bad)
-  bad_rank = dict(_params(), blocks={'x': jnp.zeros((2, 2, 2, 2))})
-  with pytest.raises(ValueError, match=r'\[L, in, out\]'):
+  bad_rank = dict(_params(), blocks={"x": jnp.zeros((2, 2, 2, 2))})
+  with pytest.raises(ValueError, match=r"\[L, in, out\]"):
     opt_lib.param_labels(bad_rank)
 
 
@@ -138,16 +140,18 @@ def test_param_labels():
 
 def _per_layer_reference_tx(c, total):
   """optax muon on a single 2-D [in, out] matrix with the same schedules."""
-  mult = lambda n: opt_lib.lr_multiplier(n, total, c.warmup_steps,
-                                         c.warmdown_frac)
+  mult = lambda n: opt_lib.lr_multiplier(n, total, c.warmup_steps, c.warmdown_frac)
   return optax.inject_hyperparams(
-      optax.contrib.muon, static_args=('ns_steps',),
-      hyperparam_dtype=jnp.float32)(
-          learning_rate=lambda n: c.matrix_lr * mult(n),
-          beta=lambda n: opt_lib.muon_momentum(
-              n, c.muon_momentum_start, c.muon_momentum_end,
-              c.muon_momentum_warmup_steps),
-          ns_steps=c.ns_steps, eps=opt_lib.MUON_NS_EPS, nesterov=True)
+    optax.contrib.muon, static_args=("ns_steps",), hyperparam_dtype=jnp.float32
+  )(
+    learning_rate=lambda n: c.matrix_lr * mult(n),
+    beta=lambda n: opt_lib.muon_momentum(
+      n, c.muon_momentum_start, c.muon_momentum_end, c.muon_momentum_warmup_steps
+    ),
+    ns_steps=c.ns_steps,
+    eps=opt_lib.MUON_NS_EPS,
+    nesterov=True,
+  )
 
 
 def test_muon_stacked_equals_per_layer():
@@ -158,15 +162,14 @@ def test_muon_stacked_equals_per_layer():
   update = jax.jit(tx.update)
 
   leaves = {
-      'c_q': lambda t: t['blocks']['layers']['attn']['c_q'],
-      'c_fc': lambda t: t['blocks']['layers']['mlp']['c_fc'],
-      'c_proj': lambda t: t['blocks']['layers']['mlp']['c_proj'],
+    "c_q": lambda t: t["blocks"]["layers"]["attn"]["c_q"],
+    "c_fc": lambda t: t["blocks"]["layers"]["mlp"]["c_fc"],
+    "c_proj": lambda t: t["blocks"]["layers"]["mlp"]["c_proj"],
   }
   ref_tx = _per_layer_reference_tx(c, TOTAL)
   ref_update = jax.jit(ref_tx.update)
   ref_states = {
-      (name, l): ref_tx.init({'w': get(params)[l]})
-      for name, get in leaves.items() for l in range(L)
+    (name, l): ref_tx.init({"w": get(params)[l]}) for name, get in leaves.items() for l in range(L)
   }
   for step in range(3):
     grads = _grads(step)
@@ -175,34 +178,36 @@ def test_muon_stacked_equals_per_layer():
       stacked = np.asarray(get(updates))
       for l in range(L):
         ref_u, ref_states[(name, l)] = ref_update(
-            {'w': get(grads)[l]}, ref_states[(name, l)],
-            {'w': get(params)[l]})
-        np.testing.assert_allclose(stacked[l], np.asarray(ref_u['w']),
-                                   rtol=1e-5, atol=1e-7,
-                                   err_msg=f'{name} layer {l} step {step}')
+          {"w": get(grads)[l]}, ref_states[(name, l)], {"w": get(params)[l]}
+        )
+        np.testing.assert_allclose(
+          stacked[l],
+          np.asarray(ref_u["w"]),
+          rtol=1e-5,
+          atol=1e-7,
+          err_msg=f"{name} layer {l} step {step}",
+        )
     # Independent check of the first step against the reference algorithm:
     # -lr * sqrt(max(1, out/in)) * NS(g) per layer (momentum mix ∝ g at t=1).
     if step == 0:
-      for name, get in leaves.items():
+      for get in leaves.values():
         g = np.asarray(get(grads))
         fan_in, fan_out = g.shape[1], g.shape[2]
         for l in range(L):
-          expected = (-c.matrix_lr * max(1.0, fan_out / fan_in) ** 0.5 *
-                      _reference_ns(g[l]))
-          np.testing.assert_allclose(np.asarray(get(updates))[l], expected,
-                                     rtol=2e-4, atol=1e-6)
+          expected = -c.matrix_lr * max(1.0, fan_out / fan_in) ** 0.5 * _reference_ns(g[l])
+          np.testing.assert_allclose(np.asarray(get(updates))[l], expected, rtol=2e-4, atol=1e-6)
         # Orthogonalising the flattened tensor would give something else.
         flat = _reference_ns(g.reshape(-1, fan_out)).reshape(g.shape)
-        assert not np.allclose(np.asarray(get(updates)) / -c.matrix_lr /
-                               max(1.0, fan_out / fan_in) ** 0.5,
-                               flat, atol=1e-3)
+        assert not np.allclose(
+          np.asarray(get(updates)) / -c.matrix_lr / max(1.0, fan_out / fan_in) ** 0.5,
+          flat,
+          atol=1e-3,
+        )
 
   hp = opt_lib.muon_hyperparams(state)
   # After 3 updates the last one used count 2.
-  assert float(hp['beta']) == pytest.approx(
-      opt_lib.muon_momentum(2, 0.85, 0.95, 4))
-  assert float(hp['learning_rate']) == pytest.approx(
-      0.02 * opt_lib.lr_multiplier(2, TOTAL, 0, 0.5))
+  assert float(hp["beta"]) == pytest.approx(opt_lib.muon_momentum(2, 0.85, 0.95, 4))
+  assert float(hp["learning_rate"]) == pytest.approx(0.02 * opt_lib.lr_multiplier(2, TOTAL, 0, 0.5))
 
 
 def test_muon_lr_follows_schedule_to_zero():
@@ -214,8 +219,7 @@ def test_muon_lr_follows_schedule_to_zero():
   for step in range(4):
     updates, state = update(_grads(step), state, params)
     lrs = opt_lib.current_learning_rates(c, D, step, 4)
-    assert float(opt_lib.muon_hyperparams(state)['learning_rate']) == \
-        pytest.approx(lrs['lr/muon'])
+    assert float(opt_lib.muon_hyperparams(state)["learning_rate"]) == pytest.approx(lrs["lr/muon"])
   # Past the horizon the multiplier is 0: every group's update is zero.
   updates, state = update(_grads(4), state, params)
   assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
@@ -235,23 +239,20 @@ def test_adamw_groups_lr_and_betas():
   updates, state = update(grads, state, params)
   scale = (d_model / 768) ** -0.5
   # First Adam step: m_hat / (sqrt(v_hat) + eps) = g / (|g| + eps).
-  for key, sub, lr in (('wte', 'embedding', 0.2), ('lm_head', 'kernel', 0.004)):
+  for key, sub, lr in (("wte", "embedding", 0.2), ("lm_head", "kernel", 0.004)):
     g = np.asarray(grads[key][sub], np.float64)
-    np.testing.assert_allclose(np.asarray(updates[key][sub]),
-                               -lr * scale * g / (np.abs(g) + 1e-10),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+      np.asarray(updates[key][sub]), -lr * scale * g / (np.abs(g) + 1e-10), rtol=1e-4
+    )
   # Second step vs a hand-written AdamW(b1=0.8, b2=0.95).
   grads2 = _grads(1)
   updates2, _ = update(grads2, state, params)
-  g1, g2 = (np.asarray(x['wte']['embedding'], np.float64)
-            for x in (grads, grads2))
+  g1, g2 = (np.asarray(x["wte"]["embedding"], np.float64) for x in (grads, grads2))
   b1, b2 = 0.8, 0.95
   m = (1 - b1) * (b1 * g1 + g2)
   v = (1 - b2) * (b2 * g1**2 + g2**2)
-  expected = -0.2 * scale * (m / (1 - b1**2)) / (
-      np.sqrt(v / (1 - b2**2)) + 1e-10)
-  np.testing.assert_allclose(np.asarray(updates2['wte']['embedding']),
-                             expected, rtol=1e-4)
+  expected = -0.2 * scale * (m / (1 - b1**2)) / (np.sqrt(v / (1 - b2**2)) + 1e-10)
+  np.testing.assert_allclose(np.asarray(updates2["wte"]["embedding"]), expected, rtol=1e-4)
 
 
 def test_global_clip_before_split():
@@ -261,8 +262,8 @@ def test_global_clip_before_split():
   tx = opt_lib.make_optimizer(c, d_model=D, total_steps=TOTAL)
   state = tx.init(params)
   g1 = _grads(0)
-  g1['blocks'] = jax.tree.map(lambda x: 1e4 * x, g1['blocks'])
-  g2 = _grads(1)   # Small: not clipped.
+  g1["blocks"] = jax.tree.map(lambda x: 1e4 * x, g1["blocks"])
+  g2 = _grads(1)  # Small: not clipped.
   update = jax.jit(tx.update)
   _, state = update(g1, state, params)
   u2, _ = update(g2, state, params)
@@ -272,63 +273,76 @@ def test_global_clip_before_split():
     return jax.tree.map(lambda x: x * jnp.minimum(1.0, 1.0 / n), tree)
 
   def adamw_ref(grad_seq):
-    ref = optax.adamw(0.2 * (D / 768) ** -0.5, b1=0.8, b2=0.95, eps=1e-10,
-                      weight_decay=0.0)
-    s = ref.init(params['wte'])
+    ref = optax.adamw(0.2 * (D / 768) ** -0.5, b1=0.8, b2=0.95, eps=1e-10, weight_decay=0.0)
+    s = ref.init(params["wte"])
     for g in grad_seq:
-      u, s = ref.update(g['wte'], s, params['wte'])
-    return np.asarray(u['embedding'])
+      u, s = ref.update(g["wte"], s, params["wte"])
+    return np.asarray(u["embedding"])
 
-  np.testing.assert_allclose(np.asarray(u2['wte']['embedding']),
-                             adamw_ref([clipped(g1), clipped(g2)]), rtol=1e-4)
-  assert not np.allclose(np.asarray(u2['wte']['embedding']),
-                         adamw_ref([g1, g2]), rtol=1e-2)
+  np.testing.assert_allclose(
+    np.asarray(u2["wte"]["embedding"]), adamw_ref([clipped(g1), clipped(g2)]), rtol=1e-4
+  )
+  assert not np.allclose(np.asarray(u2["wte"]["embedding"]), adamw_ref([g1, g2]), rtol=1e-2)
 
 
 def test_config_validation_messages():
   cfg = train_config.get_config()
   train_config.validate(cfg)
-  cfg.model = ml_collections.ConfigDict({'seq_len': 1024})
+  cfg.model = ml_collections.ConfigDict({"seq_len": 1024})
   train_config.validate(cfg)
   assert train_config.grad_accum_steps(cfg) == 524_288 // (32 * 1024)
   cfg.train.total_batch_tokens = 1000
-  with pytest.raises(ValueError, match=r'train.total_batch_tokens = 1000.*'
-                     r'32 \* 1024 = 32768'):
+  with pytest.raises(
+    ValueError,
+    match=r"train.total_batch_tokens = 1000.*"
+    r"32 \* 1024 = 32768",
+  ):
     train_config.validate(cfg)
   cfg = train_config.get_config()
   cfg.optim.adam_b2 = 1.5
-  with pytest.raises(ValueError, match=r'optim.adam_b2 = 1.5.*< 1'):
+  with pytest.raises(ValueError, match=r"optim.adam_b2 = 1.5.*< 1"):
     train_config.validate(cfg)
   cfg = train_config.get_config()
-  cfg.checkpoint = ml_collections.ConfigDict(
-      {'every_steps': 10, 'keep': 1, 'async_save': 'yes'})
-  with pytest.raises(ValueError, match='checkpoint.async_save'):
+  cfg.checkpoint = ml_collections.ConfigDict({"every_steps": 10, "keep": 1, "async_save": "yes"})
+  with pytest.raises(ValueError, match="checkpoint.async_save"):
     train_config.validate(cfg)
   cfg = train_config.get_config()
-  del cfg['metrics']
-  with pytest.raises(ValueError, match=r'config.metrics is missing'):
+  del cfg["metrics"]
+  with pytest.raises(ValueError, match=r"config.metrics is missing"):
     train_config.validate(cfg)
 
 
-@pytest.mark.parametrize('kv_lora_rank', [0, 8])
+@pytest.mark.parametrize("kv_lora_rank", [0, 8])
 def test_labels_on_the_real_model_tree(kv_lora_rank):
   """Muon gets exactly the block matrices, AdamW exactly embedding and lm_head."""
   from flt_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
   from flt_jax.model.looped import LoopedTransformer  # pylint: disable=g-import-not-at-top
   from flt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+
   c = model_config.get_config()
-  c.update(dict(vocab_size=64, n_layer=2, d_model=32, n_head=2, n_kv_head=1,
-                kv_lora_rank=kv_lora_rank, seq_len=8))
+  c.update(
+    dict(
+      vocab_size=64,
+      n_layer=2,
+      d_model=32,
+      n_head=2,
+      n_kv_head=1,
+      kv_lora_rank=kv_lora_rank,
+      seq_len=8,
+    )
+  )
   model = LoopedTransformer(model_config.ModelConfig.from_config(c))
   params = jax.eval_shape(lambda: state_lib.init_params(model, jax.random.PRNGKey(0), 8))
-  labels = {jax.tree_util.keystr(p): l for p, l in
-            jax.tree_util.tree_leaves_with_path(opt_lib.param_labels(params))}
+  labels = {
+    jax.tree_util.keystr(p): l
+    for p, l in jax.tree_util.tree_leaves_with_path(opt_lib.param_labels(params))
+  }
   adamw = sorted(k for k, l in labels.items() if l == opt_lib.ADAMW)
   assert adamw == ["['lm_head']['kernel']", "['wte']['embedding']"]
   muon = sorted(k for k, l in labels.items() if l == opt_lib.MUON)
-  names = ['c_kv_down', 'c_k_up', 'c_v_up'] if kv_lora_rank else ['c_k', 'c_v']
-  expected = sorted([f"['blocks']['layers']['block']['attn']['{n}']['kernel']"
-                     for n in ['c_q', 'c_proj'] + names] +
-                    [f"['blocks']['layers']['block']['mlp']['{n}']['kernel']"
-                     for n in ['c_fc', 'c_proj']])
+  names = ["c_kv_down", "c_k_up", "c_v_up"] if kv_lora_rank else ["c_k", "c_v"]
+  expected = sorted(
+    [f"['blocks']['layers']['block']['attn']['{n}']['kernel']" for n in ["c_q", "c_proj"] + names]
+    + [f"['blocks']['layers']['block']['mlp']['{n}']['kernel']" for n in ["c_fc", "c_proj"]]
+  )
   assert muon == expected

@@ -1,4 +1,5 @@
 """Train step: accumulation equals one large batch, non-finite updates are skipped."""
+
 import functools
 
 import jax
@@ -17,8 +18,18 @@ from flt_jax.train import step as step_lib
 
 def _model(**overrides):
   c = model_config.get_config()
-  c.update(dict(vocab_size=64, n_layer=2, d_model=32, n_head=2, n_kv_head=1, loops=2,
-                seq_len=8, loss_type="STEP"))
+  c.update(
+    dict(
+      vocab_size=64,
+      n_layer=2,
+      d_model=32,
+      n_head=2,
+      n_kv_head=1,
+      loops=2,
+      seq_len=8,
+      loss_type="STEP",
+    )
+  )
   c.update(overrides)
   return LoopedTransformer(model_config.ModelConfig.from_config(c))
 
@@ -37,19 +48,22 @@ def _state(model, optimizer):
   leaves, tree = jax.tree_util.tree_flatten(state.params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   params = jax.tree_util.tree_unflatten(
-      tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
   return state.replace(params=params, opt_state=optimizer.init(params))
 
 
 def test_accumulated_micro_batches_equal_one_large_batch():
   num_micro = 4
   model = _model()
-  optimizer = optim_lib.make_optimizer(train_config.get_optim_config(), d_model=32,
-                                       total_steps=10)  # Muon + AdamW, clipped
+  optimizer = optim_lib.make_optimizer(
+    train_config.get_optim_config(), d_model=32, total_steps=10
+  )  # Muon + AdamW, clipped
   state = _state(model, optimizer)
   batch = _batch(8)
-  step = lambda n: jax.jit(functools.partial(step_lib.train_step, model=model,
-                                             optimizer=optimizer, num_micro=n))
+  step = lambda n: jax.jit(
+    functools.partial(step_lib.train_step, model=model, optimizer=optimizer, num_micro=n)
+  )
   one, m1 = step(1)(state, batch)
   many, mn = step(num_micro)(state, batch)
   np.testing.assert_allclose(m1["loss"], mn["loss"], rtol=1e-5)
@@ -89,8 +103,9 @@ def test_diagnostics_report_every_loop_and_layer():
   model = _model(loops=3)
   optimizer = optax.sgd(1e-2)
   state = _state(model, optimizer)
-  _, m = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
-                                   diagnostics=True))(state, _batch(4))
+  _, m = jax.jit(
+    functools.partial(step_lib.train_step, model=model, optimizer=optimizer, diagnostics=True)
+  )(state, _batch(4))
   assert m["loop_loss"].shape == (3,) and m["residual_norm"].shape == (3,)
   assert m["layer_grad_norm"].shape == (2,)
   np.testing.assert_allclose(jnp.mean(m["loop_loss"]), m["loss"], rtol=1e-5)  # STEP
