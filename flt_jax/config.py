@@ -13,7 +13,6 @@ from flt_jax.train import config as train_config
 def default_config() -> ml_collections.ConfigDict:
   config = train_config.get_config()  # optim, train, checkpoint, metrics
   config.model = model_config.get_config()
-  config.model.vocab_size = 0  # 0 = take it from the tokenizer
   config.data = data_config.get_config()
   config.experiment = ""
   config.preset = ""

@@ -1,135 +1,83 @@
-"""The `config.model` section: defaults, validation, and a frozen view for modules."""
+"""The `config.model` section: `ModelConfig` is its one definition.
+
+`ModelConfig`'s field defaults are the section's defaults (`get_config` derives the
+ConfigDict from them); `ModelConfig.from_config` validates a section and freezes it for
+the Flax modules, taking the vocabulary size from the tokenizer when the section says 0.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
+import jax
 import ml_collections
+
+from flt_jax.errors import config_error
 
 VARIANTS = ("FLT", "FLT_res", "LT", "LT_i", "LT_ia")
 LOSS_TYPES = ("END", "STEP", "FEW")
-REMAT_POLICIES = ("none", "loop", "block", "block_save_dots")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla",)
+# Where rematerialisation checkpoints go: nowhere, around each loop (keep only the K loop
+# carries), or around each block (keep each layer's input).
+REMAT_PLACES = ("none", "loop", "block")
+# What a rematerialised region saves instead of recomputing: a jax.checkpoint_policies
+# policy by name, or a comma-separated list of the tensor names below (MaxText style).
+REMAT_POLICIES = {
+  "nothing": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  "everything": jax.checkpoint_policies.everything_saveable,
+}
+# Tensors tagged with jax.ad_checkpoint.checkpoint_name inside a block.
+CHECKPOINT_NAMES = ("qkv", "attn_out", "mlp_in", "mlp_hidden")
 
 
-def get_config() -> ml_collections.ConfigDict:
-  """Defaults for `config.model` (a tiny CPU model; experiments override)."""
-  c = ml_collections.ConfigDict()
-  c.variant = "FLT"
-  c.loops = 12  # K; can be changed at evaluation time
-  c.loss_type = "END"
-  c.vocab_size = 256  # true vocabulary; padded to vocab_pad_multiple internally
-  c.vocab_pad_multiple = 64
-  c.n_layer = 2
-  c.d_model = 128
-  c.n_head = 1
-  c.n_kv_head = 1
-  c.kv_lora_rank = 0  # > 0 selects MLA attention
-  c.window_pattern = "L"  # tiled over layers; S = seq_len // 4 window; last layer always L
-  c.seq_len = 256  # training context; sets the S window and the rotary table
-  c.rope_base = 10000.0
-  c.rope_max_len = 0  # rotary table length; 0 = 10 * seq_len as the reference does
-  c.rope_bf16 = False  # round rotary tables to bfloat16 like the published reference
-  c.softcap = 15.0
-  c.dtype = "float32"  # compute dtype; params and loss stay float32
-  c.remat = "none"
-  c.attention_impl = "xla"
-  return c
-
-
-def _fail(field: str, value, allowed: str) -> None:
-  raise ValueError(f"config.model.{field}={value!r} is invalid: {allowed}")
-
-
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the offending field, its value and what is allowed."""
-  if c.variant not in VARIANTS:
-    _fail("variant", c.variant, f"choose one of {VARIANTS}")
-  if c.loss_type not in LOSS_TYPES:
-    _fail("loss_type", c.loss_type, f"choose one of {LOSS_TYPES}")
-  if c.remat not in REMAT_POLICIES:
-    _fail("remat", c.remat, f"choose one of {REMAT_POLICIES}")
-  if c.dtype not in DTYPES:
-    _fail("dtype", c.dtype, f"choose one of {DTYPES}")
-  if c.attention_impl not in ATTENTION_IMPLS:
-    _fail("attention_impl", c.attention_impl, f"choose one of {ATTENTION_IMPLS}")
-  for field in (
-    "loops",
-    "n_layer",
-    "d_model",
-    "n_head",
-    "n_kv_head",
-    "vocab_size",
-    "vocab_pad_multiple",
-  ):
-    v = c[field]
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-      _fail(field, v, "must be an integer >= 1")
-  if c.seq_len < 2:
-    _fail("seq_len", c.seq_len, "must be an integer >= 2")
-  if c.d_model % c.n_head:
-    _fail("n_head", c.n_head, f"must divide d_model={c.d_model} (head_dim = d_model / n_head)")
-  if c.n_head % c.n_kv_head:
-    _fail("n_kv_head", c.n_kv_head, f"must divide n_head={c.n_head} (grouped-query attention)")
-  if (c.d_model // c.n_head) % 2:
-    _fail(
-      "n_head",
-      c.n_head,
-      f"gives an odd head_dim={c.d_model // c.n_head}; rotary embedding needs an even one",
-    )
-  if c.kv_lora_rank < 0:
-    _fail("kv_lora_rank", c.kv_lora_rank, "must be 0 (standard attention) or a positive MLA rank")
-  pattern = c.window_pattern
-  if not isinstance(pattern, str) or not pattern or set(pattern.upper()) - {"S", "L"}:
-    _fail(
-      "window_pattern",
-      pattern,
-      "must be a non-empty string of 'S' (window seq_len//4) and 'L' (full), e.g. 'SSSL'",
-    )
-  if c.rope_max_len and c.rope_max_len < c.seq_len:
-    _fail(
-      "rope_max_len",
-      c.rope_max_len,
-      f"the rotary table is shorter than seq_len={c.seq_len}; raise it or set 0 (= 10*seq_len)",
-    )
-  if not c.softcap > 0:
-    _fail("softcap", c.softcap, "must be > 0")
+def remat_policy(name: str):
+  """The jax.checkpoint policy that `config.model.remat_policy` names."""
+  if name in REMAT_POLICIES:
+    return REMAT_POLICIES[name]
+  return jax.checkpoint_policies.save_only_these_names(*name.split(","))
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Immutable, hashable copy of `config.model` that Flax modules hold."""
+  """Immutable, hashable `config.model` that Flax modules hold. Defaults: a tiny CPU model."""
 
-  variant: str
-  loops: int
-  loss_type: str
-  vocab_size: int
-  vocab_pad_multiple: int
-  n_layer: int
-  d_model: int
-  n_head: int
-  n_kv_head: int
-  kv_lora_rank: int
-  window_pattern: str
-  seq_len: int
-  rope_base: float
-  rope_max_len: int
-  rope_bf16: bool
-  softcap: float
-  dtype: str
-  remat: str
-  attention_impl: str
+  variant: str = "FLT"
+  loops: int = 12  # K; can be changed at evaluation time
+  loss_type: str = "END"
+  vocab_size: int = 0  # true vocabulary (padded internally); 0 in a config = the tokenizer's
+  vocab_pad_multiple: int = 64
+  n_layer: int = 2
+  d_model: int = 128
+  n_head: int = 1
+  n_kv_head: int = 1
+  kv_lora_rank: int = 0  # > 0 selects MLA attention
+  window_pattern: str = "L"  # tiled over layers; S = seq_len // 4 window; last layer always L
+  seq_len: int = 256  # training context; sets the S window and the rotary table
+  rope_base: float = 10000.0
+  rope_max_len: int = 0  # rotary table length; 0 = 10 * seq_len as the reference does
+  rope_bf16: bool = False  # round rotary tables to bfloat16 like the published reference
+  softcap: float = 15.0
+  dtype: str = "float32"  # compute dtype; params and loss stay float32
+  remat: str = "none"  # where: one of REMAT_PLACES
+  remat_policy: str = "nothing"  # what is saved: REMAT_POLICIES key or CHECKPOINT_NAMES list
+  attention_impl: str = "xla"
+  # Packed rows: attend only within each document and restart RoPE positions per document.
+  # Off by default because the official implementation attends across packed documents.
+  separate_documents: bool = False
 
   @classmethod
-  def from_config(cls, c: ml_collections.ConfigDict) -> ModelConfig:
+  def from_config(
+    cls, c: ml_collections.ConfigDict, tokenizer_vocab_size: int | None = None
+  ) -> ModelConfig:
+    """Validates `c` and freezes it; `c.vocab_size=0` takes `tokenizer_vocab_size`."""
     validate(c)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(c.keys()) - set(names))
-    if unknown:
-      raise ValueError(f"config.model has unknown keys {unknown}; known keys: {sorted(names)}")
-    return cls(**{n: c[n] for n in names})
+    values = {f.name: c[f.name] for f in dataclasses.fields(cls)}
+    values["vocab_size"] = resolve_vocab_size(c.vocab_size, tokenizer_vocab_size)
+    return cls(**values)
 
   @property
   def head_dim(self) -> int:
@@ -160,3 +108,96 @@ class ModelConfig:
     if self.loss_type == "FEW":
       return tuple(range(2 * loops // 3, loops))
     return (loops - 1,)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Defaults for `config.model`: ModelConfig's field defaults."""
+  return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(ModelConfig)})
+
+
+def resolve_vocab_size(configured: int, tokenizer_vocab_size: int | None) -> int:
+  """The model's vocabulary: the configured size, or the tokenizer's when it is 0."""
+  if tokenizer_vocab_size is None:
+    if configured == 0:
+      raise config_error(
+        "model.vocab_size",
+        0,
+        "0 means 'the tokenizer's size', but no tokenizer size was given",
+        "pass tokenizer_vocab_size to ModelConfig.from_config or set a size",
+      )
+    return configured
+  if configured == 0:
+    return int(tokenizer_vocab_size)
+  if configured < tokenizer_vocab_size:
+    raise config_error(
+      "model.vocab_size",
+      configured,
+      f"it is smaller than the tokenizer's vocabulary ({tokenizer_vocab_size})",
+      "set it to 0 to follow the tokenizer",
+    )
+  return configured
+
+
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the offending field, its value and what is allowed."""
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(c.keys()) - known)
+  if unknown:
+    raise config_error("model", unknown, "has unknown keys", f"use only {sorted(known)}")
+
+  def fail(field, allowed, fix=""):
+    raise config_error(f"model.{field}", c[field], allowed, fix)
+
+  for field, allowed in (
+    ("variant", VARIANTS),
+    ("loss_type", LOSS_TYPES),
+    ("remat", REMAT_PLACES),
+    ("dtype", DTYPES),
+    ("attention_impl", ATTENTION_IMPLS),
+  ):
+    if c[field] not in allowed:
+      fail(field, f"choose one of {allowed}")
+  policy = c.remat_policy
+  if not isinstance(policy, str) or (
+    policy not in REMAT_POLICIES and set(policy.split(",")) - set(CHECKPOINT_NAMES)
+  ):
+    fail(
+      "remat_policy",
+      f"use one of {tuple(REMAT_POLICIES)} or a comma-separated list of {CHECKPOINT_NAMES}",
+    )
+  for field in ("loops", "n_layer", "d_model", "n_head", "n_kv_head", "vocab_pad_multiple"):
+    if not _positive_int(c[field]):
+      fail(field, "must be an integer >= 1")
+  if not (_positive_int(c.vocab_size) or c.vocab_size == 0):
+    fail("vocab_size", "must be an integer >= 1, or 0 for the tokenizer's size")
+  if not isinstance(c.seq_len, int) or c.seq_len < 2:
+    fail("seq_len", "must be an integer >= 2")
+  if c.d_model % c.n_head:
+    fail("n_head", f"must divide d_model={c.d_model} (head_dim = d_model / n_head)")
+  if c.n_head % c.n_kv_head:
+    fail("n_kv_head", f"must divide n_head={c.n_head} (grouped-query attention)")
+  if (c.d_model // c.n_head) % 2:
+    fail("n_head", f"gives an odd head_dim={c.d_model // c.n_head}; rotary needs an even one")
+  if c.kv_lora_rank < 0:
+    fail("kv_lora_rank", "must be 0 (standard attention) or a positive MLA rank")
+  pattern = c.window_pattern
+  if not isinstance(pattern, str) or not pattern or set(pattern.upper()) - {"S", "L"}:
+    fail(
+      "window_pattern",
+      "must be a non-empty string of 'S' (window seq_len//4) and 'L' (full), e.g. 'SSSL'",
+    )
+  if c.rope_max_len and c.rope_max_len < c.seq_len:
+    fail(
+      "rope_max_len",
+      f"the rotary table is shorter than seq_len={c.seq_len}",
+      "raise it or set 0 (= 10*seq_len)",
+    )
+  if not c.softcap > 0:
+    fail("softcap", "must be > 0")
+  for field in ("rope_bf16", "separate_documents"):
+    if not isinstance(c[field], bool):
+      fail(field, "must be True or False")

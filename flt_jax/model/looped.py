@@ -12,16 +12,10 @@ Loop i's input and how h = norm(output of loop i-1) enters (DESIGN §1):
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from flt_jax.model.config import ModelConfig
+from flt_jax.model.config import ModelConfig, remat_policy
 from flt_jax.model.layers import Block, rms_norm, rope_tables
-
-_REMAT_POLICIES = {
-  "block": None,  # jax.checkpoint's default: save only the block's inputs
-  "block_save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 class _LayerStack(nn.Module):
@@ -33,8 +27,8 @@ class _LayerStack(nn.Module):
   def __call__(self, x_BxTxD, h_BxTxD, h_query_BxTxD, has_h, cos, sin):
     cfg = self.cfg
     block = Block
-    if cfg.remat in _REMAT_POLICIES:
-      block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+    if cfg.remat == "block":
+      block = nn.remat(Block, prevent_cse=False, policy=remat_policy(cfg.remat_policy))
 
     def body(module, x, layer_xs):
       window_left, layer_index = layer_xs
@@ -107,7 +101,7 @@ class LoopedTransformer(nn.Module):
         _Loop,
         prevent_cse=False,
         static_argnums=(7,),
-        policy=jax.checkpoint_policies.nothing_saveable,
+        policy=remat_policy(self.cfg.remat_policy),
       )
     scanned = nn.scan(
       loop,

@@ -9,9 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flt_jax.constants import IGNORE_LABEL
 from flt_jax.model.looped import LoopedTransformer
-
-IGNORE_LABEL = -1
 
 
 def token_nll(logits_BxTxV, targets_BxT):

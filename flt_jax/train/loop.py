@@ -40,28 +40,16 @@ def resolve_config(config: ml_collections.ConfigDict):
   """
   config = ml_collections.ConfigDict(config.to_dict())
   flt_config.check_keys(config)
-  model_config_lib.validate(_with_placeholder_vocab(config.model))
+  model_config_lib.validate(config.model)
   data_config_lib.validate(config.data, seq_len=config.model.seq_len)
   train_config_lib.validate(config)
   return config
 
 
-def _with_placeholder_vocab(model_config):
-  """model.vocab_size may be 0 (= from the tokenizer) until the data is opened."""
-  c = ml_collections.ConfigDict(model_config.to_dict())
-  c.vocab_size = c.vocab_size or 1
-  return c
-
-
 def _resolve_vocab(config, vocab_size: int) -> model_config_lib.ModelConfig:
-  if config.model.vocab_size == 0:
-    config.model.vocab_size = int(vocab_size)
-  elif config.model.vocab_size < vocab_size:
-    raise ValueError(
-      f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-      f"tokenizer's vocabulary ({vocab_size}); set it to 0 to follow the tokenizer"
-    )
-  return model_config_lib.ModelConfig.from_config(config.model)
+  model_cfg = model_config_lib.ModelConfig.from_config(config.model, vocab_size)
+  config.model.vocab_size = model_cfg.vocab_size  # saved with checkpoints for shape checks
+  return model_cfg
 
 
 def _pipeline(config, split: str, batch_size: int, **kwargs):

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flt_jax.constants import IGNORE_LABEL
 from flt_jax.model.looped import LoopedTransformer
-from flt_jax.model.loss import IGNORE_LABEL, loss_fn, token_nll
+from flt_jax.model.loss import loss_fn, token_nll
 from flt_jax.train.state import TrainState
 
 

@@ -19,7 +19,7 @@ def _config(**overrides):
 
 
 def test_defaults_and_small_config_are_valid():
-  ModelConfig.from_config(get_config())
+  assert ModelConfig.from_config(get_config(), tokenizer_vocab_size=257).vocab_size == 257
   cfg = ModelConfig.from_config(
     _config(
       window_pattern="SSL",
@@ -50,6 +50,7 @@ def test_window_sizes_follow_pattern_and_last_layer_is_full():
     (dict(variant="FLT_ia"), "variant"),
     (dict(loss_type="MID"), "loss_type"),
     (dict(remat="everything"), "remat"),
+    (dict(remat_policy="attn_out,nope"), "remat_policy"),
     (dict(window_pattern="SXL"), "window_pattern"),
     (dict(window_pattern=""), "window_pattern"),
     (dict(loops=0), "loops"),

@@ -297,12 +297,15 @@ def test_loss_and_grads_finite_at_k12():
 REMAT_CASE = {"variant": "FLT", "loss_type": "STEP", **ATTENTION["swa"]}
 
 
-@pytest.mark.parametrize("remat", ["loop", "block", "block_save_dots"])
-def test_remat_does_not_change_loss_or_gradients(remat):
+@pytest.mark.parametrize(
+  "remat,policy", [("loop", "nothing"), ("block", "nothing"), ("block", "dots_no_batch")]
+)
+def test_remat_does_not_change_loss_or_gradients(remat, policy):
   params, toks = noisy_params(_key(ATTENTION["swa"])), tokens()
   targets = jnp.roll(toks, -1, 1)
   loss0, g0 = _value_and_grad(_key({**REMAT_CASE, "remat": "none"}), 3)(params, toks, targets)
-  loss1, g1 = _value_and_grad(_key({**REMAT_CASE, "remat": remat}), 3)(params, toks, targets)
+  case = {**REMAT_CASE, "remat": remat, "remat_policy": policy}
+  loss1, g1 = _value_and_grad(_key(case), 3)(params, toks, targets)
   np.testing.assert_allclose(float(loss1), float(loss0), atol=1e-5, rtol=0)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves(g1)):
     np.testing.assert_allclose(
