@@ -3,20 +3,14 @@ the bundle reader and its errors, few-shot prompts, the multiple-choice / schema
 language-modelling decision rules with scorers whose answers are known, the centred
 accuracy, and the flt_jax model scorer against a direct per-example log-likelihood."""
 
-import functools
 import pathlib
 import shutil
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flt_jax.data.tokenizers import BytesTokenizer
 from flt_jax.eval import core
-from flt_jax.model.config import ModelConfig, get_config
-from flt_jax.model.looped import LoopedTransformer
 
 BUNDLE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "eval_bundle"
 TOKENIZER = BytesTokenizer()
@@ -219,45 +213,8 @@ def test_core_csv(tmp_path):
 MAX_LEN = 24
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-  c = get_config()
-  c.update(
-    n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=TOKENIZER.vocab_size, seq_len=32
-  )
-  c.update(loops=2, window_pattern="L", kv_lora_rank=0)
-  model = LoopedTransformer(ModelConfig.from_config(c))
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros([1, 8], jnp.int32))
-  rng = np.random.default_rng(0)
-  # Every matrix random (the init's zero c_proj would make each block the identity).
-  params = jax.tree.map(
-    lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32),
-    nn.meta.unbox(shapes["params"]),
-  )
-  return model, params
-
-
-@functools.cache
-def _forward(model, loops):
-  compile_fast = {"xla_backend_optimization_level": 0}
-  return jax.jit(lambda p, t: model.apply({"params": p}, t, loops), compiler_options=compile_fast)
-
-
-def _reference(model, params, loops, context, continuation, max_len):
-  """Plain per-example log-likelihood: one unpadded forward pass, float64 log-softmax."""
-  sequence = (list(context) + list(continuation))[-(max_len + 1) :]
-  logits = _forward(model, loops)(params, jnp.asarray([sequence[:-1]], jnp.int32))
-  logits = np.asarray(logits[0], np.float64)
-  shifted = logits - logits.max(-1, keepdims=True)
-  logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-  n = len(continuation)
-  targets = np.asarray(sequence[1:])[-n:]
-  rows = np.arange(len(sequence) - 1)[-n:]
-  return float(logprobs[rows, targets].sum()), bool(np.all(logits[rows].argmax(-1) == targets))
-
-
-def test_model_scorer_matches_direct_log_likelihood(tiny_model):
-  model, params = tiny_model
+def test_model_scorer_matches_direct_log_likelihood(tiny_lm):
+  model, params = tiny_lm.model, tiny_lm.params
   loops = 3
   rng = np.random.default_rng(0)
   # Few distinct lengths keep the compiles down: 7 input tokens, or MAX_LEN after truncation.
@@ -270,27 +227,26 @@ def test_model_scorer_matches_direct_log_likelihood(tiny_model):
   ]
   # A continuation that is the model's own argmax chain must come back greedy.
   context = rng.integers(0, 256, 5).tolist()
-  chain = np.zeros([1, 7], np.int32)
-  chain[0, :5] = context
+  chain = np.zeros([7], np.int32)
+  chain[:5] = context
   for position in range(4, 7):  # right padding cannot change earlier positions (causal)
-    logits = _forward(model, loops)(params, jnp.asarray(chain))
-    next_token = int(jnp.argmax(logits[0, position]))
+    next_token = int(np.argmax(tiny_lm.logits(chain, loops)[position]))
     if position + 1 < 7:
-      chain[0, position + 1] = next_token
-  pairs.append((context, chain[0, 5:].tolist() + [next_token]))
+      chain[position + 1] = next_token
+  pairs.append((context, chain[5:].tolist() + [next_token]))
 
   score_fn = core.make_score_fn(model, params, loops, MAX_LEN, batch_size=2, min_bucket=8)
   got = score_fn(pairs)
   for (context, continuation), (logprob, greedy) in zip(pairs, got):
-    want_logprob, want_greedy = _reference(model, params, loops, context, continuation, MAX_LEN)
+    want_logprob, want_greedy = tiny_lm.loglikelihood(context, continuation, loops, MAX_LEN)
     assert logprob == pytest.approx(want_logprob, abs=1e-4)
     assert greedy == want_greedy
   assert got[-1][1] is True
   assert not all(g for _, g in got[:-1])
 
 
-def test_model_scorer_runs_the_bundle(tiny_model):
-  model, params = tiny_model
+def test_model_scorer_runs_the_bundle(tiny_lm):
+  model, params = tiny_lm.model, tiny_lm.params
   score_fn = core.make_score_fn(model, params, 2, 64, batch_size=8, min_bucket=64)
   result = core.evaluate_core(BUNDLE, score_fn, TOKENIZER, max_examples=2)
   assert set(result.tasks) == {"toy_choice", "toy_schema", "toy_lm"}
@@ -298,8 +254,8 @@ def test_model_scorer_runs_the_bundle(tiny_model):
     assert r.examples == 2 and r.accuracy in (0.0, 0.5, 1.0)
 
 
-def test_model_scorer_errors(tiny_model):
-  model, params = tiny_model
+def test_model_scorer_errors(tiny_lm):
+  model, params = tiny_lm.model, tiny_lm.params
   with pytest.raises(ValueError, match="rotary table"):
     core.make_score_fn(model, params, 2, 10**6)
   score_fn = core.make_score_fn(model, params, 2, 8)
