@@ -430,7 +430,7 @@ def write_core_csv(result: CoreResult, path) -> epath.Path:
 # ----------------------------------------------------------------------------- flt_jax
 
 
-def _bucket(n: int, max_len: int, min_bucket: int) -> int:
+def bucket_length(n: int, max_len: int, min_bucket: int = 16) -> int:
   """Pad lengths to powers of two so a task compiles a handful of shapes, not one per row."""
   return min(max_len, max(min_bucket, 1 << max(0, (n - 1).bit_length())))
 
@@ -490,7 +490,7 @@ def make_score_fn(
     results: list[tuple[float, bool] | None] = [None] * len(rows)
     by_bucket: dict[int, list[int]] = {}
     for i, (inputs, _, _) in enumerate(rows):
-      by_bucket.setdefault(_bucket(len(inputs), max_len, min_bucket), []).append(i)
+      by_bucket.setdefault(bucket_length(len(inputs), max_len, min_bucket), []).append(i)
     for length, members in sorted(by_bucket.items()):
       for start in range(0, len(members), batch_size):
         chunk = members[start : start + batch_size]

@@ -41,17 +41,13 @@ except ImportError as e:
     "pip install -r requirements-eval.txt"
   ) from e
 
-from flt_jax.eval.core import ScoreFn, make_score_fn
+from flt_jax.eval.core import ScoreFn, bucket_length, make_score_fn
 
 GenerateFn = Callable[[Sequence[int], int], Iterable[int]]
 
 DEFAULT_MAX_GEN_TOKS = 256
 # gen_kwargs the greedy generator honours; anything else is refused rather than ignored.
 _GREEDY_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature"}
-
-
-def _bucket(n: int, max_len: int) -> int:
-  return min(max_len, max(16, 1 << max(0, (n - 1).bit_length())))
 
 
 def make_greedy_generate_fn(model, params, loops: int, max_len: int) -> GenerateFn:
@@ -70,7 +66,7 @@ def make_greedy_generate_fn(model, params, loops: int, max_len: int) -> Generate
       raise ValueError("generation needs at least one prompt token")
     for _ in range(max_new_tokens):
       window = tokens[-max_len:]
-      padded_1xT = np.zeros([1, _bucket(len(window), max_len)], np.int32)
+      padded_1xT = np.zeros([1, bucket_length(len(window), max_len)], np.int32)
       padded_1xT[0, : len(window)] = window
       token = int(next_token(params, padded_1xT, len(window) - 1))
       tokens.append(token)
