@@ -1,0 +1,221 @@
+"""EleutherAI lm-evaluation-harness (`lm-eval`, an optional dependency: see
+requirements-eval.txt) scoring a flt_jax model.
+
+`FltLM` implements the harness's `LM` interface on top of two pluggable functions:
+  score_fn(pairs) -> [(sum log-prob of continuation, all continuation tokens greedy)]
+      (the same ScoreFn as CORE: flt_jax.eval.core.make_score_fn)
+  generate_fn(prompt_tokens, max_new_tokens) -> iterable of new token ids
+      (greedy; make_greedy_generate_fn recomputes the whole window per token; a cached
+      decoder can replace it without touching the adapter)
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    lm = FltLM.from_model(model, params, tokenizer, loops=12, max_length=1024)
+    lm_eval.simple_evaluate(model=lm, tasks=["my_task"],
+                            task_manager=TaskManager(include_path="tasks/"))
+
+Requests are scored as the harness's own causal-LM models do: the context's trailing
+whitespace moves into the continuation, every context starts with the document-start
+token (the tokenizer's eos_id, which packed training puts between documents; the HF
+models' BOS), an empty context is that token alone, rolling
+log-likelihoods cut long documents into disjoint windows of `max_length` tokens, and
+generation stops at the first stop string of `until`, at the eos token or after
+`max_gen_toks` tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+try:
+  from lm_eval import utils as lm_eval_utils
+  from lm_eval.api.model import TemplateLM
+except ImportError as e:
+  raise ImportError(
+    "flt_jax.eval.lm_eval_adapter needs EleutherAI's lm-eval (an optional dependency): "
+    "pip install -r requirements-eval.txt"
+  ) from e
+
+from flt_jax.eval.core import ScoreFn, bucket_length, make_score_fn
+
+GenerateFn = Callable[[Sequence[int], int], Iterable[int]]
+
+DEFAULT_MAX_GEN_TOKS = 256
+# gen_kwargs the greedy generator honours; anything else is refused rather than ignored.
+_GREEDY_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature"}
+
+
+def make_greedy_generate_fn(model, params, loops: int, max_len: int) -> GenerateFn:
+  """Greedy decoding by recomputing the last `max_len` tokens for every new token (no
+  cache): exact for every variant, quadratic in the length. Windows are right-padded to
+  power-of-two lengths, so a generation compiles a handful of shapes."""
+
+  @jax.jit
+  def next_token(params, tokens_1xT, last_index):
+    logits_1xTxV = model.apply({"params": params}, tokens_1xT, loops)
+    return jnp.argmax(logits_1xTxV[0, last_index])
+
+  def generate(prompt_tokens: Sequence[int], max_new_tokens: int):
+    tokens = list(prompt_tokens)
+    if not tokens:
+      raise ValueError("generation needs at least one prompt token")
+    for _ in range(max_new_tokens):
+      window = tokens[-max_len:]
+      padded_1xT = np.zeros([1, bucket_length(len(window), max_len)], np.int32)
+      padded_1xT[0, : len(window)] = window
+      token = int(next_token(params, padded_1xT, len(window) - 1))
+      tokens.append(token)
+      yield token
+
+  return generate
+
+
+class FltLM(TemplateLM):
+  """lm-eval's LM for any model given as a ScoreFn (and a GenerateFn for generate_until)."""
+
+  def __init__(
+    self,
+    score_fn: ScoreFn,
+    tokenizer,
+    *,
+    max_length: int,
+    generate_fn: GenerateFn | None = None,
+    requests_per_call: int = 64,
+  ):
+    super().__init__()
+    self._score_fn = score_fn
+    self.tokenizer = tokenizer
+    self._max_length = int(max_length)
+    self._generate_fn = generate_fn
+    # Requests handed to score_fn at once (it batches for the device itself); bounds the
+    # host memory of one call and gives the progress bar its steps.
+    self._requests_per_call = int(requests_per_call)
+
+  @classmethod
+  def from_model(
+    cls,
+    model,
+    params,
+    tokenizer,
+    *,
+    loops: int,
+    max_length: int,
+    batch_size: int = 8,
+    generate_fn: GenerateFn | None = None,
+  ) -> FltLM:
+    """A flt_jax LoopedTransformer at `loops` loops, `batch_size` rows per device call;
+    contexts left-truncated to fit `max_length` tokens (at most the model's rotary table)."""
+    score_fn = make_score_fn(model, params, loops, max_length, batch_size=batch_size)
+    if generate_fn is None:
+      generate_fn = make_greedy_generate_fn(model, params, loops, max_length)
+    return cls(score_fn, tokenizer, max_length=max_length, generate_fn=generate_fn)
+
+  # -- what TemplateLM needs
+
+  @property
+  def eot_token_id(self) -> int:
+    return int(self.tokenizer.eos_id)
+
+  @property
+  def max_length(self) -> int:
+    return self._max_length
+
+  @property
+  def tokenizer_name(self) -> str:
+    return getattr(self.tokenizer, "name", type(self.tokenizer).__name__)
+
+  def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+    """The text's tokens after the document-start (eos) token, as the harness's HF models
+    put BOS first; add_special_tokens=False gives the bare tokens."""
+    del kwargs
+    tokens = list(self.tokenizer.encode(string))
+    return tokens if add_special_tokens is False else [self.eot_token_id, *tokens]
+
+  def tok_decode(self, tokens: Sequence[int]) -> str:
+    return self.tokenizer.decode(list(tokens))
+
+  def _score(self, pairs, disable_tqdm: bool, desc: str) -> list[tuple[float, bool]]:
+    out = []
+    chunks = range(0, len(pairs), self._requests_per_call)
+    for start in tqdm(chunks, desc=desc, disable=disable_tqdm or not pairs):
+      out.extend(self._score_fn(pairs[start : start + self._requests_per_call]))
+    return out
+
+  def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+    """requests: [((context, continuation), context_tokens, continuation_tokens)]."""
+    pairs = [(context_enc, continuation_enc) for _, context_enc, continuation_enc in requests]
+    results = self._score(pairs, disable_tqdm, "loglikelihood")
+    for (request_strings, _, _), (logprob, greedy) in zip(requests, results):
+      self.cache_hook.add_partial("loglikelihood", request_strings, (logprob, greedy))
+    return [(float(logprob), bool(greedy)) for logprob, greedy in results]
+
+  def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    """Each document's total log-likelihood, every token predicted once, in disjoint
+    windows of at most max_length tokens, the first conditioned on the eos token."""
+    windows, owner = [], []
+    for index, (text,) in enumerate(request.args for request in requests):
+      for context, continuation in map(
+        lm_eval_utils.make_disjoint_window,
+        lm_eval_utils.get_rolling_token_windows(
+          token_list=self.tok_encode(text, add_special_tokens=False),
+          prefix_token=self.prefix_token_id,
+          max_seq_len=self.max_length,
+          context_len=1,
+        ),
+      ):
+        windows.append((context, continuation))
+        owner.append(index)
+    totals = [0.0] * len(requests)
+    for index, (logprob, _) in zip(owner, self._score(windows, disable_tqdm, "rolling")):
+      totals[index] += logprob
+    for request, total in zip(requests, totals):
+      self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+    return totals
+
+  def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    if self._generate_fn is None:
+      raise ValueError(
+        "this FltLM has no generate_fn, so it cannot serve generate_until tasks; build it "
+        "with FltLM.from_model or pass generate_fn="
+      )
+    out = []
+    for request in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+      context, gen_kwargs = request.args
+      text = self._generate_one(context, dict(gen_kwargs or {}))
+      self.cache_hook.add_partial("generate_until", request.args, text)
+      out.append(text)
+    return out
+
+  def _generate_one(self, context: str, gen_kwargs: dict) -> str:
+    unknown = sorted(set(gen_kwargs) - _GREEDY_KWARGS)
+    if unknown:
+      raise ValueError(
+        f"generate_until got gen_kwargs {unknown}, which greedy decoding does not support; "
+        f"it honours {sorted(_GREEDY_KWARGS)}"
+      )
+    if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0.0:
+      raise ValueError(
+        "generate_until asked for sampling (do_sample / temperature > 0); this adapter "
+        "decodes greedily: set do_sample: false and temperature: 0 in the task's generation_kwargs"
+      )
+    until = gen_kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    max_new = int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+    prompt = self.tok_encode(context)  # eos first: documents follow an eos in training
+    generated: list[int] = []
+    for token in self._generate_fn(prompt, max_new):
+      if token == self.eot_token_id:
+        break
+      generated.append(int(token))
+      text = self.tok_decode(generated)
+      if any(stop in text for stop in until):
+        break
+    text = self.tok_decode(generated)
+    for stop in until:
+      text = text.split(stop, 1)[0] if stop else text
+    return text

@@ -1,0 +1,270 @@
+"""Test-time loop sweep outputs: a CSV and a PNG of each metric against the evaluation
+loop count K' (trained K marked), the accuracy-by-hop-count x K' table and heat map of
+the multi-hop task, and how much the last loop still changes h.
+
+Files go through etils.epath, so `out_dir` may be a local path or a gs:// URL. Figures are
+drawn on a bare matplotlib Figure (Agg canvas, no pyplot state), so plotting works on
+machines with no display and from any thread.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+# Plotted (and written first) in this order when present.
+METRICS = ("loss", "bpb", "answer_accuracy", "h_change")
+METRIC_TITLES = {
+  "loss": "validation loss (nats/token)",
+  "bpb": "bits per byte",
+  "answer_accuracy": "answer accuracy",
+  "h_change": "relative change of h, last loop",
+}
+LOOPS_COLUMN = "loops"
+TRAINED_COLUMN = "trained_loops"
+
+
+def _format(value) -> str:
+  return "" if value is None else repr(float(value))
+
+
+def _parse(text: str) -> float | None:
+  return None if text == "" else float(text)
+
+
+def _column_order(results: Mapping[int, Mapping[str, float]]) -> list[str]:
+  present = {k for row in results.values() for k in row}
+  return [m for m in METRICS if m in present] + sorted(present - set(METRICS))
+
+
+# ----------------------------------------------------------------------------- loop sweep
+
+
+def write_sweep_csv(
+  results: Mapping[int, Mapping[str, float]], trained_loops: int, path
+) -> epath.Path:
+  """One row per K' in increasing order: loops, trained_loops, then every metric; a metric
+  missing at some K' is an empty cell. Floats are written exactly (repr)."""
+  if not results:
+    raise ValueError("the loop sweep has no results to write; give at least one K'")
+  columns = _column_order(results)
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow([LOOPS_COLUMN, TRAINED_COLUMN, *columns])
+  for loops in sorted(results):
+    row = results[loops]
+    writer.writerow([int(loops), int(trained_loops), *(_format(row.get(c)) for c in columns)])
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(out.getvalue())
+  return path
+
+
+def read_sweep_csv(path) -> tuple[dict[int, dict[str, float]], int]:
+  """(results, trained_loops) as written by write_sweep_csv; empty cells are left out."""
+  rows = list(csv.DictReader(io.StringIO(epath.Path(path).read_text())))
+  results, trained = {}, None
+  for row in rows:
+    loops = int(row.pop(LOOPS_COLUMN))
+    trained = int(row.pop(TRAINED_COLUMN))
+    results[loops] = {k: v for k, v in ((k, _parse(v)) for k, v in row.items()) if v is not None}
+  if trained is None:
+    raise ValueError(f"{path} holds no sweep rows")
+  return results, trained
+
+
+def plot_sweep(
+  results: Mapping[int, Mapping[str, float]],
+  trained_loops: int,
+  path,
+  metrics: Sequence[str] | None = None,
+  title: str = "",
+) -> epath.Path:
+  """A PNG with one panel per metric against K', the trained K as a dashed line."""
+  if metrics is None:
+    present = {k for row in results.values() for k in row}
+    metrics = [m for m in METRICS if m in present]
+  if not metrics:
+    raise ValueError(f"no metric to plot; the sweep holds {_column_order(results)}")
+  loops = sorted(results)
+  fig = _figure(figsize=(3.6 * len(metrics), 3.2))
+  axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+  for ax, metric in zip(axes, metrics):
+    values = [results[k].get(metric, math.nan) for k in loops]
+    ax.plot(loops, values, marker="o")
+    ax.axvline(trained_loops, color="tab:red", linestyle="--", label=f"trained K={trained_loops}")
+    ax.set_xticks(loops)
+    ax.set_xlabel("loops at evaluation (K')")
+    ax.set_title(METRIC_TITLES.get(metric, metric), fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  return _save_png(fig, path)
+
+
+def write_sweep_report(
+  results: Mapping[int, Mapping[str, float]],
+  trained_loops: int,
+  out_dir,
+  name: str = "loop_sweep",
+  title: str = "",
+) -> dict[str, epath.Path]:
+  """OUT_DIR/<name>.csv and OUT_DIR/<name>.png; returns {'csv': path, 'png': path}."""
+  out_dir = epath.Path(out_dir)
+  return {
+    "csv": write_sweep_csv(results, trained_loops, out_dir / f"{name}.csv"),
+    "png": plot_sweep(results, trained_loops, out_dir / f"{name}.png", title=title),
+  }
+
+
+# ----------------------------------------------------------------------------- hops x K'
+
+
+def write_hop_table(accuracy: Mapping[int, Mapping[int, float]], path) -> epath.Path:
+  """accuracy[hops][K'] as a CSV: a row per hop count, a column per K' ('loops=K')."""
+  if not accuracy:
+    raise ValueError("the hop table has no rows; give accuracy[hops][loops]")
+  loops = sorted({k for row in accuracy.values() for k in row})
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(["hops", *(f"loops={k}" for k in loops)])
+  for hops in sorted(accuracy):
+    writer.writerow([int(hops), *(_format(accuracy[hops].get(k)) for k in loops)])
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(out.getvalue())
+  return path
+
+
+def read_hop_table(path) -> dict[int, dict[int, float]]:
+  out = {}
+  for row in csv.DictReader(io.StringIO(epath.Path(path).read_text())):
+    hops = int(row.pop("hops"))
+    out[hops] = {
+      int(k.removeprefix("loops=")): float(v) for k, v in row.items() if v not in ("", None)
+    }
+  return out
+
+
+def plot_hop_heatmap(
+  accuracy: Mapping[int, Mapping[int, float]], trained_loops: int, path, title: str = ""
+) -> epath.Path:
+  """Heat map of answer accuracy, hop count (rows) x K' (columns), each cell annotated;
+  the trained K's column is outlined."""
+  hops = sorted(accuracy)
+  loops = sorted({k for row in accuracy.values() for k in row})
+  grid = np.array([[accuracy[h].get(k, math.nan) for k in loops] for h in hops], np.float64)
+  fig = _figure(figsize=(1.0 + 0.7 * len(loops), 1.2 + 0.5 * len(hops)))
+  ax = fig.subplots()
+  image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+  for i in range(len(hops)):
+    for j in range(len(loops)):
+      if not math.isnan(grid[i, j]):
+        color = "black" if grid[i, j] > 0.6 else "white"
+        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color)
+  if trained_loops in loops:
+    j = loops.index(trained_loops)
+    from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
+
+    ax.add_patch(
+      Rectangle((j - 0.5, -0.5), 1, len(hops), fill=False, edgecolor="tab:red", linewidth=2)
+    )
+  ax.set_xticks(range(len(loops)), [str(k) for k in loops])
+  ax.set_yticks(range(len(hops)), [str(h) for h in hops])
+  ax.set_xlabel(f"loops at evaluation (K'); trained K={trained_loops} outlined")
+  ax.set_ylabel("hops")
+  ax.set_title(title or "answer accuracy", fontsize=10)
+  fig.colorbar(image, ax=ax)
+  return _save_png(fig, path)
+
+
+def write_hop_report(
+  accuracy: Mapping[int, Mapping[int, float]],
+  trained_loops: int,
+  out_dir,
+  name: str = "hops_by_loops",
+  title: str = "",
+) -> dict[str, epath.Path]:
+  """OUT_DIR/<name>.csv and OUT_DIR/<name>.png; returns {'csv': path, 'png': path}."""
+  out_dir = epath.Path(out_dir)
+  return {
+    "csv": write_hop_table(accuracy, out_dir / f"{name}.csv"),
+    "png": plot_hop_heatmap(accuracy, trained_loops, out_dir / f"{name}.png", title=title),
+  }
+
+
+def _figure(figsize):
+  try:
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+      "the loop-sweep plots need matplotlib; install it with `pip install -r requirements.txt`"
+    ) from e
+  return Figure(figsize=figsize, layout="constrained")
+
+
+def _save_png(fig, path) -> epath.Path:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())
+  return path
+
+
+# ----------------------------------------------------------------------------- h change
+
+
+@functools.lru_cache(maxsize=32)
+def _h_change_fn(model, loops: int):
+  """Jitted (params, tokens, mask) -> [K-1] mean relative change, one per (model, K)."""
+
+  @jax.jit
+  def change(params, tokens_BxT, mask_BxT):
+    h_KxBxTxD, _ = model.apply(
+      {"params": params}, tokens_BxT, loops, True, method=model.hidden_states
+    )
+    h_KxBxTxD = h_KxBxTxD.astype(jnp.float32)
+    step_K1xBxT = jnp.linalg.norm(h_KxBxTxD[1:] - h_KxBxTxD[:-1], axis=-1)
+    scale_K1xBxT = jnp.linalg.norm(h_KxBxTxD[:-1], axis=-1)
+    relative_K1xBxT = step_K1xBxT / jnp.maximum(scale_K1xBxT, jnp.finfo(jnp.float32).tiny)
+    weights_BxT = mask_BxT.astype(jnp.float32)
+    return jnp.sum(relative_K1xBxT * weights_BxT, axis=(1, 2)) / jnp.maximum(
+      jnp.sum(weights_BxT), 1.0
+    )
+
+  return change
+
+
+def h_change_per_loop(model, params, tokens_BxT, loops: int, mask_BxT=None) -> np.ndarray:
+  """[K-1]: for each loop i >= 1, the mean over (unmasked) tokens of
+  ||h(i) - h(i-1)|| / ||h(i-1)||, h(i) the normed output of loop i. Near 0 at the end
+  means more loops would barely move the prediction."""
+  if loops < 2:
+    return np.zeros([0], np.float64)
+  tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
+  mask_BxT = jnp.ones(tokens_BxT.shape, bool) if mask_BxT is None else jnp.asarray(mask_BxT, bool)
+  change_K1 = _h_change_fn(model, int(loops))(params, tokens_BxT, mask_BxT)
+  return np.asarray(jax.device_get(change_K1), np.float64)
+
+
+def loop_h_change(model, params, tokens_BxT, loops: int, mask_BxT=None) -> float:
+  """Mean relative change of h between the last two of `loops` loops (nan for one loop)."""
+  per_loop = h_change_per_loop(model, params, tokens_BxT, loops, mask_BxT)
+  return float(per_loop[-1]) if per_loop.size else math.nan
+
+
+def sweep_h_change(
+  model, params, tokens_BxT, loops_list: Iterable[int], mask_BxT=None
+) -> dict[int, float]:
+  """{K': loop_h_change at K'}, to merge into the sweep results as 'h_change'."""
+  return {int(k): loop_h_change(model, params, tokens_BxT, int(k), mask_BxT) for k in loops_list}

@@ -1,0 +1,63 @@
+"""A tiny random flt_jax model over the bytes vocabulary, and a plain per-example
+log-likelihood to check the eval scorers against."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flt_jax.data.tokenizers import BytesTokenizer
+from flt_jax.model.config import ModelConfig, get_config
+from flt_jax.model.looped import LoopedTransformer
+
+
+@functools.cache
+def _forward(model, loops):
+  """Compiled (params, tokens_1xT) -> logits; cheap backend optimisation compiles faster."""
+  compile_fast = {"xla_backend_optimization_level": 0}
+  return jax.jit(lambda p, t: model.apply({"params": p}, t, loops), compiler_options=compile_fast)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyLM:
+  model: LoopedTransformer
+  params: dict
+  tokenizer: BytesTokenizer
+
+  def logits(self, tokens, loops):
+    """[T, V] float64 logits of one unpadded sequence."""
+    out = _forward(self.model, loops)(self.params, jnp.asarray([list(tokens)], jnp.int32))
+    return np.asarray(out[0], np.float64)
+
+  def loglikelihood(self, context, continuation, loops, max_len):
+    """(sum log-prob of the continuation, all greedy): one unpadded forward pass of the
+    sequence's last max_len + 1 tokens, float64 log-softmax."""
+    sequence = (list(context) + list(continuation))[-(max_len + 1) :]
+    logits = self.logits(sequence[:-1], loops)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    n = len(continuation)
+    targets = np.asarray(sequence[1:])[-n:]
+    rows = np.arange(len(sequence) - 1)[-n:]
+    return float(logprobs[rows, targets].sum()), bool(np.all(logits[rows].argmax(-1) == targets))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+  tokenizer = BytesTokenizer()
+  c = get_config()
+  c.update(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=tokenizer.vocab_size)
+  c.update(seq_len=32, loops=2, window_pattern="L", kv_lora_rank=0)
+  model = LoopedTransformer(ModelConfig.from_config(c))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros([1, 8], jnp.int32))
+  rng = np.random.default_rng(0)
+  # Every matrix random (the init's zero c_proj would make each block the identity).
+  params = jax.tree.map(
+    lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32),
+    nn.meta.unbox(shapes["params"]),
+  )
+  return TinyLM(model, params, tokenizer)
