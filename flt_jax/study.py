@@ -1,0 +1,223 @@
+r"""The stability study as one command: train several experiments on the same data and seed,
+then draw the training dynamics the paper analyses (arXiv:2605.18797, section 3).
+
+  python -m flt_jax.study --experiments=lt_12loop,lt_i_12loop,flt_12loop --steps=150 --out=DIR
+
+Each experiment (a file in --experiments_dir, at --preset) trains in DIR/<name> with the
+same seed and data, logging diagnostics every --log_every steps. Then DIR gets
+  study.png    one panel each: train loss, residual-stream norm of the last loop, the
+               largest per-layer gradient norm (over steps), and the residual norm of every
+               loop at the last logged step; a line per run;
+  summary.csv  and summary.md: final train and validation loss, max residual norm, max
+               gradient norm, and whether the run diverged.
+A run that already finished in DIR/<name> is not retrained (rerunning redraws the figure).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import re
+
+from absl import app, flags
+from etils import epath
+
+from flt_jax import run
+
+_EXPERIMENTS = flags.DEFINE_list(
+  "experiments", None, "Experiment names (files in --experiments_dir)."
+)
+_EXPERIMENTS_DIR = flags.DEFINE_string("experiments_dir", "experiments", "Where the files are.")
+_PRESET = flags.DEFINE_string("preset", "cpu", "Preset of every experiment.")
+_STEPS = flags.DEFINE_integer("steps", 150, "Training steps of each run.")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 5, "Diagnostics (norms, gradients) interval.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (local or gs://).")
+_SET = flags.DEFINE_multi_string(
+  "set", [], "Extra override for every run, as section.field=value (e.g. model.d_model=64)."
+)
+flags.mark_flags_as_required(["experiments", "out"])
+
+
+def load_experiment(experiments_dir: str, name: str, preset: str):
+  path = epath.Path(experiments_dir) / f"{name}.py"
+  if not path.exists():
+    known = sorted(p.stem for p in epath.Path(experiments_dir).glob("*.py") if p.stem != "base")
+    raise ValueError(f"no experiment {name!r} in {experiments_dir}; known: {known}")
+  spec = importlib.util.spec_from_file_location(f"_study_{name}", str(path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def apply_override(config, assignment: str) -> None:
+  key, sep, text = assignment.partition("=")
+  if not sep:
+    raise ValueError(f"--set {assignment!r} is not section.field=value")
+  *sections, field = key.split(".")
+  node = config
+  for s in sections:
+    node = node[s]
+  current = node[field]
+  value = type(current)(json.loads(text) if not isinstance(current, str) else text)
+  node[field] = value
+
+
+def read_metrics(workdir: epath.Path) -> dict[int, dict[str, float]]:
+  """step -> the last record of that step's scalars (a resumed run appends)."""
+  out: dict[int, dict[str, float]] = {}
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return out
+  for line in path.read_text().splitlines():
+    rec = json.loads(line)
+    out.setdefault(int(rec["step"]), {}).update(rec)
+  return out
+
+
+def _numbered(record: dict, prefix: str) -> list[float]:
+  items = []
+  for key, v in record.items():
+    m = re.fullmatch(re.escape(prefix) + r"(\d+)", key)
+    if m:
+      items.append((int(m.group(1)), float("nan") if v is None else float(v)))
+  return [v for _, v in sorted(items)]
+
+
+def curves(metrics: dict[int, dict[str, float]]) -> dict[str, list]:
+  """Per-step series of one run: steps, loss, last-loop residual norm, max layer grad norm."""
+  steps, loss, residual, grad = [], [], [], []
+  last_loop_norms: list[float] = []
+  for step in sorted(metrics):
+    rec = metrics[step]
+    if "train/loss" not in rec:
+      continue
+    norms = _numbered(rec, "loops/residual_norm_")
+    grads = _numbered(rec, "grads/layer_")
+    steps.append(step)
+    loss.append(_float(rec["train/loss"]))
+    residual.append(norms[-1] if norms else float("nan"))
+    grad.append(max(grads) if grads else float("nan"))
+    last_loop_norms = norms or last_loop_norms
+  return {
+    "step": steps,
+    "loss": loss,
+    "residual": residual,
+    "grad": grad,
+    "loop_norms": last_loop_norms,
+  }
+
+
+def _float(v) -> float:
+  return float("nan") if v is None else float(v)
+
+
+def summarize(name: str, metrics: dict[int, dict[str, float]]) -> dict:
+  c = curves(metrics)
+  evals = [_float(r["eval/loss"]) for _, r in sorted(metrics.items()) if "eval/loss" in r]
+  nonfinite = max(
+    (int(r.get("train/nonfinite_total", 0) or 0) for r in metrics.values()), default=0
+  )
+  finite = lambda xs: [x for x in xs if math.isfinite(x)]
+  values = c["loss"] + c["residual"] + c["grad"]
+  diverged = (
+    nonfinite > 0
+    or len(finite(values)) < len(values)
+    or (len(c["loss"]) > 1 and c["loss"][-1] > c["loss"][0])
+  )
+  return {
+    "run": name,
+    "final_train_loss": c["loss"][-1] if c["loss"] else float("nan"),
+    "final_val_loss": evals[-1] if evals else float("nan"),
+    "max_residual_norm": max(finite(c["residual"]), default=float("nan")),
+    "max_grad_norm": max(finite(c["grad"]), default=float("nan")),
+    "diverged": "yes" if diverged else "no",
+  }
+
+
+def write_summary(out: epath.Path, rows: list[dict]) -> str:
+  fields = list(rows[0])
+  with (out / "summary.csv").open("w") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+  lines += ["| " + " | ".join(fmt(r[k]) for k in fields) + " |" for r in rows]
+  table = "\n".join(lines) + "\n"
+  (out / "summary.md").write_text(table)
+  return table
+
+
+def plot(out: epath.Path, runs: dict[str, dict[str, list]]) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+  panels = [
+    ("loss", "train loss", False),
+    ("residual", "residual norm, last loop", True),
+    ("grad", "max per-layer gradient norm", True),
+  ]
+  for ax, (key, title, log) in zip(axes, panels):
+    for name, c in runs.items():
+      ax.plot(c["step"], c[key], label=name)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if log:
+      ax.set_yscale("log")
+  for name, c in runs.items():
+    axes[3].plot(range(len(c["loop_norms"])), c["loop_norms"], marker="o", label=name)
+  axes[3].set_title("residual norm per loop, last logged step")
+  axes[3].set_xlabel("loop")
+  axes[3].set_yscale("log")
+  axes[0].legend()
+  fig.tight_layout()
+  with (out / "study.png").open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
+  plt.close(fig)
+
+
+def run_study(
+  experiments, *, out, steps, log_every, preset="cpu", experiments_dir="experiments", overrides=()
+) -> str:
+  out = epath.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  runs, rows = {}, []
+  for name in experiments:
+    config = load_experiment(experiments_dir, name, preset)
+    config.train.steps = steps
+    config.train.log_every = log_every
+    config.train.eval_every = steps
+    for assignment in overrides:
+      apply_override(config, assignment)
+    workdir = out / name
+    run.train_and_evaluate(config, str(workdir))
+    metrics = read_metrics(workdir)
+    runs[name] = curves(metrics)
+    rows.append(summarize(name, metrics))
+  plot(out, runs)
+  return write_summary(out, rows)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  table = run_study(
+    _EXPERIMENTS.value,
+    out=_OUT.value,
+    steps=_STEPS.value,
+    log_every=_LOG_EVERY.value,
+    preset=_PRESET.value,
+    experiments_dir=_EXPERIMENTS_DIR.value,
+    overrides=_SET.value,
+  )
+  print(table)
+  print(f"figure: {epath.Path(_OUT.value) / 'study.png'}")
+
+
+if __name__ == "__main__":
+  app.run(main)
