@@ -112,20 +112,3 @@ def test_diagnostics_report_every_loop_and_layer():
   assert np.all(np.asarray(m["layer_grad_norm"]) > 0)
   total = np.sqrt(np.sum(np.square(m["layer_grad_norm"])))
   assert total <= float(m["grad_norm"]) + 1e-5  # layers are a part of the whole
-
-
-def test_eval_step_counts_bytes_and_answers():
-  model = _model()
-  state = _state(model, optax.sgd(0.0))
-  batch = _batch(2, ignore_frac=0.0)
-  batch["answer_mask"] = np.zeros_like(batch["targets"])
-  batch["answer_mask"][:, -2:] = 1
-  token_bytes = jnp.arange(64, dtype=jnp.int32) % 3 + 1
-  sums = step_lib.eval_step(state.params, batch, token_bytes, model=model)
-  assert int(sums["tokens"]) == batch["targets"].size
-  assert int(sums["bytes"]) == int(np.sum(np.asarray(token_bytes)[batch["targets"]]))
-  assert int(sums["answers"]) == 2
-  logits = model.apply({"params": state.params}, batch["inputs"])
-  pred = np.asarray(jnp.argmax(logits, -1))
-  expect = sum(bool(np.all(pred[b, -2:] == batch["targets"][b, -2:])) for b in range(2))
-  assert int(sums["answers_correct"]) == expect

@@ -1,4 +1,5 @@
-"""End-to-end training loop: resume after SIGKILL, SIGTERM saves, bad input, eval sweep."""
+"""The run layer end to end: resume after SIGKILL, SIGTERM saves, bad input, eval sweep,
+the non-finite stop rule, and no device reads between sync steps."""
 
 import json
 import signal
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 
 from experiments import base
-from flt_jax.train import loop
+from flt_jax import run
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
@@ -71,7 +72,7 @@ def checkpoint_listing(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  summary = loop.train_and_evaluate(tiny_config(), str(workdir))
+  summary = run.train_and_evaluate(tiny_config(), str(workdir))
   return workdir, summary
 
 
@@ -116,7 +117,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(uninterrupted, tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert max(losses(workdir)) == 3
-  summary = loop.train_and_evaluate(tiny_config(), str(workdir))
+  summary = run.train_and_evaluate(tiny_config(), str(workdir))
   assert summary["step"] == STEPS
   logged = [
     json.loads(l)["step"]
@@ -170,34 +171,34 @@ def test_mismatched_workdir_is_refused_and_untouched(uninterrupted):
   workdir, _ = uninterrupted
   before = checkpoint_listing(workdir)
   with pytest.raises(ValueError, match=r"model.d_model: saved 32, now 64"):
-    loop.train_and_evaluate(tiny_config(d_model=64), str(workdir))
+    run.train_and_evaluate(tiny_config(d_model=64), str(workdir))
   assert checkpoint_listing(workdir) == before
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
   missing = tiny_config()
   del missing.train["seed"]
-  with pytest.raises(ValueError, match=r"config.train is missing \['seed'\]"):
-    loop.train_and_evaluate(missing, str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"config.train=\['seed'\] is invalid: lacks these keys"):
+    run.train_and_evaluate(missing, str(tmp_path / "a"))
   unknown = tiny_config()
   unknown.model.unlock()
   unknown.model.n_layers = 3
-  with pytest.raises(ValueError, match=r"config.model has unknown keys \['n_layers'\]"):
-    loop.train_and_evaluate(unknown, str(tmp_path / "b"))
+  with pytest.raises(ValueError, match=r"config.model=\['n_layers'\] is invalid: has unknown keys"):
+    run.train_and_evaluate(unknown, str(tmp_path / "b"))
   indivisible = tiny_config()
   indivisible.train.total_batch_tokens = 100
   with pytest.raises(ValueError, match="total_batch_tokens"):
-    loop.train_and_evaluate(indivisible, str(tmp_path / "c"))
+    run.train_and_evaluate(indivisible, str(tmp_path / "c"))
   a_file = tmp_path / "file"
   a_file.write_text("x")
   with pytest.raises(ValueError, match="writable --workdir"):
-    loop.train_and_evaluate(tiny_config(), str(a_file / "run"))
+    run.train_and_evaluate(tiny_config(), str(a_file / "run"))
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_eval_at_other_loop_counts(uninterrupted):
   workdir, summary = uninterrupted
-  results = loop.evaluate_checkpoint(tiny_config(), str(workdir), [2, 1, 5])
+  results = run.evaluate_checkpoint(tiny_config(), str(workdir), [2, 1, 5])
   assert sorted(results) == [1, 2, 5]
   np.testing.assert_allclose(results[2]["loss"], summary["eval_loss"], rtol=1e-5)
   assert results[1]["loss"] != results[2]["loss"] != results[5]["loss"]
@@ -213,7 +214,7 @@ def test_nonfinite_updates_stop_the_run_and_keep_the_checkpoint(
   workdir = tmp_path / "nan"
   c = tiny_config()
   c.train.steps = 3
-  loop.train_and_evaluate(c, str(workdir))
+  run.train_and_evaluate(c, str(workdir))
   before = checkpoint_listing(workdir)
   real_loss_fn = step_lib.loss_fn
   monkeypatch.setattr(
@@ -223,6 +224,6 @@ def test_nonfinite_updates_stop_the_run_and_keep_the_checkpoint(
   )
   c.train.steps = STEPS
   c.train.max_consecutive_nonfinite = 2
-  with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite updates"):
-    loop.train_and_evaluate(c, str(workdir))
+  with pytest.raises(run.NonFiniteError, match="2 consecutive non-finite updates"):
+    run.train_and_evaluate(c, str(workdir))
   assert checkpoint_listing(workdir) == before

@@ -1,0 +1,381 @@
+"""The run layer: a run assembled from its config, then trained or evaluated.
+
+  resolve_config(config)          every key present and every section valid, before
+                                  anything is written
+  setup(config, workdir, ...)     the one assembly that training and checkpoint
+                                  evaluation share (RunSetup)
+  train_and_evaluate(config, workdir)
+  evaluate_checkpoint(config, workdir, loops_list)
+
+The train loop keeps the step count on the host and reads device values only on sync
+steps (log, eval and checkpoint steps, preemption and the last step), so dispatch runs
+ahead of the device in between; see `train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+from flt_jax import config as flt_config
+from flt_jax.data import config as data_config_lib
+from flt_jax.data import pipeline as data_pipeline
+from flt_jax.data.tokenizers import Tokenizer
+from flt_jax.eval import evaluate as eval_lib
+from flt_jax.model import config as model_config_lib
+from flt_jax.model.looped import LoopedTransformer
+from flt_jax.train import config as train_config_lib
+from flt_jax.train import metrics as metrics_lib
+from flt_jax.train import optimizer as optim_lib
+from flt_jax.train import state as state_lib
+from flt_jax.train import step as step_lib
+from flt_jax.train.checkpoint import Checkpointer, PreemptionHandler
+
+
+class NonFiniteError(RuntimeError):
+  """train.max_consecutive_nonfinite updates in a row had a non-finite loss or gradient."""
+
+
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with every key checked and every section validated.
+
+  Raises ConfigError (a ValueError) naming the field and the fix; nothing is written
+  before this passes.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  flt_config.check_keys(config)
+  model_config_lib.validate(config.model)
+  data_config_lib.validate(config.data, seq_len=config.model.seq_len)
+  train_config_lib.validate(config)
+  return config
+
+
+def _per_host(global_batch: int, what: str) -> int:
+  if global_batch % jax.process_count():
+    raise ValueError(
+      f"{what}={global_batch} sequences do not divide over {jax.process_count()} hosts; "
+      "make it a multiple of the host count"
+    )
+  return global_batch // jax.process_count()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+  """Everything a run is made of, built once by `setup`."""
+
+  config: ml_collections.ConfigDict  # resolved; model.vocab_size is the model's
+  model_cfg: model_config_lib.ModelConfig
+  model: LoopedTransformer
+  optimizer: optax.GradientTransformation
+  # The train state as ShapeDtypeStructs; params keep their Flax nn.Partitioned boxes
+  # (logical axis names) so shardings can be derived with nn.logical_to_mesh_sharding.
+  abstract_state_boxed: state_lib.TrainState
+  checkpointer: Checkpointer
+  tokenizer: Tokenizer
+  token_bytes_V: np.ndarray  # int32 [V]: UTF-8 bytes of each token, for bits per byte
+  train_pipeline: data_pipeline.Pipeline | None  # None when only evaluating
+  num_micro: int  # micro-batches per optimizer step
+  total_steps: int
+  n_params: dict[str, int]
+
+  @property
+  def abstract_state(self) -> state_lib.TrainState:
+    """The abstract state without boxes: the structure of the real one (restore target)."""
+    return nn.meta.unbox(self.abstract_state_boxed)
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.config.train.micro_batch_size * self.num_micro * self.model_cfg.seq_len
+
+  @property
+  def rng(self) -> jax.Array:
+    return jax.random.PRNGKey(self.config.train.seed)
+
+  def init_state(self) -> state_lib.TrainState:
+    return state_lib.create_train_state(
+      self.model, self.optimizer, self.rng, self.model_cfg.seq_len
+    )
+
+  def eval_batches(self) -> data_pipeline.Pipeline:
+    """A fresh pass over this host's validation batches. A fixed batch count keeps every
+    host in step (padding batches carry no targets)."""
+    return data_pipeline.make_pipeline(
+      self.config.data,
+      split="validation",
+      seq_len=self.model_cfg.seq_len,
+      batch_size=_per_host(self.config.train.micro_batch_size, "train.micro_batch_size"),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_epochs=1,
+      num_batches=self.config.train.eval_steps,
+      tokenizer=self.tokenizer,
+    )
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) -> RunSetup:
+  """Resolves the config, then builds tokenizer, model, optimizer, abstract state,
+  checkpointer and (when `training`) the train pipeline.
+
+  The vocabulary comes from the tokenizer when `config.model.vocab_size` is 0; the
+  resolved size is written into the returned config, which is saved with every
+  checkpoint, so a workdir trained with another vocabulary is refused.
+  """
+  config = resolve_config(config)
+  tokenizer = data_pipeline.make_tokenizer(config.data)
+  model_cfg = model_config_lib.ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  config.model.vocab_size = model_cfg.vocab_size
+  # Refuses an unwritable workdir, or one whose saved model shape differs.
+  checkpointer = Checkpointer.from_config(workdir, config)
+  model = LoopedTransformer(model_cfg)
+  num_micro = train_config_lib.grad_accum_steps(config)
+  global_batch = config.train.micro_batch_size * num_micro
+  rng = jax.random.PRNGKey(config.train.seed)
+  boxed_params = state_lib.abstract_params(model, rng, model_cfg.seq_len)
+  n_params = state_lib.count_params(nn.meta.unbox(boxed_params))
+  total_steps = optim_lib.resolve_total_steps(
+    config.train, n_params["total"], global_batch * model_cfg.seq_len
+  )
+  optimizer = optim_lib.make_optimizer(
+    config.optim, d_model=model_cfg.d_model, total_steps=total_steps
+  )
+  train_pipeline = None
+  if training:
+    train_pipeline = data_pipeline.make_pipeline(
+      config.data,
+      split="train",
+      seq_len=model_cfg.seq_len,
+      batch_size=_per_host(global_batch, "global batch"),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      tokenizer=tokenizer,
+    )
+  return RunSetup(
+    config=config,
+    model_cfg=model_cfg,
+    model=model,
+    optimizer=optimizer,
+    abstract_state_boxed=state_lib.abstract_train_state(boxed_params, optimizer),
+    checkpointer=checkpointer,
+    tokenizer=tokenizer,
+    token_bytes_V=np.asarray(tokenizer.token_bytes, np.int32),
+    train_pipeline=train_pipeline,
+    num_micro=num_micro,
+    total_steps=total_steps,
+    n_params=n_params,
+  )
+
+
+def fetch(tree):
+  """The loop's one way of reading device values (on sync steps only)."""
+  return jax.device_get(tree)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from workdir's latest checkpoint) and returns final metrics.
+
+  Steps are counted on the host: step n is the n-th batch, whether its update was
+  applied or skipped as non-finite (`state_lib.steps_taken`). Device values (loss,
+  counters) are read only on sync steps: log steps, eval steps, checkpoint steps
+  (Orbax's interval and the last step) and a preemption. The stop rule stays exact:
+  once `train.max_consecutive_nonfinite` updates in a row were skipped, the train step
+  leaves the state unchanged, so the next sync finds the step that tripped it and the
+  run stops there without saving.
+  """
+  run = setup(config, workdir, training=True)
+  config, model_cfg, checkpointer = run.config, run.model_cfg, run.checkpointer
+  total_steps, tokens_per_step = run.total_steps, run.tokens_per_step
+  train_iter = iter(run.train_pipeline)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    state = run.init_state()
+  else:
+    data_item = {"data": data_pipeline.checkpoint_args_restore(train_iter)}
+    state = checkpointer.restore(latest, run.abstract_state, data_item)["state"]
+    _say(f"resumed from {checkpointer.directory} at step {latest}")
+  start = int(fetch(state_lib.steps_taken(state)))
+
+  max_nonfinite = config.train.max_consecutive_nonfinite
+  make_step = lambda diagnostics: jax.jit(
+    functools.partial(
+      step_lib.train_step,
+      model=run.model,
+      optimizer=run.optimizer,
+      num_micro=run.num_micro,
+      diagnostics=diagnostics,
+      max_consecutive_nonfinite=max_nonfinite,
+    ),
+    donate_argnums=0,
+  )
+  train_step, train_step_diag = make_step(False), make_step(True)
+  step_keys = step_lib.batch_keys(model_cfg)
+  eval_fn = eval_lib.make_eval_fn(run.model)
+
+  peak = metrics_lib.peak_flops_per_device(
+    jax.devices()[0].platform, jax.devices()[0].device_kind, config.metrics.peak_flops_per_device
+  )
+  flops_per_token = metrics_lib.flops_per_token(model_cfg)
+  writer = metrics_lib.MetricsWriter(workdir, config.metrics.tensorboard, jsonl=True)
+  console = metrics_lib.ConsoleLogger(total_steps, print_fn=_say)
+  n_params = run.n_params
+  _say(
+    f"{config.experiment or model_cfg.variant}: {model_cfg.variant} K={model_cfg.loops} "
+    f"L={model_cfg.n_layer} d={model_cfg.d_model} vocab={model_cfg.vocab_size} | "
+    f"{n_params['total']:,} params ({n_params['non_embedding']:,} non-embedding) | "
+    f"{total_steps} steps x {tokens_per_step:,} tokens ({run.num_micro} micro-batches)"
+  )
+
+  def close():
+    checkpointer.close()
+    writer.close()
+
+  save_data = lambda: {"data": data_pipeline.checkpoint_args_save(train_iter)}
+  first_loss = last_loss = None
+  eval_metrics: dict = {}
+  t_last, step_last = time.time(), start
+  skipped_seen = None
+  with PreemptionHandler() as preemption:
+    step = start
+    while step < total_steps:
+      batch = next(train_iter)
+      log_now = step == start or (step + 1) % config.train.log_every == 0
+      log_now = log_now or step + 1 == total_steps
+      step_fn = train_step_diag if log_now else train_step
+      state, metrics = step_fn(state, {k: batch[k] for k in step_keys})
+      step += 1
+      eval_every = config.train.eval_every
+      eval_now = bool(eval_every) and (step % eval_every == 0 or step == total_steps)
+      save_now = step == total_steps or checkpointer.should_save(step)
+      preempted = preemption.should_stop(step)
+      if not (log_now or eval_now or save_now or preempted):
+        continue  # nothing read from the device: the next step is dispatched at once
+
+      # Sync step: one read of the counters (and of the metrics on log steps).
+      counters, host_metrics = fetch(
+        (
+          {
+            "applied": state.step,
+            "in_a_row": state.nonfinite_in_a_row,
+            "skipped": state.nonfinite_total,
+          },
+          metrics if log_now else None,
+        )
+      )
+      skipped = int(counters["skipped"])
+      if skipped_seen is not None and skipped > skipped_seen:
+        _say(
+          f"step {step}: {skipped - skipped_seen} non-finite update(s) skipped since the last "
+          f"report ({int(counters['in_a_row'])} in a row, {skipped} in all)"
+        )
+      skipped_seen = skipped
+      if counters["in_a_row"] >= max_nonfinite:
+        tripped_at = int(counters["applied"]) + skipped
+        close()
+        raise NonFiniteError(
+          f"{max_nonfinite} consecutive non-finite updates at step {tripped_at}; stopping. "
+          f"The last good checkpoint in {checkpointer.directory} is intact. Lower "
+          "optim.matrix_lr/embedding_lr, set optim.grad_clip, or try model.dtype=float32."
+        )
+      if log_now:
+        now = time.time()
+        tok_s = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+        t_last, step_last = now, step
+        mfu = metrics_lib.compute_mfu(tok_s, flops_per_token, jax.device_count(), peak)
+        last_loss = float(host_metrics["loss"])
+        first_loss = last_loss if first_loss is None else first_loss
+        scalars = {
+          **metrics_lib.step_scalars(host_metrics),
+          "perf/tokens_per_s": tok_s,
+          "train/nonfinite_total": skipped,
+          **optim_lib.current_learning_rates(config.optim, model_cfg.d_model, step, total_steps),
+        }
+        if mfu is not None:
+          scalars["perf/mfu"] = mfu
+        writer.write_scalars(step, scalars)
+        console.log(step, last_loss, tok_s, mfu)
+      if eval_now:
+        eval_metrics = eval_lib.evaluate(
+          eval_fn, state.params, run.eval_batches(), run.token_bytes_V, loops=model_cfg.loops
+        )
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        _say(
+          f"eval @ {step}: "
+          + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if k != "tokens")
+        )
+      if save_now or preempted:
+        # Orbax decides interval saves; the last step and a preemption are forced.
+        checkpointer.save(step, state, save_data(), force=step == total_steps or preempted)
+      if preempted:
+        checkpointer.wait_until_finished()
+        _say(
+          f"preempted: saved step {step} to {checkpointer.directory}; rerun the same "
+          "command to resume"
+        )
+        close()
+        return {"step": step, "preempted": True}
+  close()
+  summary = {
+    "step": step,
+    "first_loss": first_loss,
+    "final_loss": last_loss,
+    **{f"eval_{k}": v for k, v in eval_metrics.items()},
+  }
+  console.summary(
+    step,
+    last_loss if last_loss is not None else float("nan"),
+    (step - start) * tokens_per_step,
+    extra={f"eval_{k}": v for k, v in eval_metrics.items() if k != "tokens"},
+  )
+  return summary
+
+
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, loops_list: list[int] | None = None
+) -> dict[int, dict]:
+  """Restores workdir's latest checkpoint and evaluates it at each loop count
+  (test-time compute: params trained at K run at any K' >= 1). Writes the table to
+  `<workdir>/eval_step<N>.json`."""
+  bad = [k for k in loops_list or [] if k < 1]
+  if bad:
+    raise ValueError(f"--eval_loops has {bad}; every loop count must be >= 1")
+  run = setup(config, workdir, training=False)
+  loops_list = list(loops_list or [run.model_cfg.loops])
+  checkpointer = run.checkpointer
+  latest = checkpointer.latest_step()
+  if latest is None:
+    checkpointer.close()
+    raise ValueError(
+      f"no checkpoint in {checkpointer.directory}; train first with "
+      "--mode=train and the same --config and --workdir"
+    )
+  params = checkpointer.restore(latest, run.abstract_state)["state"].params
+  checkpointer.close()
+  results = eval_lib.loop_sweep(
+    eval_lib.make_eval_fn(run.model), params, run.eval_batches, run.token_bytes_V, loops_list
+  )
+  model_cfg = run.model_cfg
+  _say(
+    f"checkpoint step {latest} of {workdir} ({model_cfg.variant}, trained at K={model_cfg.loops}):"
+  )
+  for k, m in results.items():
+    _say(
+      f"  loops {k:3d}: "
+      + " | ".join(f"{name} {v:.4f}" for name, v in m.items() if name != "tokens")
+    )
+  if jax.process_index() == 0:
+    table = {"step": latest, "loops": {str(k): v for k, v in results.items()}}
+    (epath.Path(workdir) / f"eval_step{latest}.json").write_text(json.dumps(table, indent=1))
+  return results
