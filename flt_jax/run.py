@@ -179,6 +179,22 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
   )
 
 
+def compile_train_step(run: RunSetup, diagnostics: bool):
+  """`train_step` for this run, jit-compiled with the state donated: (state, batch) ->
+  (state, metrics). `diagnostics` adds per-loop losses and per-layer gradient norms."""
+  return jax.jit(
+    functools.partial(
+      step_lib.train_step,
+      model=run.model,
+      optimizer=run.optimizer,
+      num_micro=run.num_micro,
+      diagnostics=diagnostics,
+      max_consecutive_nonfinite=run.config.train.max_consecutive_nonfinite,
+    ),
+    donate_argnums=0,
+  )
+
+
 def fetch(tree):
   """The loop's one way of reading device values (on sync steps only)."""
   return jax.device_get(tree)
@@ -188,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from workdir's latest checkpoint) and returns final metrics.
 
   Steps are counted on the host: step n is the n-th batch, whether its update was
-  applied or skipped as non-finite (`state_lib.steps_taken`). Device values (loss,
+  applied or skipped as non-finite (state.step + state.nonfinite_total). Device values (loss,
   counters) are read only on sync steps: log steps, eval steps, checkpoint steps
   (Orbax's interval and the last step) and a preemption. The stop rule stays exact:
   once `train.max_consecutive_nonfinite` updates in a row were skipped, the train step
@@ -206,21 +222,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data_item = {"data": data_pipeline.checkpoint_args_restore(train_iter)}
     state = checkpointer.restore(latest, run.abstract_state, data_item)["state"]
     _say(f"resumed from {checkpointer.directory} at step {latest}")
-  start = int(fetch(state_lib.steps_taken(state)))
+  counters = fetch({"applied": state.step, "skipped": state.nonfinite_total})
+  start, skipped_seen = int(counters["applied"] + counters["skipped"]), int(counters["skipped"])
 
   max_nonfinite = config.train.max_consecutive_nonfinite
-  make_step = lambda diagnostics: jax.jit(
-    functools.partial(
-      step_lib.train_step,
-      model=run.model,
-      optimizer=run.optimizer,
-      num_micro=run.num_micro,
-      diagnostics=diagnostics,
-      max_consecutive_nonfinite=max_nonfinite,
-    ),
-    donate_argnums=0,
-  )
-  train_step, train_step_diag = make_step(False), make_step(True)
+  train_step, train_step_diag = compile_train_step(run, False), compile_train_step(run, True)
   step_keys = step_lib.batch_keys(model_cfg)
   eval_fn = eval_lib.make_eval_fn(run.model)
 
@@ -246,7 +252,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   first_loss = last_loss = None
   eval_metrics: dict = {}
   t_last, step_last = time.time(), start
-  skipped_seen = None
   with PreemptionHandler() as preemption:
     step = start
     while step < total_steps:
@@ -275,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
       )
       skipped = int(counters["skipped"])
-      if skipped_seen is not None and skipped > skipped_seen:
+      if skipped > skipped_seen:
         _say(
           f"step {step}: {skipped - skipped_seen} non-finite update(s) skipped since the last "
           f"report ({int(counters['in_a_row'])} in a row, {skipped} in all)"

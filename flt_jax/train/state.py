@@ -22,12 +22,6 @@ class TrainState:
   nonfinite_total: jax.Array  # int32: all skipped updates
 
 
-def steps_taken(state: TrainState):
-  """Train steps run so far (batches consumed): applied plus skipped updates. The loop
-  counts steps this way on the host, so it never has to read the state to know it."""
-  return state.step + state.nonfinite_total
-
-
 def _init_boxed(model: LoopedTransformer, rng, seq_len: int):
   return model.init(rng, jnp.zeros((1, seq_len), jnp.int32), 1)["params"]
 

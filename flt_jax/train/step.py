@@ -66,8 +66,8 @@ def train_step(
   A non-finite loss or gradient skips the update and is counted. With
   `max_consecutive_nonfinite`, a state that already has that many skipped updates in a
   row is returned unchanged: the run has tripped its stop rule, and the host, which
-  reads the counters only now and then, still finds the state (and the step that
-  tripped, `steps_taken`) as it was at the trip."""
+  reads the counters only now and then, still finds the state as it was at the trip,
+  and the step that tripped as step + nonfinite_total."""
   micro = split_micro_batches({k: batch[k] for k in batch_keys(model.cfg)}, num_micro)
   tokens_M = jnp.sum(micro["targets"] != IGNORE_LABEL, axis=(1, 2)).astype(jnp.float32)
   weights_M = tokens_M / jnp.maximum(jnp.sum(tokens_M), 1.0)

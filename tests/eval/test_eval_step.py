@@ -39,3 +39,27 @@ def test_eval_step_counts_bytes_and_answers():
   pred = np.asarray(jnp.argmax(logits, -1))
   expect = sum(bool(np.all(pred[b, -2:] == batch["targets"][b, -2:])) for b in range(2))
   assert int(sums["answers_correct"]) == expect
+
+
+def test_eval_fn_sends_only_the_arrays_the_step_reads(monkeypatch):
+  """Segment ids and positions reach the eval step only with model.separate_documents."""
+  from flt_jax.eval import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+
+  received = []
+
+  def recording_eval_step(params, batch, token_bytes_V, *, model, loops=None):
+    received.append(sorted(batch))
+    return {"nll": jnp.sum(batch["inputs"] * 0.0), "tokens": jnp.sum(batch["targets"] >= 0)}
+
+  monkeypatch.setattr(eval_lib, "eval_step", recording_eval_step)
+  z = np.zeros((2, 8), np.int32)
+  batch = {"inputs": z, "targets": z, "segment_ids": z + 1, "positions": z, "extra": z}
+  for separate in (False, True):
+    c = model_config.get_config()
+    c.update(dict(vocab_size=64, d_model=32, n_head=2, separate_documents=separate))
+    model = LoopedTransformer(model_config.ModelConfig.from_config(c))
+    eval_lib.make_eval_fn(model)(None, batch, jnp.ones(64, jnp.int32), loops=1)
+  assert received == [
+    ["inputs", "targets"],
+    ["inputs", "positions", "segment_ids", "targets"],
+  ]
