@@ -179,17 +179,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
   )
 
 
-def compile_train_step(run: RunSetup, diagnostics: bool):
+def compile_train_step(run_setup: RunSetup, diagnostics: bool):
   """`train_step` for this run, jit-compiled with the state donated: (state, batch) ->
   (state, metrics). `diagnostics` adds per-loop losses and per-layer gradient norms."""
   return jax.jit(
     functools.partial(
       step_lib.train_step,
-      model=run.model,
-      optimizer=run.optimizer,
-      num_micro=run.num_micro,
+      model=run_setup.model,
+      optimizer=run_setup.optimizer,
+      num_micro=run_setup.num_micro,
       diagnostics=diagnostics,
-      max_consecutive_nonfinite=run.config.train.max_consecutive_nonfinite,
+      max_consecutive_nonfinite=run_setup.config.train.max_consecutive_nonfinite,
     ),
     donate_argnums=0,
   )
@@ -200,69 +200,116 @@ def fetch(tree):
   return jax.device_get(tree)
 
 
+class _Reporter:
+  """Train and eval lines for the console, TensorBoard and metrics.jsonl (sync steps)."""
+
+  def __init__(self, run_setup: RunSetup, workdir: str, start: int):
+    config, self._model_cfg = run_setup.config, run_setup.model_cfg
+    self._optim_config = config.optim
+    self._total_steps, self._tokens_per_step = run_setup.total_steps, run_setup.tokens_per_step
+    device = jax.devices()[0]
+    self._peak = metrics_lib.peak_flops_per_device(
+      device.platform, device.device_kind, config.metrics.peak_flops_per_device
+    )
+    self._flops_per_token = metrics_lib.flops_per_token(self._model_cfg)
+    self._writer = metrics_lib.MetricsWriter(workdir, config.metrics.tensorboard, jsonl=True)
+    self._console = metrics_lib.ConsoleLogger(self._total_steps, print_fn=_say)
+    self._start = start
+    self._t_last, self._step_last = time.time(), start
+    self.first_loss = self.last_loss = None
+    self.eval_metrics: dict = {}
+    cfg, n = self._model_cfg, run_setup.n_params
+    _say(
+      f"{config.experiment or cfg.variant}: {cfg.variant} K={cfg.loops} L={cfg.n_layer} "
+      f"d={cfg.d_model} vocab={cfg.vocab_size} | {n['total']:,} params "
+      f"({n['non_embedding']:,} non-embedding) | {self._total_steps} steps x "
+      f"{self._tokens_per_step:,} tokens ({run_setup.num_micro} micro-batches)"
+    )
+
+  def train(self, step: int, metrics, skipped_total: int) -> None:
+    now = time.time()
+    tok_s = (step - self._step_last) * self._tokens_per_step / max(now - self._t_last, 1e-9)
+    self._t_last, self._step_last = now, step
+    mfu = metrics_lib.compute_mfu(tok_s, self._flops_per_token, jax.device_count(), self._peak)
+    self.last_loss = float(metrics["loss"])
+    self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
+    scalars = {
+      **metrics_lib.step_scalars(metrics),
+      "perf/tokens_per_s": tok_s,
+      "train/nonfinite_total": skipped_total,
+      **optim_lib.current_learning_rates(
+        self._optim_config, self._model_cfg.d_model, step, self._total_steps
+      ),
+    }
+    if mfu is not None:
+      scalars["perf/mfu"] = mfu
+    self._writer.write_scalars(step, scalars)
+    self._console.log(step, self.last_loss, tok_s, mfu)
+
+  def eval(self, step: int, eval_metrics: dict) -> None:
+    self.eval_metrics = eval_metrics
+    self._writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    shown = " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if k != "tokens")
+    _say(f"eval @ {step}: {shown}")
+
+  def summary(self, step: int) -> dict:
+    evals = {f"eval_{k}": v for k, v in self.eval_metrics.items()}
+    self._console.summary(
+      step,
+      self.last_loss if self.last_loss is not None else float("nan"),
+      (step - self._start) * self._tokens_per_step,
+      extra={k: v for k, v in evals.items() if k != "eval_tokens"},
+    )
+    return {"step": step, "first_loss": self.first_loss, "final_loss": self.last_loss, **evals}
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from workdir's latest checkpoint) and returns final metrics.
 
   Steps are counted on the host: step n is the n-th batch, whether its update was
-  applied or skipped as non-finite (state.step + state.nonfinite_total). Device values (loss,
-  counters) are read only on sync steps: log steps, eval steps, checkpoint steps
+  applied or skipped as non-finite (state.step + state.nonfinite_total). Device values
+  (loss, counters) are read only on sync steps: log steps, eval steps, checkpoint steps
   (Orbax's interval and the last step) and a preemption. The stop rule stays exact:
   once `train.max_consecutive_nonfinite` updates in a row were skipped, the train step
   leaves the state unchanged, so the next sync finds the step that tripped it and the
   run stops there without saving.
   """
-  run = setup(config, workdir, training=True)
-  config, model_cfg, checkpointer = run.config, run.model_cfg, run.checkpointer
-  total_steps, tokens_per_step = run.total_steps, run.tokens_per_step
-  train_iter = iter(run.train_pipeline)
+  run_setup = setup(config, workdir, training=True)
+  config, checkpointer = run_setup.config, run_setup.checkpointer
+  total_steps, train = run_setup.total_steps, config.train
+  train_iter = iter(run_setup.train_pipeline)
   latest = checkpointer.latest_step()
   if latest is None:
-    state = run.init_state()
+    state = run_setup.init_state()
   else:
     data_item = {"data": data_pipeline.checkpoint_args_restore(train_iter)}
-    state = checkpointer.restore(latest, run.abstract_state, data_item)["state"]
+    state = checkpointer.restore(latest, run_setup.abstract_state, data_item)["state"]
     _say(f"resumed from {checkpointer.directory} at step {latest}")
   counters = fetch({"applied": state.step, "skipped": state.nonfinite_total})
   start, skipped_seen = int(counters["applied"] + counters["skipped"]), int(counters["skipped"])
 
-  max_nonfinite = config.train.max_consecutive_nonfinite
-  train_step, train_step_diag = compile_train_step(run, False), compile_train_step(run, True)
-  step_keys = step_lib.batch_keys(model_cfg)
-  eval_fn = eval_lib.make_eval_fn(run.model)
-
-  peak = metrics_lib.peak_flops_per_device(
-    jax.devices()[0].platform, jax.devices()[0].device_kind, config.metrics.peak_flops_per_device
-  )
-  flops_per_token = metrics_lib.flops_per_token(model_cfg)
-  writer = metrics_lib.MetricsWriter(workdir, config.metrics.tensorboard, jsonl=True)
-  console = metrics_lib.ConsoleLogger(total_steps, print_fn=_say)
-  n_params = run.n_params
-  _say(
-    f"{config.experiment or model_cfg.variant}: {model_cfg.variant} K={model_cfg.loops} "
-    f"L={model_cfg.n_layer} d={model_cfg.d_model} vocab={model_cfg.vocab_size} | "
-    f"{n_params['total']:,} params ({n_params['non_embedding']:,} non-embedding) | "
-    f"{total_steps} steps x {tokens_per_step:,} tokens ({run.num_micro} micro-batches)"
-  )
+  train_step = compile_train_step(run_setup, diagnostics=False)
+  train_step_diag = compile_train_step(run_setup, diagnostics=True)
+  step_keys = step_lib.batch_keys(run_setup.model_cfg)
+  eval_fn = eval_lib.make_eval_fn(run_setup.model)
+  report = _Reporter(run_setup, workdir, start)
 
   def close():
     checkpointer.close()
-    writer.close()
+    report.close()
 
-  save_data = lambda: {"data": data_pipeline.checkpoint_args_save(train_iter)}
-  first_loss = last_loss = None
-  eval_metrics: dict = {}
-  t_last, step_last = time.time(), start
   with PreemptionHandler() as preemption:
     step = start
     while step < total_steps:
       batch = next(train_iter)
-      log_now = step == start or (step + 1) % config.train.log_every == 0
-      log_now = log_now or step + 1 == total_steps
+      log_now = step == start or (step + 1) % train.log_every == 0 or step + 1 == total_steps
       step_fn = train_step_diag if log_now else train_step
       state, metrics = step_fn(state, {k: batch[k] for k in step_keys})
       step += 1
-      eval_every = config.train.eval_every
-      eval_now = bool(eval_every) and (step % eval_every == 0 or step == total_steps)
+      eval_now = bool(train.eval_every) and (step % train.eval_every == 0 or step == total_steps)
       save_now = step == total_steps or checkpointer.should_save(step)
       preempted = preemption.should_stop(step)
       if not (log_now or eval_now or save_now or preempted):
@@ -286,43 +333,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"report ({int(counters['in_a_row'])} in a row, {skipped} in all)"
         )
       skipped_seen = skipped
-      if counters["in_a_row"] >= max_nonfinite:
-        tripped_at = int(counters["applied"]) + skipped
+      if counters["in_a_row"] >= train.max_consecutive_nonfinite:
         close()
         raise NonFiniteError(
-          f"{max_nonfinite} consecutive non-finite updates at step {tripped_at}; stopping. "
-          f"The last good checkpoint in {checkpointer.directory} is intact. Lower "
-          "optim.matrix_lr/embedding_lr, set optim.grad_clip, or try model.dtype=float32."
+          f"{train.max_consecutive_nonfinite} consecutive non-finite updates at step "
+          f"{int(counters['applied']) + skipped}; stopping. The last good checkpoint in "
+          f"{checkpointer.directory} is intact. Lower optim.matrix_lr/embedding_lr, set "
+          "optim.grad_clip, or try model.dtype=float32."
         )
       if log_now:
-        now = time.time()
-        tok_s = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
-        t_last, step_last = now, step
-        mfu = metrics_lib.compute_mfu(tok_s, flops_per_token, jax.device_count(), peak)
-        last_loss = float(host_metrics["loss"])
-        first_loss = last_loss if first_loss is None else first_loss
-        scalars = {
-          **metrics_lib.step_scalars(host_metrics),
-          "perf/tokens_per_s": tok_s,
-          "train/nonfinite_total": skipped,
-          **optim_lib.current_learning_rates(config.optim, model_cfg.d_model, step, total_steps),
-        }
-        if mfu is not None:
-          scalars["perf/mfu"] = mfu
-        writer.write_scalars(step, scalars)
-        console.log(step, last_loss, tok_s, mfu)
+        report.train(step, host_metrics, skipped)
       if eval_now:
-        eval_metrics = eval_lib.evaluate(
-          eval_fn, state.params, run.eval_batches(), run.token_bytes_V, loops=model_cfg.loops
-        )
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-        _say(
-          f"eval @ {step}: "
-          + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if k != "tokens")
+        batches = run_setup.eval_batches()
+        loops = run_setup.model_cfg.loops
+        report.eval(
+          step,
+          eval_lib.evaluate(eval_fn, state.params, batches, run_setup.token_bytes_V, loops=loops),
         )
       if save_now or preempted:
         # Orbax decides interval saves; the last step and a preemption are forced.
-        checkpointer.save(step, state, save_data(), force=step == total_steps or preempted)
+        data_item = {"data": data_pipeline.checkpoint_args_save(train_iter)}
+        checkpointer.save(step, state, data_item, force=step == total_steps or preempted)
       if preempted:
         checkpointer.wait_until_finished()
         _say(
@@ -332,19 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         close()
         return {"step": step, "preempted": True}
   close()
-  summary = {
-    "step": step,
-    "first_loss": first_loss,
-    "final_loss": last_loss,
-    **{f"eval_{k}": v for k, v in eval_metrics.items()},
-  }
-  console.summary(
-    step,
-    last_loss if last_loss is not None else float("nan"),
-    (step - start) * tokens_per_step,
-    extra={f"eval_{k}": v for k, v in eval_metrics.items() if k != "tokens"},
-  )
-  return summary
+  return report.summary(step)
 
 
 def evaluate_checkpoint(
@@ -356,9 +375,9 @@ def evaluate_checkpoint(
   bad = [k for k in loops_list or [] if k < 1]
   if bad:
     raise ValueError(f"--eval_loops has {bad}; every loop count must be >= 1")
-  run = setup(config, workdir, training=False)
-  loops_list = list(loops_list or [run.model_cfg.loops])
-  checkpointer = run.checkpointer
+  run_setup = setup(config, workdir, training=False)
+  loops_list = list(loops_list or [run_setup.model_cfg.loops])
+  checkpointer = run_setup.checkpointer
   latest = checkpointer.latest_step()
   if latest is None:
     checkpointer.close()
@@ -366,12 +385,16 @@ def evaluate_checkpoint(
       f"no checkpoint in {checkpointer.directory}; train first with "
       "--mode=train and the same --config and --workdir"
     )
-  params = checkpointer.restore(latest, run.abstract_state)["state"].params
+  params = checkpointer.restore(latest, run_setup.abstract_state)["state"].params
   checkpointer.close()
   results = eval_lib.loop_sweep(
-    eval_lib.make_eval_fn(run.model), params, run.eval_batches, run.token_bytes_V, loops_list
+    eval_lib.make_eval_fn(run_setup.model),
+    params,
+    run_setup.eval_batches,
+    run_setup.token_bytes_V,
+    loops_list,
   )
-  model_cfg = run.model_cfg
+  model_cfg = run_setup.model_cfg
   _say(
     f"checkpoint step {latest} of {workdir} ({model_cfg.variant}, trained at K={model_cfg.loops}):"
   )
