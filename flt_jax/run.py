@@ -30,6 +30,7 @@ from flt_jax import config as flt_config
 from flt_jax.data import config as data_config_lib
 from flt_jax.data import pipeline as data_pipeline
 from flt_jax.data.tokenizers import Tokenizer
+from flt_jax.errors import config_error
 from flt_jax.eval import evaluate as eval_lib
 from flt_jax.model import config as model_config_lib
 from flt_jax.model.looped import LoopedTransformer
@@ -64,13 +65,16 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return config
 
 
-def _per_host(global_batch: int, what: str) -> int:
-  if global_batch % jax.process_count():
-    raise ValueError(
-      f"{what}={global_batch} sequences do not divide over {jax.process_count()} hosts; "
-      "make it a multiple of the host count"
+def _check_hosts(config) -> None:
+  """Every host gets the same share of a micro-batch (so of a whole batch too)."""
+  hosts = jax.process_count()
+  if config.train.micro_batch_size % hosts:
+    raise config_error(
+      "train.micro_batch_size",
+      config.train.micro_batch_size,
+      f"its sequences do not divide over the {hosts} hosts",
+      "make it a multiple of the host count",
     )
-  return global_batch // jax.process_count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +121,7 @@ class RunSetup:
       self.config.data,
       split="validation",
       seq_len=self.model_cfg.seq_len,
-      batch_size=_per_host(self.config.train.micro_batch_size, "train.micro_batch_size"),
+      batch_size=self.config.train.micro_batch_size // jax.process_count(),
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       num_epochs=1,
@@ -135,14 +139,26 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
   checkpoint, so a workdir trained with another vocabulary is refused.
   """
   config = resolve_config(config)
+  _check_hosts(config)
   tokenizer = data_pipeline.make_tokenizer(config.data)
   model_cfg = model_config_lib.ModelConfig.from_config(config.model, tokenizer.vocab_size)
   config.model.vocab_size = model_cfg.vocab_size
+  num_micro = train_config_lib.grad_accum_steps(config)
+  global_batch = config.train.micro_batch_size * num_micro
+  train_pipeline = None
+  if training:  # before the checkpointer: a data error leaves the workdir untouched
+    train_pipeline = data_pipeline.make_pipeline(
+      config.data,
+      split="train",
+      seq_len=model_cfg.seq_len,
+      batch_size=global_batch // jax.process_count(),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      tokenizer=tokenizer,
+    )
   # Refuses an unwritable workdir, or one whose saved model shape differs.
   checkpointer = Checkpointer.from_config(workdir, config)
   model = LoopedTransformer(model_cfg)
-  num_micro = train_config_lib.grad_accum_steps(config)
-  global_batch = config.train.micro_batch_size * num_micro
   rng = jax.random.PRNGKey(config.train.seed)
   boxed_params = state_lib.abstract_params(model, rng, model_cfg.seq_len)
   n_params = state_lib.count_params(nn.meta.unbox(boxed_params))
@@ -152,17 +168,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
   optimizer = optim_lib.make_optimizer(
     config.optim, d_model=model_cfg.d_model, total_steps=total_steps
   )
-  train_pipeline = None
-  if training:
-    train_pipeline = data_pipeline.make_pipeline(
-      config.data,
-      split="train",
-      seq_len=model_cfg.seq_len,
-      batch_size=_per_host(global_batch, "global batch"),
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      tokenizer=tokenizer,
-    )
   return RunSetup(
     config=config,
     model_cfg=model_cfg,
@@ -363,6 +368,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         close()
         return {"step": step, "preempted": True}
   close()
+  if step == start:
+    _say(f"already at step {step} of {total_steps}; raise --config.train.steps to train on")
+    return {"step": step, "first_loss": None, "final_loss": None}
   return report.summary(step)
 
 
