@@ -10,7 +10,7 @@ Presets
             answer accuracy at the end (where the loop count matters). At this
             CPU size (300 steps) accuracy only starts to leave chance (1/6);
             raise --config.train.steps for a real result.
-  paper     the paper's shapes and recipe (DESIGN §2): n_layer 6, d_model 384,
+  paper     the paper's shapes and recipe: n_layer 6, d_model 384,
             sequence 1024, 524,288-token batches, bf16 compute, 20 tokens per
             parameter, fineweb-edu Parquet shards at --config.data.path and a
             65,536-token BPE at --config.data.tokenizer_path (see README, Data).

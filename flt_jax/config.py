@@ -1,11 +1,15 @@
 """The full config: every section's defaults, and a check that a config has exactly
-their keys (a typo in an experiment file fails loudly instead of being ignored)."""
+their keys (a typo in an experiment file fails loudly instead of being ignored).
+
+This module sits with the run layer: it is the one place that knows every section.
+"""
 
 from __future__ import annotations
 
 import ml_collections
 
 from flt_jax.data import config as data_config
+from flt_jax.errors import config_error
 from flt_jax.model import config as model_config
 from flt_jax.train import config as train_config
 
@@ -19,19 +23,22 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-def check_keys(config, reference=None, prefix: str = "config") -> None:
-  """Raises ValueError for keys missing from `config` or unknown to the defaults."""
+def check_keys(config, reference=None, path: str = "") -> None:
+  """Raises ConfigError for keys missing from `config` or unknown to the defaults."""
   reference = default_config() if reference is None else reference
   have, want = set(config.keys()), set(reference.keys())
   if want - have:
-    raise ValueError(
-      f"{prefix} is missing {sorted(want - have)}; start from "
-      "experiments/base.py, which fills in every default"
+    raise config_error(
+      path,
+      sorted(want - have),
+      "lacks these keys",
+      "start from experiments/base.py, which fills in every default",
     )
   if have - want:
-    raise ValueError(f"{prefix} has unknown keys {sorted(have - want)}; known keys: {sorted(want)}")
+    raise config_error(path, sorted(have - want), "has unknown keys", f"use only {sorted(want)}")
   for key in want:
     if isinstance(reference[key], ml_collections.ConfigDict):
+      sub = f"{path}.{key}" if path else key
       if not isinstance(config[key], (ml_collections.ConfigDict, dict)):
-        raise ValueError(f"{prefix}.{key} must be a section, got {config[key]!r}")
-      check_keys(config[key], reference[key], f"{prefix}.{key}")
+        raise config_error(sub, config[key], "must be a section", "restore the section's fields")
+      check_keys(config[key], reference[key], sub)

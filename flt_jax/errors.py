@@ -13,8 +13,10 @@ class ConfigError(ValueError):
 
 
 def config_error(path: str, value, requirement: str, fix: str = "") -> ConfigError:
-  """`config.<path>=<value> is invalid: <requirement>. Fix: <fix>.` as a ConfigError."""
-  msg = f"config.{path}={value!r} is invalid: {requirement}."
+  """`config.<path>=<value> is invalid: <requirement>. Fix: <fix>.` as a ConfigError
+  (`config=<value> ...` for the root, path "")."""
+  name = f"config.{path}" if path else "config"
+  msg = f"{name}={value!r} is invalid: {requirement}."
   if fix:
     msg += f" Fix: {fix}."
   return ConfigError(msg)

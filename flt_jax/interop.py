@@ -1,5 +1,6 @@
 """Move weights between flt_jax params and the official PyTorch implementation's
-state dict (DESIGN §2 names; torch Linear weights are [out, in], ours [in, out]).
+state dict (its module names, `transformer.h.{l}.attn.c_q.weight` etc.; torch Linear
+weights are [out, in], ours [in, out]).
 
   params = from_reference(np.load("ref.npz"), model_cfg)      # reference -> flt_jax
   save_reference_npz("out.npz", params, model_cfg)           # flt_jax -> reference

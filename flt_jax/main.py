@@ -10,7 +10,8 @@ r"""flt_jax entry point.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flt_jax.train import loop
+from flt_jax import run
+from flt_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -51,10 +52,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  if _MODE.value == "train":
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  else:
-    loop.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, [int(k) for k in _EVAL_LOOPS.value])
+  try:
+    if _MODE.value == "train":
+      run.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+      run.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, [int(k) for k in _EVAL_LOOPS.value])
+  except ConfigError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -6,9 +6,7 @@ from pathlib import Path
 import pytest
 
 from flt_jax import config as flt_config
-from flt_jax.data import config as data_config
-from flt_jax.model import config as model_config
-from flt_jax.train import config as train_config
+from flt_jax import run
 
 EXPERIMENTS = sorted(
   p
@@ -49,10 +47,7 @@ def test_experiment_presets_are_valid(path, preset):
     assert (c.model.n_layer, c.model.d_model, c.model.seq_len) == (6, 384, 1024)
     assert c.train.total_batch_tokens == 524_288
     c.data.path, c.data.tokenizer_path = "/data/*.parquet", "/data/tokenizer.json"
-  c.model.vocab_size = c.model.vocab_size or 256
-  model_config.validate(c.model)
-  data_config.validate(c.data, seq_len=c.model.seq_len)
-  train_config.validate(c)
+  run.resolve_config(c)  # every section, as a run checks it (vocab 0 = the tokenizer's)
 
 
 def test_unknown_preset_is_a_clear_error():

@@ -7,8 +7,9 @@ from flt_jax.data.pipeline import (
   checkpoint_args_save,
   make_packed_rows,
   make_pipeline,
+  make_tokenizer,
 )
-from flt_jax.data.tokenizers import Tokenizer, make_tokenizer
+from flt_jax.data.tokenizers import Tokenizer
 
 __all__ = [
   "Pipeline",

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from flt_jax.data import synthetic
+from flt_jax.errors import config_error
+
 SOURCES = ("stdlib", "multihop", "modarith", "text", "jsonl", "parquet", "tokens")
 SYNTHETIC_SOURCES = ("multihop", "modarith")
 FILE_SOURCES = ("text", "jsonl", "parquet", "tokens")
@@ -50,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Synthetic tasks: examples per split (generated lazily, deterministically).
   c.num_train_examples = 100_000
   c.num_validation_examples = 512
-  # Synthetic tasks: train only on answer tokens (targets elsewhere = -1).
+  # Synthetic tasks: train only on answer tokens (other targets carry no loss).
   c.loss_on_answer_only = True
 
   c.multihop = ml_collections.ConfigDict()
@@ -69,83 +72,83 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _fail(field, value, fix):
-  raise ValueError(f"data.{field}={value!r} is invalid: {fix}")
-
-
 def validate(data_config, *, seq_len: int) -> None:
-  """Raises ValueError naming the field, the bad value and the fix."""
+  """Raises ConfigError naming the field, the bad value and the fix."""
   d = data_config
+
+  def check(ok: bool, field: str, requirement: str, fix: str = "") -> None:
+    if not ok:
+      value = d
+      for key in field.split("."):
+        value = value[key]
+      raise config_error(f"data.{field}", value, requirement, fix)
+
   if not isinstance(seq_len, int) or seq_len < 2:
-    raise ValueError(
-      f"seq_len={seq_len!r} is invalid: the data pipeline needs seq_len >= 2 "
-      "(set config.model.seq_len to an integer >= 2)."
+    raise config_error(
+      "model.seq_len",
+      seq_len,
+      "the data pipeline needs seq_len >= 2",
+      "set config.model.seq_len to an integer >= 2",
     )
-  if d.source not in SOURCES:
-    _fail("source", d.source, f"allowed values are {SOURCES}")
-  if d.tokenizer not in TOKENIZERS:
-    _fail("tokenizer", d.tokenizer, f"allowed values are {TOKENIZERS}")
-  if d.source in FILE_SOURCES and not d.path:
-    _fail(
-      "path",
-      d.path,
-      f"data.source={d.source!r} needs a file glob in "
-      "data.path (or set data.source='stdlib' for the embedded corpus)",
-    )
-  if d.source in FILE_SOURCES + ("stdlib",) and d.tokenizer == "file" and not d.tokenizer_path:
-    _fail(
-      "tokenizer_path", d.tokenizer_path, "data.tokenizer='file' needs the path of a tokenizer.json"
-    )
-  if d.tokenizer == "bpe" and not 257 + 1 <= int(d.bpe_vocab_size) <= 1 << 20:
-    _fail(
-      "bpe_vocab_size",
-      d.bpe_vocab_size,
-      "must be in [258, 1048576] (256 byte symbols + separator + merges)",
-    )
-  if int(d.bpe_train_bytes) <= 0:
-    _fail("bpe_train_bytes", d.bpe_train_bytes, "must be > 0")
-  if not 0.0 <= float(d.validation_fraction) < 1.0:
-    _fail("validation_fraction", d.validation_fraction, "must be in [0, 1)")
-  if int(d.shuffle_window_rows) < 0:
-    _fail(
-      "shuffle_window_rows",
-      d.shuffle_window_rows,
-      "must be >= 0 (rows per shuffle window; 0 = no row shuffle)",
-    )
-  if int(d.num_workers) < 0:
-    _fail("num_workers", d.num_workers, "must be >= 0 (0 = in-process)")
-  if int(d.read_threads) < 0:
-    _fail("read_threads", d.read_threads, "must be >= 0")
-  if not 0 <= int(d.seed) < 2**32:
-    _fail("seed", d.seed, "must be in [0, 2**32)")
+  check(d.source in SOURCES, "source", f"allowed values are {SOURCES}")
+  check(d.tokenizer in TOKENIZERS, "tokenizer", f"allowed values are {TOKENIZERS}")
+  check(
+    not (d.source in FILE_SOURCES and not d.path),
+    "path",
+    f"data.source={d.source!r} needs a file glob",
+    "set data.path='dir/*.ext' (or data.source='stdlib' for the embedded corpus)",
+  )
+  check(
+    not (d.source in FILE_SOURCES + ("stdlib",) and d.tokenizer == "file" and not d.tokenizer_path),
+    "tokenizer_path",
+    "data.tokenizer='file' needs the path of a tokenizer.json",
+    "set data.tokenizer_path, e.g. to one written by `python -m flt_jax.data.prepare "
+    "train_tokenizer`",
+  )
+  check(
+    d.tokenizer != "bpe" or 257 + 1 <= int(d.bpe_vocab_size) <= 1 << 20,
+    "bpe_vocab_size",
+    "must be in [258, 1048576] (256 byte symbols + separator + merges)",
+  )
+  check(int(d.bpe_train_bytes) > 0, "bpe_train_bytes", "must be > 0")
+  check(0.0 <= float(d.validation_fraction) < 1.0, "validation_fraction", "must be in [0, 1)")
+  check(
+    int(d.shuffle_window_rows) >= 0,
+    "shuffle_window_rows",
+    "must be >= 0 (rows per shuffle window)",
+    "use 0 to turn the row shuffle off",
+  )
+  check(int(d.num_workers) >= 0, "num_workers", "must be >= 0", "use 0 to read in-process")
+  check(int(d.read_threads) >= 0, "read_threads", "must be >= 0")
+  check(0 <= int(d.seed) < 2**32, "seed", "must be in [0, 2**32)")
   if d.source in SYNTHETIC_SOURCES:
-    if int(d.num_train_examples) < 1:
-      _fail("num_train_examples", d.num_train_examples, "must be >= 1")
-    if int(d.num_validation_examples) < 0:
-      _fail("num_validation_examples", d.num_validation_examples, "must be >= 0")
+    check(int(d.num_train_examples) >= 1, "num_train_examples", "must be >= 1")
+    check(int(d.num_validation_examples) >= 0, "num_validation_examples", "must be >= 0")
   m = d.multihop
   if d.source == "multihop":
-    if int(m.num_nodes) < 2:
-      _fail("multihop.num_nodes", m.num_nodes, "must be >= 2")
-    if int(m.hops_min) < 1:
-      _fail("multihop.hops_min", m.hops_min, "must be >= 1")
-    if int(m.hops_max) < int(m.hops_min):
-      _fail("multihop.hops_max", m.hops_max, f"must be >= data.multihop.hops_min={m.hops_min}")
+    check(int(m.num_nodes) >= 2, "multihop.num_nodes", "must be >= 2")
+    check(int(m.hops_min) >= 1, "multihop.hops_min", "must be >= 1")
+    check(
+      int(m.hops_max) >= int(m.hops_min),
+      "multihop.hops_max",
+      f"must be >= data.multihop.hops_min={m.hops_min}",
+    )
   a = d.modarith
   if d.source == "modarith":
-    if int(a.modulus) < 2:
-      _fail("modarith.modulus", a.modulus, "must be >= 2")
-    if int(a.depth_min) < 1:
-      _fail("modarith.depth_min", a.depth_min, "must be >= 1")
-    if int(a.depth_max) < int(a.depth_min):
-      _fail("modarith.depth_max", a.depth_max, f"must be >= data.modarith.depth_min={a.depth_min}")
-    if a.form not in MODARITH_FORMS:
-      _fail("modarith.form", a.form, f"allowed values are {MODARITH_FORMS}")
-    if not a.ops or any(o not in MODARITH_OPS for o in a.ops):
-      _fail("modarith.ops", a.ops, f"use a non-empty string of operators from {MODARITH_OPS!r}")
+    check(int(a.modulus) >= 2, "modarith.modulus", "must be >= 2")
+    check(int(a.depth_min) >= 1, "modarith.depth_min", "must be >= 1")
+    check(
+      int(a.depth_max) >= int(a.depth_min),
+      "modarith.depth_max",
+      f"must be >= data.modarith.depth_min={a.depth_min}",
+    )
+    check(a.form in MODARITH_FORMS, "modarith.form", f"allowed values are {MODARITH_FORMS}")
+    check(
+      bool(a.ops) and all(o in MODARITH_OPS for o in a.ops),
+      "modarith.ops",
+      f"use a non-empty string of operators from {MODARITH_OPS!r}",
+    )
   if d.source in SYNTHETIC_SOURCES:
-    from flt_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-
     need = synthetic.max_example_length(d)
     if need > seq_len + 1:
       knob = (
@@ -153,9 +156,10 @@ def validate(data_config, *, seq_len: int) -> None:
         if d.source == "multihop"
         else "data.modarith.depth_max"
       )
-      raise ValueError(
-        f"seq_len={seq_len} is too short for data.source={d.source!r}: the "
-        f"longest example has {need} tokens (with separator) and must fit "
-        f"in seq_len + 1; set config.model.seq_len >= {need - 1} or reduce "
-        f"{knob}."
+      raise config_error(
+        "model.seq_len",
+        seq_len,
+        f"too short for data.source={d.source!r}: the longest example has {need} tokens "
+        "(with separator) and must fit in seq_len + 1",
+        f"set config.model.seq_len >= {need - 1} or reduce {knob}",
       )

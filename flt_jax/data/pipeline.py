@@ -10,9 +10,9 @@ Synthetic tasks: example index -> host shard -> shuffle -> repeat -> one
   example per row, padded -> batch.
 
 Each batch is a dict of numpy int32 arrays [B, seq_len]:
-  inputs, targets (next token; -1 = no loss: padding, a target in another
+  inputs, targets (next token; IGNORE_LABEL = no loss: padding, a target in another
   document, or a non-answer position when loss_on_answer_only), segment_ids
-  (1, 2, ... per document within the row; 0 = padding), positions (position
+  (1, 2, ... per document within the row; PAD_SEGMENT = padding), positions (position
   within the document piece), and for synthetic tasks answer_mask (1 where the
   target is an answer token).
 The iterator is a grain DatasetIterator: get_state()/set_state() are small
@@ -27,9 +27,11 @@ from typing import Any
 import grain
 import numpy as np
 
+from flt_jax.constants import IGNORE_LABEL, PAD_SEGMENT
 from flt_jax.data import config as config_lib
 from flt_jax.data import sources, synthetic
 from flt_jax.data import tokenizers as tokenizers_lib
+from flt_jax.errors import config_error
 
 
 # ------------------------------------------------------------ element steps
@@ -59,12 +61,12 @@ def _packed_to_row(el):
   seg = np.asarray(el["tokens_segment_ids"], np.int32)
   pos = np.asarray(el["tokens_positions"], np.int32)
   targets = tok[1:].copy()
-  targets[(seg[1:] != seg[:-1]) | (seg[:-1] == 0)] = -1
+  targets[(seg[1:] != seg[:-1]) | (seg[:-1] == PAD_SEGMENT)] = IGNORE_LABEL
   return {"inputs": tok[:-1], "targets": targets, "segment_ids": seg[:-1], "positions": pos[:-1]}
 
 
 class _PadBatch:
-  """Stacks rows; pads a short final batch with empty rows (targets -1)."""
+  """Stacks rows; pads a short final batch with empty rows (no targets, padding segment)."""
 
   def __init__(self, batch_size: int):
     self.batch_size = batch_size
@@ -74,7 +76,8 @@ class _PadBatch:
     short = self.batch_size - len(rows)
     if short > 0:
       for k, v in out.items():
-        pad = np.full((short,) + v.shape[1:], -1 if k == "targets" else 0, v.dtype)
+        fill = IGNORE_LABEL if k == "targets" else PAD_SEGMENT if k == "segment_ids" else 0
+        pad = np.full((short,) + v.shape[1:], fill, v.dtype)
         out[k] = np.concatenate([v, pad])
     return out
 
@@ -151,7 +154,7 @@ class _ExactCountIterator(grain.DatasetIterator):
 
 class _ExactCount(grain.IterDataset):
   """Yields exactly `count` batches: truncates, or pads with empty batches
-  (all targets -1, segment_ids 0) - keeps multi-host eval in lockstep."""
+  (no targets, padding segment) - keeps multi-host eval in lockstep."""
 
   def __init__(self, parent, count, template):
     super().__init__(parent)
@@ -183,7 +186,12 @@ class Pipeline:
 
 def _empty_batch(batch_size, seq_len, synthetic_task):
   z = np.zeros([batch_size, seq_len], np.int32)
-  out = {"inputs": z, "targets": z - 1, "segment_ids": z, "positions": z}
+  out = {
+    "inputs": z,
+    "targets": np.full_like(z, IGNORE_LABEL),
+    "segment_ids": np.full_like(z, PAD_SEGMENT),
+    "positions": z,
+  }
   if synthetic_task:
     out["answer_mask"] = z
   return out
@@ -206,6 +214,33 @@ def _check_args(split, seq_len, process_index, process_count, num_epochs):
   return num_epochs
 
 
+def make_tokenizer(data_config) -> tokenizers_lib.Tokenizer:
+  """The tokenizer that `data_config` asks for.
+
+  Synthetic sources use their own symbol tokenizer; 'bpe' is trained on (a
+  budgeted, deterministic sample of) the training split of the configured text
+  source.
+  """
+  d = data_config
+  if d.source in config_lib.SYNTHETIC_SOURCES:
+    return synthetic.make_task(d).tokenizer
+  if d.tokenizer == "bytes":
+    return tokenizers_lib.BytesTokenizer()
+  if d.tokenizer == "file":
+    return tokenizers_lib.load_tokenizer_file(d.tokenizer_path, d.eos_token)
+  if d.tokenizer == "bpe" and d.source == "tokens":
+    raise config_error(
+      "data.tokenizer",
+      d.tokenizer,
+      "a BPE cannot be trained from pre-tokenised shards (data.source='tokens')",
+      "use data.tokenizer='file' with the tokenizer.json the shards were made with",
+    )
+  if d.tokenizer == "bpe":
+    texts = sources.training_texts(d, int(d.bpe_train_bytes))
+    return tokenizers_lib.bpe_from_texts(texts, int(d.bpe_vocab_size), d.tokenizer_path)
+  raise config_error("data.tokenizer", d.tokenizer, f"allowed values are {config_lib.TOKENIZERS}")
+
+
 def _units(d, split, tokenizer):
   """(MapDataset of units, tokenizer, split-or-task, description)."""
   if d.source in config_lib.SYNTHETIC_SOURCES:
@@ -218,7 +253,7 @@ def _units(d, split, tokenizer):
       )
     return (grain.MapDataset.range(n), task.tokenizer, task, f"{d.source}:{split} {n} examples")
   if tokenizer is None:
-    tokenizer = tokenizers_lib.make_tokenizer(d)
+    tokenizer = make_tokenizer(d)
   sp = sources.get_split(d, split, tokenizer)
   return grain.MapDataset.source(sp.units), tokenizer, sp, sp.description
 

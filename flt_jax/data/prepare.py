@@ -24,7 +24,7 @@ import numpy as np
 import tqdm
 
 from flt_jax.data import config as config_lib
-from flt_jax.data import sources
+from flt_jax.data import pipeline, sources
 from flt_jax.data import tokenizers as tokenizers_lib
 
 
@@ -69,7 +69,7 @@ def train_tokenizer(args) -> dict:
 
 def tokenize(args) -> dict:
   d = _data_config(args, args.tokenizer)
-  tok = tokenizers_lib.make_tokenizer(d)
+  tok = pipeline.make_tokenizer(d)
   sp = sources.get_split(d, args.split, tok)
   os.makedirs(args.out_dir, exist_ok=True)
   if isinstance(tok, tokenizers_lib.HFTokenizer):

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from flt_jax.errors import config_error
+
 # ---------------------------------------------------------------- shard format
 # A token shard (.bin): a 256-byte header of 32 little-endian int64
 # [MAGIC, VERSION, itemsize (2 | 4), num_tokens, vocab_size, eos_id, num_docs,
@@ -98,10 +100,12 @@ def resolve_files(path: str, *, source: str = "") -> list[str]:
     files.update(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
   if not files:
     hint = f" for data.source={source!r}" if source else ""
-    raise ValueError(
-      f"data.path={path!r} matched no files{hint}; check the glob (use "
-      "'**' for subdirectories) or set data.source='stdlib' for the "
-      "embedded corpus"
+    raise config_error(
+      "data.path",
+      path,
+      f"it matched no files{hint}",
+      "check the glob (use '**' for subdirectories) or set data.source='stdlib' for the "
+      "embedded corpus",
     )
   return sorted(files)
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from flt_jax.constants import IGNORE_LABEL, PAD_SEGMENT
 from flt_jax.data import tokenizers
 
 _SPLIT_CODE = {"train": 0, "validation": 1}
@@ -36,10 +37,11 @@ class SymbolTokenizer(tokenizers.Tokenizer):
   name = "symbols"
 
   def __init__(self, symbols: Sequence[str]):
+    self.eos_id = 0
     self.symbols = ["<eos>"] + list(symbols)
     self._ids = {s: i for i, s in enumerate(self.symbols)}
     self.vocab_size = len(self.symbols)
-    self.eos_id = 0
+    # The separator stands for no text; a symbol for its bytes and one delimiting space.
     self.token_bytes = np.array([0] + [len(s.encode("utf-8")) + 1 for s in symbols], np.int32)
 
   def encode(self, text: str) -> list[int]:
@@ -52,7 +54,7 @@ class SymbolTokenizer(tokenizers.Tokenizer):
 
   def decode(self, ids: Sequence[int]) -> str:
     arr = tokenizers._check_ids(ids, self.vocab_size)  # pylint: disable=protected-access
-    return " ".join(self.symbols[i] for i in arr.tolist() if i != 0)
+    return " ".join(self.symbols[i] for i in arr.tolist() if i != self.eos_id)
 
 
 @dataclasses.dataclass
@@ -198,18 +200,20 @@ def example_to_row(ex: Example, seq_len: int, loss_on_answer_only: bool) -> dict
     )
   row = np.zeros([seq_len + 1], np.int32)
   row[:n] = ex.tokens
-  seg = np.zeros([seq_len + 1], np.int32)
-  seg[:n] = 1
+  seg = np.full([seq_len + 1], PAD_SEGMENT, np.int32)
+  seg[:n] = PAD_SEGMENT + 1
   targets = row[1:].copy()
-  targets[seg[1:] == 0] = -1
+  targets[seg[1:] == PAD_SEGMENT] = IGNORE_LABEL
   answer_mask = np.zeros([seq_len], np.int32)
   answer_mask[ex.answer_start - 1 : ex.answer_end - 1] = 1
   if loss_on_answer_only:
-    targets[answer_mask == 0] = -1
+    targets[answer_mask == 0] = IGNORE_LABEL
   return {
     "inputs": row[:-1],
     "targets": targets,
     "segment_ids": seg[:-1],
-    "positions": np.where(seg[:-1] > 0, np.arange(seq_len, dtype=np.int32), 0).astype(np.int32),
+    "positions": np.where(seg[:-1] != PAD_SEGMENT, np.arange(seq_len, dtype=np.int32), 0).astype(
+      np.int32
+    ),
     "answer_mask": answer_mask,
   }

@@ -57,10 +57,10 @@ class BytesTokenizer(Tokenizer):
   name = "bytes"
 
   def __init__(self):
-    self.vocab_size = 257
-    self.eos_id = 256
-    self.token_bytes = np.ones([257], np.int32)
-    self.token_bytes[256] = 0
+    self.eos_id = 256  # the one id after the 256 byte values
+    self.vocab_size = self.eos_id + 1
+    self.token_bytes = np.ones([self.vocab_size], np.int32)
+    self.token_bytes[self.eos_id] = 0
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode("utf-8"))
@@ -70,7 +70,7 @@ class BytesTokenizer(Tokenizer):
 
   def decode(self, ids: Sequence[int]) -> str:
     arr = _check_ids(ids, self.vocab_size)
-    return bytes(arr[arr < 256].astype(np.uint8)).decode("utf-8", "replace")
+    return bytes(arr[arr != self.eos_id].astype(np.uint8)).decode("utf-8", "replace")
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -217,33 +217,3 @@ def bpe_from_texts(texts: Sequence[str], vocab_size: int, cache_path: str = "") 
         json.dump({"fingerprint": key, "vocab_size": vocab_size}, f)
     _BPE_CACHE[key] = tok
     return tok
-
-
-def make_tokenizer(data_config) -> Tokenizer:
-  """The tokenizer that `data_config` asks for.
-
-  Synthetic sources use their own symbol tokenizer; 'bpe' is trained on (a
-  budgeted, deterministic sample of) the training split of the configured text
-  source.
-  """
-  from flt_jax.data import sources, synthetic  # pylint: disable=g-import-not-at-top
-
-  d = data_config
-  if d.source in ("multihop", "modarith"):
-    return synthetic.make_task(d).tokenizer
-  if d.tokenizer == "bytes":
-    return BytesTokenizer()
-  if d.tokenizer == "file":
-    return load_tokenizer_file(d.tokenizer_path, d.eos_token)
-  if d.tokenizer == "bpe":
-    if d.source == "tokens":
-      raise ValueError(
-        "data.tokenizer='bpe' cannot be trained from pre-tokenised shards "
-        "(data.source='tokens'); use data.tokenizer='file' with the "
-        "tokenizer.json the shards were made with"
-      )
-    texts = sources.training_texts(d, int(d.bpe_train_bytes))
-    return bpe_from_texts(texts, int(d.bpe_vocab_size), d.tokenizer_path)
-  raise ValueError(
-    f"data.tokenizer={d.tokenizer!r} is invalid: allowed values are ('bytes', 'bpe', 'file')"
-  )

@@ -10,12 +10,19 @@ from collections.abc import Iterable
 import jax
 import jax.numpy as jnp
 
-from flt_jax.train.step import eval_step
+from flt_jax.eval.step import batch_keys, eval_step
 
 
 def make_eval_fn(model):
-  """jit-compiled eval_step; `loops` is static, so each K compiles once."""
-  return jax.jit(functools.partial(eval_step, model=model), static_argnames=("loops",))
+  """eval_step, jit-compiled (`loops` is static, so each K compiles once), on the batch
+  arrays it reads (`batch_keys`; the others are not sent to the device)."""
+  step = jax.jit(functools.partial(eval_step, model=model), static_argnames=("loops",))
+  keys = batch_keys(model.cfg)
+
+  def eval_fn(params, batch, token_bytes_V, *, loops: int):
+    return step(params, {k: batch[k] for k in keys if k in batch}, token_bytes_V, loops=loops)
+
+  return eval_fn
 
 
 def evaluate(
@@ -25,15 +32,11 @@ def evaluate(
   token_bytes_V,
   *,
   loops: int,
-  max_batches: int | None = None,
 ) -> dict[str, float]:
   """Averages over `batches` (a finite iterable of numpy batches)."""
   token_bytes_V = jnp.asarray(token_bytes_V, jnp.int32)
   totals: dict[str, float] = {}
-  for i, batch in enumerate(batches):
-    if max_batches is not None and i >= max_batches:
-      break
-    batch = {k: batch[k] for k in ("inputs", "targets", "answer_mask") if k in batch}
+  for batch in batches:
     sums = jax.device_get(eval_fn(params, batch, token_bytes_V, loops=loops))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
@@ -51,12 +54,10 @@ def evaluate(
 
 
 def loop_sweep(
-  eval_fn, params, make_batches, token_bytes_V, loops_list, *, max_batches=None
+  eval_fn, params, make_batches, token_bytes_V, loops_list
 ) -> dict[int, dict[str, float]]:
   """evaluate() at each K in loops_list; make_batches() gives a fresh iterable each time."""
   return {
-    int(k): evaluate(
-      eval_fn, params, make_batches(), token_bytes_V, loops=int(k), max_batches=max_batches
-    )
+    int(k): evaluate(eval_fn, params, make_batches(), token_bytes_V, loops=int(k))
     for k in loops_list
   }

@@ -8,10 +8,10 @@ The experiments' base config includes these sections, e.g.::
     config.train = base.train
     ...
 
-Defaults follow the reference recipe (DESIGN.md section 2). `validate(config)`
-checks these four sections (and their interplay with `config.model.seq_len`
-when that exists) and raises `ValueError` naming the field, the bad value and
-the fix.
+Defaults follow the official implementation's recipe (Muon for the block matrices,
+AdamW for the embedding and unembedding, linear warm-down). `validate(config)` checks
+these four sections (and their interplay with `config.model.seq_len` when that exists)
+and raises `ConfigError` naming the field, the bad value and the fix.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import numbers
 from typing import Any
 
 import ml_collections
+
+from flt_jax.errors import config_error
 
 
 def get_optim_config() -> ml_collections.ConfigDict:
@@ -100,10 +102,12 @@ def _get(config, name: str, default: Any = None):
 def _section(config, name: str):
   section = _get(config, name)
   if section is None:
-    raise ValueError(
-      f"config.{name} is missing. Include the training sections in your "
-      f"experiment config, e.g. config.{name} = "
-      f"flt_jax.train.config.get_config().{name}."
+    raise config_error(
+      name,
+      None,
+      "the section is missing",
+      f"start the experiment from experiments/base.py, or set config.{name} = "
+      f"flt_jax.train.config.get_config().{name}",
     )
   return section
 
@@ -112,9 +116,11 @@ def _field(section, sect_name: str, name: str):
   value = _get(section, name, _MISSING)
   if value is _MISSING:
     default = getattr(get_config()[sect_name], name)
-    raise ValueError(
-      f"config.{sect_name}.{name} is missing (default: {default!r}). Add it "
-      f"to the config or start from flt_jax.train.config.get_config()."
+    raise config_error(
+      f"{sect_name}.{name}",
+      None,
+      "the field is missing",
+      f"add it (default {default!r}) or start from flt_jax.train.config.get_config()",
     )
   return value
 
@@ -130,31 +136,24 @@ def _is_int(v) -> bool:
   return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _fail(path: str, value, requirement: str, fix: str = "") -> None:
-  msg = f"config.{path} = {value!r} is invalid: {requirement}."
-  if fix:
-    msg += f" Fix: {fix}."
-  raise ValueError(msg)
-
-
 def _check_number(
   sec, sname, name, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, fix=""
 ):
   v = _field(sec, sname, name)
   path = f"{sname}.{name}"
   if integer and not _is_int(v):
-    _fail(path, v, "must be an integer", fix or f"set --config.{path}=<int>")
+    raise config_error(path, v, "must be an integer", fix or f"set --config.{path}=<int>")
   if not _is_number(v) or not math.isfinite(v):
-    _fail(path, v, "must be a finite number", fix or f"set --config.{path}=<number>")
+    raise config_error(path, v, "must be a finite number", fix or f"set --config.{path}=<number>")
   if lo is not None and (v <= lo if lo_open else v < lo):
-    _fail(
+    raise config_error(
       path,
       v,
       f"must be {'>' if lo_open else '>='} {lo}",
       fix or f"set --config.{path} to a value {'>' if lo_open else '>='} {lo}",
     )
   if hi is not None and (v >= hi if hi_open else v > hi):
-    _fail(
+    raise config_error(
       path,
       v,
       f"must be {'<' if hi_open else '<='} {hi}",
@@ -166,7 +165,7 @@ def _check_number(
 def _check_bool(sec, sname, name):
   v = _field(sec, sname, name)
   if not isinstance(v, bool):
-    _fail(
+    raise config_error(
       f"{sname}.{name}", v, "must be True or False", f"set --config.{sname}.{name}=True or False"
     )
   return v
@@ -176,7 +175,7 @@ def validate(config) -> None:
   """Validates the optim/train/checkpoint/metrics sections of `config`.
 
   Raises:
-    ValueError: naming the offending field, its value and how to fix it.
+    ConfigError: naming the offending field, its value and how to fix it.
   """
   for name in _SECTIONS:
     _section(config, name)
@@ -221,12 +220,12 @@ def validate(config) -> None:
   seq_len = _get(model, "seq_len") if model is not None else None
   if seq_len is not None:
     if not _is_int(seq_len) or seq_len < 1:
-      _fail("model.seq_len", seq_len, "must be a positive integer")
+      raise config_error("model.seq_len", seq_len, "must be a positive integer")
     tokens_per_micro = micro * seq_len
     if total % tokens_per_micro != 0:
       lower = max(1, total // tokens_per_micro) * tokens_per_micro
       upper = (total // tokens_per_micro + 1) * tokens_per_micro
-      _fail(
+      raise config_error(
         "train.total_batch_tokens",
         total,
         f"must be divisible by train.micro_batch_size * model.seq_len = "

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from flt_jax.model.config import ModelConfig
 
@@ -121,28 +122,33 @@ def compute_mfu(
 # ----------------------------------------------------------------------------
 
 
+def step_scalars(metrics) -> dict[str, float]:
+  """TensorBoard names for a diagnostics train step's metrics (host values)."""
+  out = {"train/loss": float(metrics["loss"]), "train/grad_norm": float(metrics["grad_norm"])}
+  out.update({f"loops/loss_{k}": float(v) for k, v in enumerate(metrics["loop_loss"])})
+  out.update({f"loops/residual_norm_{k}": float(v) for k, v in enumerate(metrics["residual_norm"])})
+  out.update({f"grads/layer_{l}": float(v) for l, v in enumerate(metrics["layer_grad_norm"])})
+  return out
+
+
 class MetricsWriter:
-  """Scalars to TensorBoard under ``<workdir>/tb`` (if enabled) and, with `jsonl`, one
-  JSON object per write to ``<workdir>/metrics.jsonl`` for scripts and notebooks
-  (process 0 only; the file is appended to, so a resumed run continues it)."""
+  """Scalars to TensorBoard under `<workdir>/tb` (if enabled) and, with `jsonl`, one
+  JSON object per write to `<workdir>/metrics.jsonl` for scripts and notebooks
+  (process 0 only; the file is appended to, so a resumed run continues it). The JSONL
+  file goes through etils.epath, so the workdir may be a local path or a remote URL
+  (gs://...) whose filesystem supports appending."""
 
   def __init__(self, workdir, enabled: bool = True, jsonl: bool = False):
     self._writer = None
     self._jsonl = None
+    workdir = epath.Path(workdir)
     if jsonl and jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._jsonl = (workdir / "metrics.jsonl").open("a")  # noqa: SIM115 (closed in close())
     if enabled and jax.process_index() == 0:
       import tensorboardX  # pylint: disable=g-import-not-at-top
 
-      self.logdir = str(workdir).rstrip("/") + "/tb"
-      self._writer = tensorboardX.SummaryWriter(logdir=self.logdir)
-    else:
-      self.logdir = None
-
-  @property
-  def active(self) -> bool:
-    return self._writer is not None
+      self._writer = tensorboardX.SummaryWriter(logdir=str(workdir / "tb"))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = {name: float(np.asarray(value)) for name, value in scalars.items()}
@@ -153,10 +159,6 @@ class MetricsWriter:
       return
     for name, v in values.items():
       self._writer.add_scalar(name, v, global_step=int(step))
-
-  def write_text(self, step: int, tag: str, text: str) -> None:
-    if self._writer is not None:
-      self._writer.add_text(tag, text, global_step=int(step))
 
   def flush(self) -> None:
     if self._writer is not None:

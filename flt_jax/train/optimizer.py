@@ -1,6 +1,6 @@
 """Optimizer: Muon for block matrices, AdamW for embedding and lm_head.
 
-Recipe (DESIGN.md section 2, the nanochat-based reference):
+Recipe (the official implementation's, which follows nanochat):
 
 * Global-norm clip (``optim.grad_clip``, 1.0) of the whole gradient, before the
   split into groups (0 disables it).

@@ -22,10 +22,13 @@ class TrainState:
   nonfinite_total: jax.Array  # int32: all skipped updates
 
 
+def _init_boxed(model: LoopedTransformer, rng, seq_len: int):
+  return model.init(rng, jnp.zeros((1, seq_len), jnp.int32), 1)["params"]
+
+
 def init_params(model: LoopedTransformer, rng, seq_len: int):
   """Float32 params as plain arrays (logical-axis boxes removed)."""
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  return nn.meta.unbox(model.init(rng, tokens, 1)["params"])
+  return nn.meta.unbox(_init_boxed(model, rng, seq_len))
 
 
 def create_train_state(
@@ -43,6 +46,25 @@ def create_train_state(
   # Optimizer states alias buffers (shared counters and scalars); the donated train
   # step needs every leaf to own its buffer.
   return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state)
+
+
+def abstract_params(model: LoopedTransformer, rng, seq_len: int):
+  """The params as ShapeDtypeStructs (nothing computed), inside their Flax
+  `nn.Partitioned` boxes: the logical axis names from which shardings are derived."""
+  return jax.eval_shape(lambda: _init_boxed(model, rng, seq_len))
+
+
+def abstract_train_state(boxed_params, optimizer: optax.GradientTransformation) -> TrainState:
+  """The train state as ShapeDtypeStructs around `abstract_params`' boxed params;
+  `nn.meta.unbox` of it has the structure of `create_train_state`'s result."""
+  counter = jax.ShapeDtypeStruct((), jnp.int32)
+  return TrainState(
+    step=counter,
+    params=boxed_params,
+    opt_state=jax.eval_shape(optimizer.init, nn.meta.unbox(boxed_params)),
+    nonfinite_in_a_row=counter,
+    nonfinite_total=counter,
+  )
 
 
 def count_params(params) -> dict[str, int]:

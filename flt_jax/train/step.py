@@ -1,4 +1,4 @@
-"""Pure train and eval steps: functions of (state, batch) that main jit-compiles."""
+"""The pure train step: a function of (state, batch) that the run layer jit-compiles."""
 
 from __future__ import annotations
 
@@ -8,8 +8,23 @@ import optax
 
 from flt_jax.constants import IGNORE_LABEL
 from flt_jax.model.looped import LoopedTransformer
-from flt_jax.model.loss import loss_fn, token_nll
+from flt_jax.model.loss import loss_fn
 from flt_jax.train.state import TrainState
+
+
+def batch_keys(model_cfg) -> tuple[str, ...]:
+  """The batch arrays train_step reads: tokens and next-token targets, and with
+  `model.separate_documents` the packed rows' segment ids and per-document positions."""
+  documents = ("segment_ids", "positions") if model_cfg.separate_documents else ()
+  return ("inputs", "targets") + documents
+
+
+def document_kwargs(batch, model_cfg) -> dict:
+  """The model's packed-document arguments from a batch ({} when documents attend
+  across each other, as in the official implementation)."""
+  if not model_cfg.separate_documents:
+    return {}
+  return {"segment_ids_BxT": batch["segment_ids"], "positions_BxT": batch["positions"]}
 
 
 def split_micro_batches(batch, num_micro: int):
@@ -42,12 +57,18 @@ def train_step(
   optimizer: optax.GradientTransformation,
   num_micro: int = 1,
   diagnostics: bool = False,
+  max_consecutive_nonfinite: int | None = None,
 ):
-  """One optimizer update from `batch` ({'inputs','targets'} [B, T]), accumulating
-  gradients over num_micro micro-batches. Each micro-batch is weighted by its share
-  of valid target tokens, so the update equals that of one large batch. A non-finite
-  loss or gradient skips the update and is counted."""
-  micro = split_micro_batches({"inputs": batch["inputs"], "targets": batch["targets"]}, num_micro)
+  """One optimizer update from `batch` (the `batch_keys` arrays, [B, T] each),
+  accumulating gradients over num_micro micro-batches. Each micro-batch is weighted by
+  its share of valid target tokens, so the update equals that of one large batch.
+
+  A non-finite loss or gradient skips the update and is counted. With
+  `max_consecutive_nonfinite`, a state that already has that many skipped updates in a
+  row is returned unchanged: the run has tripped its stop rule, and the host, which
+  reads the counters only now and then, still finds the state as it was at the trip,
+  and the step that tripped as step + nonfinite_total."""
+  micro = split_micro_batches({k: batch[k] for k in batch_keys(model.cfg)}, num_micro)
   tokens_M = jnp.sum(micro["targets"] != IGNORE_LABEL, axis=(1, 2)).astype(jnp.float32)
   weights_M = tokens_M / jnp.maximum(jnp.sum(tokens_M), 1.0)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -56,7 +77,12 @@ def train_step(
     loss_sum, grads_sum, aux_sum = carry
     mb, weight = xs
     (loss, aux), grads = grad_fn(
-      state.params, model, mb["inputs"], mb["targets"], diagnostics=diagnostics
+      state.params,
+      model,
+      mb["inputs"],
+      mb["targets"],
+      diagnostics=diagnostics,
+      **document_kwargs(mb, model.cfg),
     )
     grads_sum = jax.tree_util.tree_map(lambda a, g: a + weight * g, grads_sum, grads)
     aux_sum = jax.tree_util.tree_map(lambda a, x: a + weight * x, aux_sum, aux)
@@ -66,7 +92,12 @@ def train_step(
   first_mb = jax.tree_util.tree_map(lambda x: x[0], micro)
   aux_shape = jax.eval_shape(
     lambda: loss_fn(
-      state.params, model, first_mb["inputs"], first_mb["targets"], diagnostics=diagnostics
+      state.params,
+      model,
+      first_mb["inputs"],
+      first_mb["targets"],
+      diagnostics=diagnostics,
+      **document_kwargs(first_mb, model.cfg),
     )[1]
   )
   aux_zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
@@ -76,15 +107,21 @@ def train_step(
 
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if max_consecutive_nonfinite is None:
+    live = jnp.array(True)
+  else:
+    live = state.nonfinite_in_a_row < max_consecutive_nonfinite
+  apply = finite & live
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(apply, n, o), new, old)
+  skipped = (~finite & live).astype(jnp.int32)
   new_state = state.replace(
-    step=state.step + jnp.where(finite, 1, 0).astype(jnp.int32),
+    step=state.step + apply.astype(jnp.int32),
     params=keep(new_params, state.params),
     opt_state=keep(new_opt_state, state.opt_state),
-    nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
-    nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1),
+    nonfinite_in_a_row=jnp.where(apply, 0, state.nonfinite_in_a_row + skipped),
+    nonfinite_total=state.nonfinite_total + skipped,
   )
   metrics = {
     "loss": loss,
@@ -96,24 +133,3 @@ def train_step(
   if diagnostics:
     metrics["layer_grad_norm"] = per_layer_grad_norms(grads)
   return new_state, metrics
-
-
-def eval_step(params, batch, token_bytes_V, *, model: LoopedTransformer, loops: int | None = None):
-  """Sums for validation loss, bits per byte and answer accuracy over one batch."""
-  logits_BxTxV = model.apply({"params": params}, batch["inputs"], loops)
-  nll_BxT, valid_BxT = token_nll(logits_BxTxV, batch["targets"])
-  safe_targets = jnp.where(valid_BxT, batch["targets"], 0)
-  sums = {
-    "nll": jnp.sum(nll_BxT),
-    "tokens": jnp.sum(valid_BxT),
-    "bytes": jnp.sum(jnp.where(valid_BxT, token_bytes_V[safe_targets], 0)),
-  }
-  if "answer_mask" in batch:
-    answer_BxT = (batch["answer_mask"] > 0) & valid_BxT
-    correct_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == batch["targets"]) & answer_BxT
-    # An answer counts as right only if every one of its tokens is.
-    wrong_B = jnp.sum(answer_BxT & ~correct_BxT, axis=1)
-    has_answer_B = jnp.any(answer_BxT, axis=1)
-    sums["answers"] = jnp.sum(has_answer_B)
-    sums["answers_correct"] = jnp.sum(has_answer_B & (wrong_B == 0))
-  return sums

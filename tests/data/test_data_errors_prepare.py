@@ -124,8 +124,8 @@ def test_prepare_train_tokenizer_and_tokenize(tmp_path, capsys):
   d = _cfg(
     source="tokens", path=f"{tmp_path}/shards/*.bin", tokenizer="file", tokenizer_path=tok_path
   )
-  sp = sources.get_split(d, "all", pl.tokenizers_lib.make_tokenizer(d))
-  tok = pl.tokenizers_lib.make_tokenizer(d)
+  sp = sources.get_split(d, "all", pl.make_tokenizer(d))
+  tok = pl.make_tokenizer(d)
   texts = [tok.decode(x) for u in sp.units for x in sp.load(u)]
   assert texts == docs
   b = next(iter(_make(d)))

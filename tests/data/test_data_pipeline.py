@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from flt_jax.constants import IGNORE_LABEL
 from flt_jax.data import config as config_lib
 from flt_jax.data import pipeline as pl
 from flt_jax.data import sources
@@ -141,7 +142,7 @@ def test_batches_inputs_targets_from_rows(text_cfg):
     np.testing.assert_array_equal(b["segment_ids"][i], seg[:-1])
     same = (seg[1:] == seg[:-1]) & (seg[:-1] > 0)
     np.testing.assert_array_equal(b["targets"][i][same], tok[1:][same])
-    assert (b["targets"][i][~same] == -1).all()
+    assert (b["targets"][i][~same] == IGNORE_LABEL).all()
 
 
 @pytest.mark.parametrize("source", ["text", "modarith"])
@@ -184,7 +185,7 @@ def test_validation_finite_deterministic_and_exact_count(text_cfg):
   assert all(x["inputs"].shape == (4, SEQ) for x in a)
   c = list(mk(num_batches=len(a) + 3))
   assert len(c) == len(a) + 3 and _same(c[: len(a)], a)
-  assert all((x["targets"] == -1).all() for x in c[len(a) :])
+  assert all((x["targets"] == IGNORE_LABEL).all() for x in c[len(a) :])
   assert len(list(mk(num_batches=1))) == 1
   # train and validation files are disjoint
   tr = sources.get_split(d, "train").units

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from flt_jax.constants import IGNORE_LABEL
 from flt_jax.data import config as config_lib
 from flt_jax.data import synthetic
 from flt_jax.data import tokenizers as tok_lib
@@ -138,9 +139,9 @@ def test_synthetic_rows_answer_mask():
   row = synthetic.example_to_row(ex, 128, loss_on_answer_only=True)
   pos = np.flatnonzero(row["answer_mask"])
   np.testing.assert_array_equal(row["targets"][pos], ex.tokens[ex.answer_start : ex.answer_end])
-  assert (row["targets"][row["answer_mask"] == 0] == -1).all()
+  assert (row["targets"][row["answer_mask"] == 0] == IGNORE_LABEL).all()
   row = synthetic.example_to_row(ex, 128, loss_on_answer_only=False)
   n = len(ex.tokens)
   np.testing.assert_array_equal(row["targets"][: n - 1], ex.tokens[1:])
-  assert (row["targets"][n - 1 :] == -1).all()
+  assert (row["targets"][n - 1 :] == IGNORE_LABEL).all()
   assert (row["segment_ids"][:n] == 1).all() and (row["segment_ids"][n:] == 0).all()

@@ -1,4 +1,4 @@
-"""Tests for flt_jax.train.checkpoint."""
+"""Checkpointer (Orbax manager), config guard and preemption handler."""
 
 import os
 import signal
@@ -54,6 +54,16 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _abstract(state):
+  return jax.eval_shape(lambda: state)
+
+
+def _checkpointer(workdir, config=None, async_save=True):
+  return ckpt_lib.Checkpointer(
+    workdir, config=config or _config(), every_steps=1000, keep=0, async_save=async_save
+  )
+
+
 def test_round_trip_keep_n_and_resume(tmp_path):
   cfg = _config()
   ck = ckpt_lib.Checkpointer.from_config(tmp_path, cfg)
@@ -61,9 +71,10 @@ def test_round_trip_keep_n_and_resume(tmp_path):
   saved = {}
   for step in range(1, 8):
     s = _state(step)
+    assert ck.should_save(step) == (step % 2 == 0)
     if ck.save(step, s):
       saved[step] = s
-  assert sorted(saved) == [2, 4, 6]  # every_steps=2.
+  assert sorted(saved) == [2, 4, 6]  # every_steps=2, applied by Orbax
   assert ck.save(7, _state(7), force=True)  # Forced (e.g. SIGTERM/final).
   assert not ck.save(7, _state(99), force=True)  # Never overwrite.
   saved[7] = _state(7)
@@ -74,40 +85,36 @@ def test_round_trip_keep_n_and_resume(tmp_path):
   # A fresh Checkpointer (restart) resumes from the latest step.
   ck2 = ckpt_lib.Checkpointer.from_config(tmp_path, cfg)
   assert ck2.latest_step() == 7
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(0)
-  )
-  out = ck2.restore(abstract_state=abstract)
-  _assert_same(out["state"], saved[7])
-  assert out["config"]["model"]["d_model"] == 16
-  assert ck2.saved_config(6)["model"]["loops"] == 2
-  out6 = ck2.restore(6, abstract_state=_state(0))  # Concrete target works.
-  _assert_same(out6["state"], saved[6])
+  abstract = _abstract(_state(0))
+  _assert_same(ck2.restore(7, abstract)["state"], saved[7])
+  _assert_same(ck2.restore(6, abstract)["state"], saved[6])
+  assert ck2.restore_config(6)["model"]["loops"] == 2
   with pytest.raises(ckpt_lib.CheckpointError, match=r"step 2 .*\[6, 7\]"):
     ck2.restore(2, abstract)
   ck2.close()
 
 
 def test_extra_items(tmp_path):
-  ck = ckpt_lib.Checkpointer(tmp_path, config=_config(), async_save=False)
+  ck = _checkpointer(tmp_path, async_save=False)
   ck.save(3, _state(3), extra_save_args={"data": ocp.args.JsonSave({"position": 123})}, force=True)
-  out = ck.restore(3, _state(0), extra_restore_args={"data": ocp.args.JsonRestore()})
+  abstract = _abstract(_state(0))
+  out = ck.restore(3, abstract, extra_restore_args={"data": ocp.args.JsonRestore()})
   assert out["data"] == {"position": 123}
   # Extra items are optional on restore.
-  assert set(ck.restore(3, _state(0))) == {"state", "config"}
+  assert set(ck.restore(3, abstract)) == {"state"}
   ck.close()
 
 
 def test_mismatched_config_refused(tmp_path):
-  ck = ckpt_lib.Checkpointer(tmp_path, config=_config(d_model=16), async_save=False)
+  ck = _checkpointer(tmp_path, _config(d_model=16), async_save=False)
   ck.save(1, _state(1), force=True)
   ck.close()
   # Loops may change (eval at another K).
-  ckpt_lib.Checkpointer(tmp_path, config=_config(d_model=16, loops=12)).close()
+  _checkpointer(tmp_path, _config(d_model=16, loops=12)).close()
   cfg = _config(d_model=32)
   cfg.model.window_pattern = "SSL"
   with pytest.raises(ValueError) as e:
-    ckpt_lib.Checkpointer(tmp_path, config=cfg)
+    _checkpointer(tmp_path, cfg)
   msg = str(e.value)
   assert "model.d_model: saved 16, now 32" in msg
   assert "model.window_pattern: saved 'L', now 'SSL'" in msg
@@ -115,15 +122,17 @@ def test_mismatched_config_refused(tmp_path):
   assert "--workdir" in msg
 
 
-def test_check_config_compatible_direct():
+def test_check_compatible_direct():
   a = {"model": {"d_model": 128, "n_layer": 2, "loops": 3}}
-  ckpt_lib.check_config_compatible(a, {"model": {"d_model": 128, "n_layer": 2, "loops": 6}})
+  ckpt_lib.check_compatible(a, {"model": {"d_model": 128, "n_layer": 2, "loops": 6}})
   with pytest.raises(ValueError, match=r"model.n_layer: saved 2, now 4"):
-    ckpt_lib.check_config_compatible(a, {"model": {"d_model": 128, "n_layer": 4}})
+    ckpt_lib.check_compatible(a, {"model": {"d_model": 128, "n_layer": 4}})
+  with pytest.raises(ValueError, match=r"model.seq_len: saved <absent>, now 64"):
+    ckpt_lib.check_compatible(a, {"model": {"d_model": 128, "n_layer": 2, "seq_len": 64}})
 
 
 def test_corrupt_checkpoint_error(tmp_path):
-  ck = ckpt_lib.Checkpointer(tmp_path, config=_config(), async_save=False)
+  ck = _checkpointer(tmp_path, async_save=False)
   ck.save(1, _state(1), force=True)
   ck.save(2, _state(2), force=True)
   step_dir = tmp_path / "checkpoints" / "2" / "state"
@@ -131,14 +140,15 @@ def test_corrupt_checkpoint_error(tmp_path):
   assert files
   for p in files:  # Truncate every file of the latest state item.
     p.write_bytes(b"")
+  abstract = _abstract(_state(0))
   with pytest.raises(ckpt_lib.CheckpointError) as e:
-    ck.restore(None, _state(0))
+    ck.restore(2, abstract)
   msg = str(e.value)
   assert str(tmp_path / "checkpoints" / "2") in msg
   assert "Delete" in msg and "[1]" in msg
   # Nothing was deleted; the earlier step still restores.
   assert ck.all_steps() == [1, 2]
-  _assert_same(ck.restore(1, _state(0))["state"], _state(1))
+  _assert_same(ck.restore(1, abstract)["state"], _state(1))
   ck.close()
 
 
@@ -150,7 +160,7 @@ def test_unwritable_workdir(tmp_path):
     match=r"Cannot write checkpoints to .*"
     r"a_file.*writable --workdir",
   ):
-    ckpt_lib.Checkpointer(blocker / "run", config=_config())
+    _checkpointer(blocker / "run")
 
 
 def test_preemption_handler_sets_flag_and_restores():
@@ -163,7 +173,7 @@ def test_preemption_handler_sets_flag_and_restores():
       os.kill(os.getpid(), signal.SIGTERM)
       assert handler.should_stop()
       assert handler.should_stop(step=5)
-      assert calls == []  # Our handler replaced the previous one.
+      assert calls == []  # our handler replaced the previous one
     assert signal.getsignal(signal.SIGTERM) is previous
     os.kill(os.getpid(), signal.SIGTERM)
     assert calls == [signal.SIGTERM]
@@ -186,10 +196,10 @@ def test_real_optimizer_state_round_trip(tmp_path):
   update = jax.jit(tx.update)
   _, opt_state = update(params, tx.init(params), params)
   state = {"params": params, "opt_state": opt_state, "step": jnp.int32(1), "rng": jax.random.key(1)}
-  ck = ckpt_lib.Checkpointer(tmp_path, config=_config(), async_save=True)
+  ck = _checkpointer(tmp_path)
   ck.save(1, state, force=True)
   ck.wait_until_finished()
-  out = ck.restore(None, jax.eval_shape(lambda: state))["state"]
+  out = ck.restore(1, _abstract(state))["state"]
   assert jax.tree.structure(out) == jax.tree.structure(state)
   u_restored, _ = update(params, out["opt_state"], params)
   u_orig, _ = update(params, opt_state, params)

@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+from etils import epath
 from tensorboardX.proto import event_pb2
 
 from flt_jax.model import config as model_config
@@ -109,7 +110,6 @@ def _read_scalars(logdir):
 
 def test_metrics_writer_round_trip(tmp_path):
   w = m.MetricsWriter(tmp_path, enabled=True)
-  assert w.active
   w.write_scalars(1, {"train/loss": 3.5, "lr/muon": np.float32(0.02)})
   w.write_scalars(2, {"train/loss": 3.25})
   w.flush()
@@ -161,3 +161,25 @@ def test_console_logger_lines():
     "done 1000/1000 steps | final loss 2.9876 | 524,288,000 tokens | time 1h02m | 140,748 tok/s"
   )
   assert lines == [first, line, summary]
+
+
+def test_metrics_jsonl_is_written_through_epath(tmp_path):
+  """A gs:// workdir works for metrics.jsonl: the writer opens it through etils.epath
+  (here a gs:// bucket mocked onto a local directory)."""
+  local = lambda path: str(path).replace("gs://bucket", str(tmp_path))
+  with epath.testing.mock_epath(
+    open=lambda open_, path, mode: open_(local(path), mode),
+    makedirs=lambda makedirs, path, **kw: makedirs(local(path), **kw),
+    mkdir=lambda mkdir, path, **kw: mkdir(local(path), **kw),
+    exists=lambda exists, path: exists(local(path)),
+    isdir=lambda isdir, path: isdir(local(path)),
+  ):
+    for step in (1, 2):  # the second writer appends, as a resumed run does
+      w = m.MetricsWriter("gs://bucket/run", enabled=False, jsonl=True)
+      w.write_scalars(step, {"train/loss": 3.0 - step})
+      w.close()
+  lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l) for l in lines] == [
+    {"step": 1, "train/loss": 2.0},
+    {"step": 2, "train/loss": 1.0},
+  ]

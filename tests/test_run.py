@@ -1,4 +1,5 @@
-"""End-to-end training loop: resume after SIGKILL, SIGTERM saves, bad input, eval sweep."""
+"""The run layer end to end: resume after SIGKILL, SIGTERM saves, bad input, eval sweep,
+the non-finite stop rule, and no device reads between sync steps."""
 
 import json
 import signal
@@ -7,13 +8,16 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from experiments import base
-from flt_jax.train import loop
+from flt_jax import run
+from flt_jax.train import step as step_lib
+from flt_jax.train.checkpoint import Checkpointer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
@@ -71,7 +75,7 @@ def checkpoint_listing(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  summary = loop.train_and_evaluate(tiny_config(), str(workdir))
+  summary = run.train_and_evaluate(tiny_config(), str(workdir))
   return workdir, summary
 
 
@@ -116,7 +120,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(uninterrupted, tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert max(losses(workdir)) == 3
-  summary = loop.train_and_evaluate(tiny_config(), str(workdir))
+  summary = run.train_and_evaluate(tiny_config(), str(workdir))
   assert summary["step"] == STEPS
   logged = [
     json.loads(l)["step"]
@@ -170,34 +174,34 @@ def test_mismatched_workdir_is_refused_and_untouched(uninterrupted):
   workdir, _ = uninterrupted
   before = checkpoint_listing(workdir)
   with pytest.raises(ValueError, match=r"model.d_model: saved 32, now 64"):
-    loop.train_and_evaluate(tiny_config(d_model=64), str(workdir))
+    run.train_and_evaluate(tiny_config(d_model=64), str(workdir))
   assert checkpoint_listing(workdir) == before
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
   missing = tiny_config()
   del missing.train["seed"]
-  with pytest.raises(ValueError, match=r"config.train is missing \['seed'\]"):
-    loop.train_and_evaluate(missing, str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"config.train=\['seed'\] is invalid: lacks these keys"):
+    run.train_and_evaluate(missing, str(tmp_path / "a"))
   unknown = tiny_config()
   unknown.model.unlock()
   unknown.model.n_layers = 3
-  with pytest.raises(ValueError, match=r"config.model has unknown keys \['n_layers'\]"):
-    loop.train_and_evaluate(unknown, str(tmp_path / "b"))
+  with pytest.raises(ValueError, match=r"config.model=\['n_layers'\] is invalid: has unknown keys"):
+    run.train_and_evaluate(unknown, str(tmp_path / "b"))
   indivisible = tiny_config()
   indivisible.train.total_batch_tokens = 100
   with pytest.raises(ValueError, match="total_batch_tokens"):
-    loop.train_and_evaluate(indivisible, str(tmp_path / "c"))
+    run.train_and_evaluate(indivisible, str(tmp_path / "c"))
   a_file = tmp_path / "file"
   a_file.write_text("x")
   with pytest.raises(ValueError, match="writable --workdir"):
-    loop.train_and_evaluate(tiny_config(), str(a_file / "run"))
+    run.train_and_evaluate(tiny_config(), str(a_file / "run"))
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_eval_at_other_loop_counts(uninterrupted):
   workdir, summary = uninterrupted
-  results = loop.evaluate_checkpoint(tiny_config(), str(workdir), [2, 1, 5])
+  results = run.evaluate_checkpoint(tiny_config(), str(workdir), [2, 1, 5])
   assert sorted(results) == [1, 2, 5]
   np.testing.assert_allclose(results[2]["loss"], summary["eval_loss"], rtol=1e-5)
   assert results[1]["loss"] != results[2]["loss"] != results[5]["loss"]
@@ -205,24 +209,90 @@ def test_eval_at_other_loop_counts(uninterrupted):
   assert json.loads((workdir / "eval_step6.json").read_text())["step"] == 6
 
 
-def test_nonfinite_updates_stop_the_run_and_keep_the_checkpoint(
-  uninterrupted, tmp_path, monkeypatch
-):
-  from flt_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-
-  workdir = tmp_path / "nan"
-  c = tiny_config()
-  c.train.steps = 3
-  loop.train_and_evaluate(c, str(workdir))
-  before = checkpoint_listing(workdir)
+def _nan_loss(monkeypatch):
+  """Every update from now on has a NaN loss (and so is skipped)."""
   real_loss_fn = step_lib.loss_fn
   monkeypatch.setattr(
     step_lib,
     "loss_fn",
     lambda *a, **k: (lambda loss, aux: (loss * float("nan"), aux))(*real_loss_fn(*a, **k)),
   )
+
+
+def test_nonfinite_updates_stop_the_run_and_keep_the_checkpoint(tmp_path, monkeypatch, capsys):
+  workdir = tmp_path / "nan"
+  c = tiny_config()
+  c.train.steps = 3
+  run.train_and_evaluate(c, str(workdir))
+  before = checkpoint_listing(workdir)
+  _nan_loss(monkeypatch)
+  # Resumed at step 3; steps 4 and 5 are non-finite, so step 5 trips the rule. Step 5 is
+  # not a sync step (log only at the first step, checkpoints every 3): the loop finds
+  # the trip at step 6 and still reports step 5, without saving step 6.
   c.train.steps = STEPS
   c.train.max_consecutive_nonfinite = 2
-  with pytest.raises(loop.NonFiniteError, match="2 consecutive non-finite updates"):
-    loop.train_and_evaluate(c, str(workdir))
+  c.train.log_every = 100
+  c.train.eval_every = 0
+  with pytest.raises(run.NonFiniteError, match="2 consecutive non-finite updates at step 5;"):
+    run.train_and_evaluate(c, str(workdir))
   assert checkpoint_listing(workdir) == before
+  out = capsys.readouterr().out
+  assert "step 4: 1 non-finite update(s) skipped since the last report (1 in a row" in out
+  assert "step 6: 1 non-finite update(s) skipped since the last report (2 in a row" in out
+  assert "step 4/6 | loss nan" in out
+
+
+class DeviceValue:
+  """Stands in for a device array that the train step returned: any read on the host
+  (int(), float(), bool(), np.asarray, comparisons, formatting) raises, except through
+  the loop's `fetch`. (jax.transfer_guard cannot show this on CPU, where device arrays
+  already live in host memory and the guard never fires.)"""
+
+  def __init__(self, array):
+    self.array = array
+
+  def _read(self, *args, **kwargs):
+    raise AssertionError("a device value was read on the host outside run.fetch")
+
+  __int__ = __float__ = __bool__ = __index__ = __array__ = __format__ = _read
+  __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __add__ = __radd__ = _read
+  __hash__ = None
+
+  def __getattr__(self, name):
+    return self._read()
+
+
+def unwrap(tree):
+  return jax.tree.map(lambda x: x.array if isinstance(x, DeviceValue) else x, tree)
+
+
+def test_no_device_reads_between_sync_steps(tmp_path, monkeypatch):
+  """Between log, eval and checkpoint steps the loop only dispatches: nothing it does
+  reads a device value, so the host never waits for the device there."""
+  c = tiny_config()
+  c.train.update(dict(steps=7, log_every=3, eval_every=0))
+  c.checkpoint.every_steps = 5
+  steps_read = []
+  real_compile, real_fetch, real_save = run.compile_train_step, run.fetch, Checkpointer.save
+
+  def compile_train_step(setup, diagnostics):
+    step = real_compile(setup, diagnostics)
+    return lambda state, batch: jax.tree.map(DeviceValue, step(unwrap(state), batch))
+
+  def fetch(tree):
+    out = real_fetch(unwrap(tree))
+    counters = out[0] if isinstance(out, tuple) else out
+    steps_read.append(int(counters["applied"] + counters["skipped"]))
+    return out
+
+  def save(self, step, state, *args, **kwargs):
+    return real_save(self, step, unwrap(state), *args, **kwargs)
+
+  monkeypatch.setattr(run, "compile_train_step", compile_train_step)
+  monkeypatch.setattr(run, "fetch", fetch)
+  monkeypatch.setattr(Checkpointer, "save", save)
+  summary = run.train_and_evaluate(c, str(tmp_path / "guarded"))
+  assert summary["step"] == 7
+  # Logs at 1 (first), 3, 6, 7 (last); checkpoints at 5 and 7. Steps 2 and 4: no read.
+  assert steps_read == [0, 1, 3, 5, 6, 7]  # 0: the step it starts from
+  assert sorted(losses(tmp_path / "guarded")) == [1, 3, 6, 7]

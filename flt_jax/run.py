@@ -1,0 +1,417 @@
+"""The run layer: a run assembled from its config, then trained or evaluated.
+
+  resolve_config(config)          every key present and every section valid, before
+                                  anything is written
+  setup(config, workdir, ...)     the one assembly that training and checkpoint
+                                  evaluation share (RunSetup)
+  train_and_evaluate(config, workdir)
+  evaluate_checkpoint(config, workdir, loops_list)
+
+The train loop keeps the step count on the host and reads device values only on sync
+steps (log, eval and checkpoint steps, preemption and the last step), so dispatch runs
+ahead of the device in between; see `train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+from flt_jax import config as flt_config
+from flt_jax.data import config as data_config_lib
+from flt_jax.data import pipeline as data_pipeline
+from flt_jax.data.tokenizers import Tokenizer
+from flt_jax.errors import config_error
+from flt_jax.eval import evaluate as eval_lib
+from flt_jax.model import config as model_config_lib
+from flt_jax.model.looped import LoopedTransformer
+from flt_jax.train import config as train_config_lib
+from flt_jax.train import metrics as metrics_lib
+from flt_jax.train import optimizer as optim_lib
+from flt_jax.train import state as state_lib
+from flt_jax.train import step as step_lib
+from flt_jax.train.checkpoint import Checkpointer, PreemptionHandler
+
+
+class NonFiniteError(RuntimeError):
+  """train.max_consecutive_nonfinite updates in a row had a non-finite loss or gradient."""
+
+
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with every key checked and every section validated.
+
+  Raises ConfigError (a ValueError) naming the field and the fix; nothing is written
+  before this passes.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  flt_config.check_keys(config)
+  model_config_lib.validate(config.model)
+  data_config_lib.validate(config.data, seq_len=config.model.seq_len)
+  train_config_lib.validate(config)
+  return config
+
+
+def _check_hosts(config) -> None:
+  """Every host gets the same share of a micro-batch (so of a whole batch too)."""
+  hosts = jax.process_count()
+  if config.train.micro_batch_size % hosts:
+    raise config_error(
+      "train.micro_batch_size",
+      config.train.micro_batch_size,
+      f"its sequences do not divide over the {hosts} hosts",
+      "make it a multiple of the host count",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+  """Everything a run is made of, built once by `setup`."""
+
+  config: ml_collections.ConfigDict  # resolved; model.vocab_size is the model's
+  model_cfg: model_config_lib.ModelConfig
+  model: LoopedTransformer
+  optimizer: optax.GradientTransformation
+  # The train state as ShapeDtypeStructs; params keep their Flax nn.Partitioned boxes
+  # (logical axis names) so shardings can be derived with nn.logical_to_mesh_sharding.
+  abstract_state_boxed: state_lib.TrainState
+  checkpointer: Checkpointer
+  tokenizer: Tokenizer
+  token_bytes_V: np.ndarray  # int32 [V]: UTF-8 bytes of each token, for bits per byte
+  train_pipeline: data_pipeline.Pipeline | None  # None when only evaluating
+  num_micro: int  # micro-batches per optimizer step
+  total_steps: int
+  n_params: dict[str, int]
+
+  @property
+  def abstract_state(self) -> state_lib.TrainState:
+    """The abstract state without boxes: the structure of the real one (restore target)."""
+    return nn.meta.unbox(self.abstract_state_boxed)
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.config.train.micro_batch_size * self.num_micro * self.model_cfg.seq_len
+
+  @property
+  def rng(self) -> jax.Array:
+    return jax.random.PRNGKey(self.config.train.seed)
+
+  def init_state(self) -> state_lib.TrainState:
+    return state_lib.create_train_state(
+      self.model, self.optimizer, self.rng, self.model_cfg.seq_len
+    )
+
+  def eval_batches(self) -> data_pipeline.Pipeline:
+    """A fresh pass over this host's validation batches. A fixed batch count keeps every
+    host in step (padding batches carry no targets)."""
+    return data_pipeline.make_pipeline(
+      self.config.data,
+      split="validation",
+      seq_len=self.model_cfg.seq_len,
+      batch_size=self.config.train.micro_batch_size // jax.process_count(),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_epochs=1,
+      num_batches=self.config.train.eval_steps,
+      tokenizer=self.tokenizer,
+    )
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) -> RunSetup:
+  """Resolves the config, then builds tokenizer, model, optimizer, abstract state,
+  checkpointer and (when `training`) the train pipeline.
+
+  The vocabulary comes from the tokenizer when `config.model.vocab_size` is 0; the
+  resolved size is written into the returned config, which is saved with every
+  checkpoint, so a workdir trained with another vocabulary is refused.
+  """
+  config = resolve_config(config)
+  _check_hosts(config)
+  tokenizer = data_pipeline.make_tokenizer(config.data)
+  model_cfg = model_config_lib.ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  config.model.vocab_size = model_cfg.vocab_size
+  num_micro = train_config_lib.grad_accum_steps(config)
+  global_batch = config.train.micro_batch_size * num_micro
+  train_pipeline = None
+  if training:  # before the checkpointer: a data error leaves the workdir untouched
+    train_pipeline = data_pipeline.make_pipeline(
+      config.data,
+      split="train",
+      seq_len=model_cfg.seq_len,
+      batch_size=global_batch // jax.process_count(),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      tokenizer=tokenizer,
+    )
+  # Refuses an unwritable workdir, or one whose saved model shape differs.
+  checkpointer = Checkpointer.from_config(workdir, config)
+  model = LoopedTransformer(model_cfg)
+  rng = jax.random.PRNGKey(config.train.seed)
+  boxed_params = state_lib.abstract_params(model, rng, model_cfg.seq_len)
+  n_params = state_lib.count_params(nn.meta.unbox(boxed_params))
+  total_steps = optim_lib.resolve_total_steps(
+    config.train, n_params["total"], global_batch * model_cfg.seq_len
+  )
+  optimizer = optim_lib.make_optimizer(
+    config.optim, d_model=model_cfg.d_model, total_steps=total_steps
+  )
+  return RunSetup(
+    config=config,
+    model_cfg=model_cfg,
+    model=model,
+    optimizer=optimizer,
+    abstract_state_boxed=state_lib.abstract_train_state(boxed_params, optimizer),
+    checkpointer=checkpointer,
+    tokenizer=tokenizer,
+    token_bytes_V=np.asarray(tokenizer.token_bytes, np.int32),
+    train_pipeline=train_pipeline,
+    num_micro=num_micro,
+    total_steps=total_steps,
+    n_params=n_params,
+  )
+
+
+def compile_train_step(run_setup: RunSetup, diagnostics: bool):
+  """`train_step` for this run, jit-compiled with the state donated: (state, batch) ->
+  (state, metrics). `diagnostics` adds per-loop losses and per-layer gradient norms."""
+  return jax.jit(
+    functools.partial(
+      step_lib.train_step,
+      model=run_setup.model,
+      optimizer=run_setup.optimizer,
+      num_micro=run_setup.num_micro,
+      diagnostics=diagnostics,
+      max_consecutive_nonfinite=run_setup.config.train.max_consecutive_nonfinite,
+    ),
+    donate_argnums=0,
+  )
+
+
+def fetch(tree):
+  """The loop's one way of reading device values (on sync steps only)."""
+  return jax.device_get(tree)
+
+
+class _Reporter:
+  """Train and eval lines for the console, TensorBoard and metrics.jsonl (sync steps)."""
+
+  def __init__(self, run_setup: RunSetup, workdir: str, start: int):
+    config, self._model_cfg = run_setup.config, run_setup.model_cfg
+    self._optim_config = config.optim
+    self._total_steps, self._tokens_per_step = run_setup.total_steps, run_setup.tokens_per_step
+    device = jax.devices()[0]
+    self._peak = metrics_lib.peak_flops_per_device(
+      device.platform, device.device_kind, config.metrics.peak_flops_per_device
+    )
+    self._flops_per_token = metrics_lib.flops_per_token(self._model_cfg)
+    self._writer = metrics_lib.MetricsWriter(workdir, config.metrics.tensorboard, jsonl=True)
+    self._console = metrics_lib.ConsoleLogger(self._total_steps, print_fn=_say)
+    self._start = start
+    self._t_last, self._step_last = time.time(), start
+    self.first_loss = self.last_loss = None
+    self.eval_metrics: dict = {}
+    cfg, n = self._model_cfg, run_setup.n_params
+    _say(
+      f"{config.experiment or cfg.variant}: {cfg.variant} K={cfg.loops} L={cfg.n_layer} "
+      f"d={cfg.d_model} vocab={cfg.vocab_size} | {n['total']:,} params "
+      f"({n['non_embedding']:,} non-embedding) | {self._total_steps} steps x "
+      f"{self._tokens_per_step:,} tokens ({run_setup.num_micro} micro-batches)"
+    )
+
+  def train(self, step: int, metrics, skipped_total: int) -> None:
+    now = time.time()
+    tok_s = (step - self._step_last) * self._tokens_per_step / max(now - self._t_last, 1e-9)
+    self._t_last, self._step_last = now, step
+    mfu = metrics_lib.compute_mfu(tok_s, self._flops_per_token, jax.device_count(), self._peak)
+    self.last_loss = float(metrics["loss"])
+    self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
+    scalars = {
+      **metrics_lib.step_scalars(metrics),
+      "perf/tokens_per_s": tok_s,
+      "train/nonfinite_total": skipped_total,
+      **optim_lib.current_learning_rates(
+        self._optim_config, self._model_cfg.d_model, step, self._total_steps
+      ),
+    }
+    if mfu is not None:
+      scalars["perf/mfu"] = mfu
+    self._writer.write_scalars(step, scalars)
+    self._console.log(step, self.last_loss, tok_s, mfu)
+
+  def eval(self, step: int, eval_metrics: dict) -> None:
+    self.eval_metrics = eval_metrics
+    self._writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    shown = " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if k != "tokens")
+    _say(f"eval @ {step}: {shown}")
+
+  def summary(self, step: int) -> dict:
+    evals = {f"eval_{k}": v for k, v in self.eval_metrics.items()}
+    self._console.summary(
+      step,
+      self.last_loss if self.last_loss is not None else float("nan"),
+      (step - self._start) * self._tokens_per_step,
+      extra={k: v for k, v in evals.items() if k != "eval_tokens"},
+    )
+    return {"step": step, "first_loss": self.first_loss, "final_loss": self.last_loss, **evals}
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from workdir's latest checkpoint) and returns final metrics.
+
+  Steps are counted on the host: step n is the n-th batch, whether its update was
+  applied or skipped as non-finite (state.step + state.nonfinite_total). Device values
+  (loss, counters) are read only on sync steps: log steps, eval steps, checkpoint steps
+  (Orbax's interval and the last step) and a preemption. The stop rule stays exact:
+  once `train.max_consecutive_nonfinite` updates in a row were skipped, the train step
+  leaves the state unchanged, so the next sync finds the step that tripped it and the
+  run stops there without saving.
+  """
+  run_setup = setup(config, workdir, training=True)
+  config, checkpointer = run_setup.config, run_setup.checkpointer
+  total_steps, train = run_setup.total_steps, config.train
+  train_iter = iter(run_setup.train_pipeline)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    state = run_setup.init_state()
+  else:
+    data_item = {"data": data_pipeline.checkpoint_args_restore(train_iter)}
+    state = checkpointer.restore(latest, run_setup.abstract_state, data_item)["state"]
+    _say(f"resumed from {checkpointer.directory} at step {latest}")
+  counters = fetch({"applied": state.step, "skipped": state.nonfinite_total})
+  start, skipped_seen = int(counters["applied"] + counters["skipped"]), int(counters["skipped"])
+
+  train_step = compile_train_step(run_setup, diagnostics=False)
+  train_step_diag = compile_train_step(run_setup, diagnostics=True)
+  step_keys = step_lib.batch_keys(run_setup.model_cfg)
+  eval_fn = eval_lib.make_eval_fn(run_setup.model)
+  report = _Reporter(run_setup, workdir, start)
+
+  def close():
+    checkpointer.close()
+    report.close()
+
+  with PreemptionHandler() as preemption:
+    step = start
+    while step < total_steps:
+      batch = next(train_iter)
+      log_now = step == start or (step + 1) % train.log_every == 0 or step + 1 == total_steps
+      step_fn = train_step_diag if log_now else train_step
+      state, metrics = step_fn(state, {k: batch[k] for k in step_keys})
+      step += 1
+      eval_now = bool(train.eval_every) and (step % train.eval_every == 0 or step == total_steps)
+      save_now = step == total_steps or checkpointer.should_save(step)
+      preempted = preemption.should_stop(step)
+      if not (log_now or eval_now or save_now or preempted):
+        continue  # nothing read from the device: the next step is dispatched at once
+
+      # Sync step: one read of the counters (and of the metrics on log steps).
+      counters, host_metrics = fetch(
+        (
+          {
+            "applied": state.step,
+            "in_a_row": state.nonfinite_in_a_row,
+            "skipped": state.nonfinite_total,
+          },
+          metrics if log_now else None,
+        )
+      )
+      skipped = int(counters["skipped"])
+      if skipped > skipped_seen:
+        _say(
+          f"step {step}: {skipped - skipped_seen} non-finite update(s) skipped since the last "
+          f"report ({int(counters['in_a_row'])} in a row, {skipped} in all)"
+        )
+      skipped_seen = skipped
+      if counters["in_a_row"] >= train.max_consecutive_nonfinite:
+        close()
+        raise NonFiniteError(
+          f"{train.max_consecutive_nonfinite} consecutive non-finite updates at step "
+          f"{int(counters['applied']) + skipped}; stopping. The last good checkpoint in "
+          f"{checkpointer.directory} is intact. Lower optim.matrix_lr/embedding_lr, set "
+          "optim.grad_clip, or try model.dtype=float32."
+        )
+      if log_now:
+        report.train(step, host_metrics, skipped)
+      if eval_now:
+        batches = run_setup.eval_batches()
+        loops = run_setup.model_cfg.loops
+        report.eval(
+          step,
+          eval_lib.evaluate(eval_fn, state.params, batches, run_setup.token_bytes_V, loops=loops),
+        )
+      if save_now or preempted:
+        # Orbax decides interval saves; the last step and a preemption are forced.
+        data_item = {"data": data_pipeline.checkpoint_args_save(train_iter)}
+        checkpointer.save(step, state, data_item, force=step == total_steps or preempted)
+      if preempted:
+        checkpointer.wait_until_finished()
+        _say(
+          f"preempted: saved step {step} to {checkpointer.directory}; rerun the same "
+          "command to resume"
+        )
+        close()
+        return {"step": step, "preempted": True}
+  close()
+  if step == start:
+    _say(f"already at step {step} of {total_steps}; raise --config.train.steps to train on")
+    return {"step": step, "first_loss": None, "final_loss": None}
+  return report.summary(step)
+
+
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, loops_list: list[int] | None = None
+) -> dict[int, dict]:
+  """Restores workdir's latest checkpoint and evaluates it at each loop count
+  (test-time compute: params trained at K run at any K' >= 1). Writes the table to
+  `<workdir>/eval_step<N>.json`."""
+  bad = [k for k in loops_list or [] if k < 1]
+  if bad:
+    raise ValueError(f"--eval_loops has {bad}; every loop count must be >= 1")
+  run_setup = setup(config, workdir, training=False)
+  loops_list = list(loops_list or [run_setup.model_cfg.loops])
+  checkpointer = run_setup.checkpointer
+  latest = checkpointer.latest_step()
+  if latest is None:
+    checkpointer.close()
+    raise ValueError(
+      f"no checkpoint in {checkpointer.directory}; train first with "
+      "--mode=train and the same --config and --workdir"
+    )
+  params = checkpointer.restore(latest, run_setup.abstract_state)["state"].params
+  checkpointer.close()
+  results = eval_lib.loop_sweep(
+    eval_lib.make_eval_fn(run_setup.model),
+    params,
+    run_setup.eval_batches,
+    run_setup.token_bytes_V,
+    loops_list,
+  )
+  model_cfg = run_setup.model_cfg
+  _say(
+    f"checkpoint step {latest} of {workdir} ({model_cfg.variant}, trained at K={model_cfg.loops}):"
+  )
+  for k, m in results.items():
+    _say(
+      f"  loops {k:3d}: "
+      + " | ".join(f"{name} {v:.4f}" for name, v in m.items() if name != "tokens")
+    )
+  if jax.process_index() == 0:
+    table = {"step": latest, "loops": {str(k): v for k, v in results.items()}}
+    (epath.Path(workdir) / f"eval_step{latest}.json").write_text(json.dumps(table, indent=1))
+  return results

@@ -1,0 +1,18 @@
+"""Checkpointing, one module per job.
+
+* `manager`: `Checkpointer`, the Orbax CheckpointManager over `<workdir>/checkpoints`
+  (async saves, keep-N, the save interval, clear errors for unwritable or corrupt
+  directories);
+* `guard`: refuses a workdir whose checkpoints were written by a model of another shape;
+* `preemption`: turns SIGTERM into a flag the train loop polls, so it saves and exits.
+
+Layout: `<workdir>/checkpoints/<step>/` holds the items `state` (the train state),
+`config` (the run's config as JSON, read by the guard) and any extra items the caller
+adds (the data iterator's state).
+"""
+
+from flt_jax.train.checkpoint.guard import check_compatible
+from flt_jax.train.checkpoint.manager import Checkpointer, CheckpointError
+from flt_jax.train.checkpoint.preemption import PreemptionHandler
+
+__all__ = ["CheckpointError", "Checkpointer", "PreemptionHandler", "check_compatible"]
