@@ -1,6 +1,12 @@
-"""Building blocks of the reference architecture (DESIGN §2): weightless RMSNorm,
-rotary embedding, MHA/GQA and MLA attention, relu² MLP, and the block with the
-three ways the previous loop's output can enter it."""
+"""Building blocks of the reference architecture (arXiv:2605.18797, official code): weightless
+RMSNorm, rotary embedding, MHA/GQA and MLA attention, relu² MLP, and the block with the
+three ways the previous loop's output can enter it.
+
+Tensors that a remat policy may save by name (`config.model.remat_policy`) are tagged
+with `jax.ad_checkpoint.checkpoint_name`: "qkv" (the q, k, v projections), "attn_out"
+(attention output before c_proj), "mlp_in" (the MLP's normed input), "mlp_hidden" (c_fc's
+output before relu²).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from flt_jax.model import attention
 from flt_jax.model.config import ModelConfig
 
 _EPS = float(np.finfo(np.float32).eps)  # the reference's F.rms_norm default for float32
+# Logical axes of an activation [B, T, D]; a no-op until the mesh code installs rules.
+ACTIVATION_AXES = ("batch", "length", "act_embed")
+
+
+def constrain_activation(x_BxTxD):
+  """Lets a sharding rules table place the [B, T, D] stream (identity without one)."""
+  return nn.with_logical_constraint(x_BxTxD, ACTIVATION_AXES)
 
 
 def rms_norm(x):
@@ -35,12 +49,15 @@ def rope_tables(head_dim: int, length: int, base: float, round_to_bf16: bool):
   return cos, sin
 
 
-def apply_rope(x_BxTxHxD, cos_TxD2, sin_TxD2):
-  """Rotates the two halves of each head as pairs (the reference's convention)."""
+def apply_rope(x_BxTxHxD, cos_BxTxD2, sin_BxTxD2):
+  """Rotates the two halves of each head as pairs (the reference's convention).
+
+  cos/sin are [B or 1, T, head_dim // 2]: one row per token's position.
+  """
   d2 = x_BxTxHxD.shape[-1] // 2
   x32 = x_BxTxHxD.astype(jnp.float32)
   x1, x2 = x32[..., :d2], x32[..., d2:]
-  cos, sin = cos_TxD2[None, :, None, :], sin_TxD2[None, :, None, :]
+  cos, sin = cos_BxTxD2[:, :, None, :], sin_BxTxD2[:, :, None, :]
   return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
 
 
@@ -67,12 +84,13 @@ class Attention(nn.Module):
   With kv_lora_rank > 0 (MLA) keys and values come from norm(c_kv_down(x)). Sliding
   windows apply to MLA as well; the reference's MLA ignores its window (always full
   context), so MLA checkpoints with 'S' layers are not interchangeable with it.
+  segment_ids_BxT (packed documents) keeps attention within each document.
   """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, q_in_BxTxD, kv_in_BxTxD, cos, sin, window_left):
+  def __call__(self, q_in_BxTxD, kv_in_BxTxD, cos, sin, window_left, segment_ids_BxT=None):
     cfg = self.cfg
     B, T, _ = q_in_BxTxD.shape
     H, Hkv, hd, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model
@@ -88,17 +106,21 @@ class Attention(nn.Module):
     else:
       k = dense(Hkv * hd, ("embed", "kv_heads"), uniform_init(D), cfg, "c_k")(kv_in_BxTxD)
       v = dense(Hkv * hd, ("embed", "kv_heads"), uniform_init(D), cfg, "c_v")(kv_in_BxTxD)
+    q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
     q_BxTxHxD = rms_norm(apply_rope(q.reshape(B, T, H, hd), cos, sin))
-    k_BxTxKxD = rms_norm(apply_rope(k.reshape(B, T, Hkv, hd), cos, sin))
+    k_BxTxHkvxD = rms_norm(apply_rope(k.reshape(B, T, Hkv, hd), cos, sin))
     compute = jnp.dtype(cfg.dtype)
-    y = attention.attend(
+    y_BxTxHxD = attention.attend(
       q_BxTxHxD.astype(compute),
-      k_BxTxKxD.astype(compute),
+      k_BxTxHkvxD.astype(compute),
       v.reshape(B, T, Hkv, hd).astype(compute),
       window_left=window_left,
       impl=cfg.attention_impl,
+      q_segment_ids_BxT=segment_ids_BxT,
+      kv_segment_ids_BxS=segment_ids_BxT,
     )
-    return dense(D, ("heads", "embed"), zeros, cfg, "c_proj")(y.reshape(B, T, H * hd))
+    y_BxTxHxD = checkpoint_name(y_BxTxHxD, "attn_out")
+    return dense(D, ("heads", "embed"), zeros, cfg, "c_proj")(y_BxTxHxD.reshape(B, T, H * hd))
 
 
 class MLP(nn.Module):
@@ -107,8 +129,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD):
     D = self.cfg.d_model
+    x_BxTxD = checkpoint_name(x_BxTxD, "mlp_in")
     h = dense(4 * D, ("embed", "mlp"), uniform_init(D), self.cfg, "c_fc")(x_BxTxD)
-    h = jnp.square(jax.nn.relu(h))
+    h = jnp.square(jax.nn.relu(checkpoint_name(h, "mlp_hidden")))
     return dense(D, ("mlp", "embed"), nn.initializers.zeros, self.cfg, "c_proj")(h)
 
 
@@ -125,14 +148,25 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x_BxTxD, h_BxTxD, h_query_BxTxD, inject_query, inject_residual, cos, sin, window_left
+    self,
+    x_BxTxD,
+    h_BxTxD,
+    h_query_BxTxD,
+    inject_query,
+    inject_residual,
+    cos,
+    sin,
+    window_left,
+    segment_ids_BxT=None,
   ):
+    x_BxTxD = constrain_activation(x_BxTxD)
     if self.cfg.variant == "FLT_res":
       x_BxTxD = jnp.where(inject_residual, rms_norm(x_BxTxD + h_BxTxD), x_BxTxD)
     x_normed = rms_norm(x_BxTxD)
     q_in = x_normed
     if self.cfg.variant in ("FLT", "LT_ia"):
       q_in = jnp.where(inject_query, h_query_BxTxD, x_normed)
-    x_BxTxD = x_BxTxD + Attention(self.cfg, name="attn")(q_in, x_normed, cos, sin, window_left)
+    attn = Attention(self.cfg, name="attn")
+    x_BxTxD = x_BxTxD + attn(q_in, x_normed, cos, sin, window_left, segment_ids_BxT)
     x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(rms_norm(x_BxTxD))
-    return x_BxTxD
+    return constrain_activation(x_BxTxD)

@@ -1,7 +1,7 @@
 """The looped decoder: an nn.scan over K loops with shared (broadcast) params,
 around an nn.scan over the L distinct layers with stacked params.
 
-Loop i's input and how h = norm(output of loop i-1) enters (DESIGN §1):
+Loop i's input and how h = norm(output of loop i-1) enters (arXiv:2605.18797):
   LT      x = h                        (loop 0: x = norm(x0))
   LT_i    x = norm(x0 + h)             (loop 0: x = norm(x0))
   LT_ia   x = norm(x0); layer 0's attention query is norm(h)
@@ -11,11 +11,18 @@ Loop i's input and how h = norm(output of loop i-1) enters (DESIGN §1):
 
 from __future__ import annotations
 
+import inspect
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from flt_jax.model.config import ModelConfig, remat_policy
-from flt_jax.model.layers import Block, rms_norm, rope_tables
+from flt_jax.model.layers import Block, constrain_activation, rms_norm, rope_tables
+
+
+def _argnum(method, name: str) -> int:
+  """Position of argument `name` in a module method, counting self as 0 (nn.remat's rule)."""
+  return list(inspect.signature(method).parameters).index(name)
 
 
 class _LayerStack(nn.Module):
@@ -24,7 +31,7 @@ class _LayerStack(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, h_BxTxD, h_query_BxTxD, has_h, cos, sin):
+  def __call__(self, x_BxTxD, h_BxTxD, h_query_BxTxD, has_h, cos, sin, segment_ids_BxT):
     cfg = self.cfg
     block = Block
     if cfg.remat == "block":
@@ -33,7 +40,10 @@ class _LayerStack(nn.Module):
     def body(module, x, layer_xs):
       window_left, layer_index = layer_xs
       inject_query = has_h & ((layer_index == 0) | (cfg.variant != "LT_ia"))
-      return module(x, h_BxTxD, h_query_BxTxD, inject_query, has_h, cos, sin, window_left), None
+      x = module(
+        x, h_BxTxD, h_query_BxTxD, inject_query, has_h, cos, sin, window_left, segment_ids_BxT
+      )
+      return x, None
 
     scan = nn.scan(
       body,
@@ -53,9 +63,12 @@ class _Loop(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h_BxTxD, loop_index, x0_BxTxD, x0_normed, cos, sin, keep_all_loops):
+  def __call__(
+    self, h_BxTxD, loop_index, x0_BxTxD, x0_normed, cos, sin, segment_ids_BxT, keep_all_loops
+  ):
     has_h = loop_index > 0
     variant = self.cfg.variant
+    h_BxTxD = constrain_activation(h_BxTxD)
     if variant == "LT":
       x_BxTxD = h_BxTxD  # the carry starts as norm(x0), so loop 0 is covered too
     elif variant == "LT_i":
@@ -63,15 +76,23 @@ class _Loop(nn.Module):
     else:
       x_BxTxD = x0_normed
     h_query = rms_norm(h_BxTxD) if variant in ("FLT", "LT_ia") else h_BxTxD
-    x_BxTxD = _LayerStack(self.cfg, name="layers")(x_BxTxD, h_BxTxD, h_query, has_h, cos, sin)
+    x_BxTxD = _LayerStack(self.cfg, name="layers")(
+      x_BxTxD, h_BxTxD, h_query, has_h, cos, sin, segment_ids_BxT
+    )
     # The paper's residual-explosion signal: mean L2 norm of the stream before norm.
     residual_norm = jnp.mean(jnp.linalg.norm(x_BxTxD.astype(jnp.float32), axis=-1))
-    h_BxTxD = rms_norm(x_BxTxD)
+    h_BxTxD = constrain_activation(rms_norm(x_BxTxD))
     return h_BxTxD, (h_BxTxD if keep_all_loops else None, residual_norm)
 
 
 class LoopedTransformer(nn.Module):
-  """Decoder-only looped transformer; `loops` is chosen per call (default cfg.loops)."""
+  """Decoder-only looped transformer; `loops` is chosen per call (default cfg.loops).
+
+  Packed rows: with `cfg.separate_documents`, the optional segment_ids_BxT (document id
+  of each token) and positions_BxT (position within its document) keep attention inside
+  each document and restart the rotary positions; without the flag they are ignored and
+  every row is one sequence at positions 0..T-1, as in the official implementation.
+  """
 
   cfg: ModelConfig
 
@@ -96,22 +117,39 @@ class LoopedTransformer(nn.Module):
     )
     loop = _Loop
     if self.cfg.remat == "loop":  # keep only the K loop carries for the backward pass
-      # keep_all_loops (argument 7, counting self) is a Python bool, not an array.
       loop = nn.remat(
         _Loop,
         prevent_cse=False,
-        static_argnums=(7,),
+        # a Python bool that decides the outputs' structure, so it must be static
+        static_argnums=(_argnum(_Loop.__call__, "keep_all_loops"),),
         policy=remat_policy(self.cfg.remat_policy),
       )
     scanned = nn.scan(
       loop,
       variable_broadcast="params",
       split_rngs={"params": False},
-      in_axes=(0,) + (nn.broadcast,) * 5,
+      in_axes=(0,) + (nn.broadcast,) * 6,
     )
     self.blocks = scanned(self.cfg)
 
-  def hidden_states(self, tokens_BxT, loops: int | None = None, all_loops: bool = False):
+  def _rope(self, T: int, positions_BxT):
+    """cos, sin [B or 1, T, head_dim // 2]: rows of the rotary table at each position."""
+    cfg = self.cfg
+    if positions_BxT is None:
+      cos, sin = rope_tables(cfg.head_dim, T, cfg.rope_base, cfg.rope_bf16)
+      return jnp.asarray(cos)[None], jnp.asarray(sin)[None]
+    cos, sin = rope_tables(cfg.head_dim, cfg.rope_table_len, cfg.rope_base, cfg.rope_bf16)
+    return jnp.asarray(cos)[positions_BxT], jnp.asarray(sin)[positions_BxT]
+
+  def hidden_states(
+    self,
+    tokens_BxT,
+    loops: int | None = None,
+    all_loops: bool = False,
+    *,
+    segment_ids_BxT=None,
+    positions_BxT=None,
+  ):
     """Returns (h, residual_norm_K): h is norm(output) of the last loop [B, T, D], or of
     every loop [K, B, T, D] when all_loops; residual_norm_K is each loop's mean stream norm."""
     cfg = self.cfg
@@ -124,11 +162,13 @@ class LoopedTransformer(nn.Module):
         f"sequence length {T} exceeds the rotary table ({cfg.rope_table_len} positions); "
         "raise config.model.rope_max_len or config.model.seq_len"
       )
-    cos, sin = rope_tables(cfg.head_dim, T, cfg.rope_base, cfg.rope_bf16)
+    if not cfg.separate_documents:
+      segment_ids_BxT = positions_BxT = None
+    cos, sin = self._rope(T, positions_BxT)
     x0 = self.wte(tokens_BxT).astype(jnp.float32)
-    x0_normed = rms_norm(x0)
+    x0_normed = constrain_activation(rms_norm(x0))
     h_last, (h_all, residual_norm_K) = self.blocks(
-      x0_normed, jnp.arange(loops), x0, x0_normed, jnp.asarray(cos), jnp.asarray(sin), all_loops
+      x0_normed, jnp.arange(loops), x0, x0_normed, cos, sin, segment_ids_BxT, all_loops
     )
     return (h_all if all_loops else h_last), residual_norm_K
 
@@ -137,6 +177,10 @@ class LoopedTransformer(nn.Module):
     z = self.lm_head(h_BxTxD).astype(jnp.float32)[..., : self.cfg.vocab_size]
     return self.cfg.softcap * jnp.tanh(z / self.cfg.softcap)
 
-  def __call__(self, tokens_BxT, loops: int | None = None):
-    h_BxTxD, _ = self.hidden_states(tokens_BxT, loops)
+  def __call__(
+    self, tokens_BxT, loops: int | None = None, *, segment_ids_BxT=None, positions_BxT=None
+  ):
+    h_BxTxD, _ = self.hidden_states(
+      tokens_BxT, loops, segment_ids_BxT=segment_ids_BxT, positions_BxT=positions_BxT
+    )
     return self.logits(h_BxTxD)

@@ -1,4 +1,4 @@
-"""Next-token losses over loops: END, STEP and FEW placement (DESIGN §1).
+"""Next-token losses over loops: END, STEP and FEW placement (arXiv:2605.18797).
 
 Per-loop losses run in a lax.map whose body is rematerialised, so STEP/FEW hold
 one [B, T, V] float32 logit tensor at a time, never K of them.
@@ -35,9 +35,14 @@ def loss_fn(
   *,
   loops: int | None = None,
   diagnostics: bool = False,
+  segment_ids_BxT=None,
+  positions_BxT=None,
 ):
   """Returns (loss, aux). aux['residual_norm'] is [K]; with diagnostics, aux['loop_loss']
-  is [K], every loop's loss (only the loss type's loops carry gradient)."""
+  is [K], every loop's loss (only the loss type's loops carry gradient).
+
+  segment_ids_BxT / positions_BxT describe packed documents; the model uses them only
+  when `cfg.separate_documents` is set (see LoopedTransformer)."""
   cfg = model.cfg
   loops = cfg.loops if loops is None else loops
   variables = {"params": params}
@@ -47,13 +52,16 @@ def loss_fn(
     return mean_nll(model.apply(variables, h_BxTxD, method=model.logits), targets_BxT)
 
   loop_loss = jax.checkpoint(loop_loss, prevent_cse=False)
+  packing = dict(segment_ids_BxT=segment_ids_BxT, positions_BxT=positions_BxT)
   aux = {}
   if loss_loops == (loops - 1,) and not diagnostics:
-    h_BxTxD, residual_norm_K = model.apply(variables, inputs_BxT, loops, method=model.hidden_states)
+    h_BxTxD, residual_norm_K = model.apply(
+      variables, inputs_BxT, loops, method=model.hidden_states, **packing
+    )
     loss = loop_loss(h_BxTxD)
   else:
     h_KxBxTxD, residual_norm_K = model.apply(
-      variables, inputs_BxT, loops, True, method=model.hidden_states
+      variables, inputs_BxT, loops, True, method=model.hidden_states, **packing
     )
     picked = jnp.asarray(loss_loops)
     loss = jnp.mean(jax.lax.map(loop_loss, h_KxBxTxD[picked]))

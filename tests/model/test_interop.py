@@ -1,5 +1,5 @@
-"""Reference state-dict import/export (flt_jax.interop) against the layout of DESIGN §2,
-written out here by hand rather than taken from interop itself."""
+"""Reference state-dict import/export (flt_jax.interop) against the official implementation's
+state-dict layout, written out here by hand rather than taken from interop itself."""
 
 import flax.linen as nn
 import jax
@@ -35,7 +35,7 @@ def _cfg(**overrides):
 
 
 def reference_state_dict(cfg, seed=0):
-  """Random weights in the reference's names and torch [out, in] layouts (DESIGN §2)."""
+  """Random weights in the reference's names and torch [out, in] layouts (official code)."""
   rng = np.random.default_rng(seed)
   d, hd = cfg.d_model, cfg.d_model // cfg.n_head
   vpad = -(-cfg.vocab_size // 64) * 64

@@ -1,8 +1,8 @@
 """The looped model against an independent, plainly unrolled float64 reference, and
-the properties DESIGN §1-2 and §4.1-4.2 promise: K=1 is a plain transformer for
-every variant, variants differ for K >= 2, causality, K-independent parameters,
-remat-invariant gradients, loss placement (END/STEP/FEW), K changeable at
-inference, and a bfloat16 compute path.
+the properties the method (arXiv:2605.18797) and the scanned implementation promise:
+K=1 is a plain transformer for every variant, variants differ for K >= 2, causality,
+K-independent parameters, remat-invariant gradients, loss placement (END/STEP/FEW), K
+changeable at inference, and a bfloat16 compute path.
 
 Compilation dominates the runtime on CPU, so every compiled function is built
 once per (config, shapes) with XLA's backend optimisation turned off (faster to
@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.ad_checkpoint import saved_residuals  # public only as print_saved_residuals
 
-from flt_jax.model.config import ModelConfig, get_config
+from flt_jax.model.config import CHECKPOINT_NAMES, ModelConfig, get_config, remat_policy
+from flt_jax.model.layers import Block, rope_tables
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.model.loss import loss_fn
 
@@ -104,7 +106,8 @@ def tokens(seed=0, batch=B, length=T):
 
 
 # ---------------------------------------------------------------------------
-# Independent reference: DESIGN §1-2 written out with plain loops in float64 numpy.
+# Independent reference: the method and the official implementation's architecture
+# written out with plain loops in float64 numpy.
 
 _EPS32 = float(np.finfo(np.float32).eps)
 
@@ -298,7 +301,14 @@ REMAT_CASE = {"variant": "FLT", "loss_type": "STEP", **ATTENTION["swa"]}
 
 
 @pytest.mark.parametrize(
-  "remat,policy", [("loop", "nothing"), ("block", "nothing"), ("block", "dots_no_batch")]
+  "remat,policy",
+  [
+    ("loop", "nothing"),
+    ("block", "nothing"),
+    ("block", "dots_no_batch"),
+    ("block", "attn_out,mlp_in"),
+    ("loop", "qkv,mlp_hidden"),
+  ],
 )
 def test_remat_does_not_change_loss_or_gradients(remat, policy):
   params, toks = noisy_params(_key(ATTENTION["swa"])), tokens()
@@ -311,6 +321,25 @@ def test_remat_does_not_change_loss_or_gradients(remat, policy):
     np.testing.assert_allclose(
       np.asarray(b), np.asarray(a), atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path)
     )
+
+
+@pytest.mark.parametrize("policy", CHECKPOINT_NAMES + ("attn_out,mlp_in",))
+def test_named_remat_policy_saves_exactly_the_named_tensors(policy):
+  """Each CHECKPOINT_NAMES tag exists in the block, so a policy naming it saves it."""
+  cfg = make_cfg(variant="FLT", **ATTENTION["gqa"])
+  block = Block(cfg)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(B, T, cfg.d_model)), jnp.float32)
+  cos, sin = (jnp.asarray(a)[None] for a in rope_tables(cfg.head_dim, T, 1e4, False))
+  args = (x, x, x, jnp.array(True), jnp.array(False), cos, sin, jnp.int32(-1))
+  params = block.init(jax.random.PRNGKey(0), *args)
+
+  def loss(p, x):
+    run = lambda p, x: block.apply(p, x, *args[1:])
+    return jnp.sum(jax.checkpoint(run, policy=remat_policy(policy))(p, x))
+
+  saved = [src for _, src in saved_residuals(loss, params, x)]
+  named = sorted({n for n in CHECKPOINT_NAMES for src in saved if f"named '{n}'" in src})
+  assert named == sorted(policy.split(",")), saved
 
 
 def test_remat_loop_forward_and_end_loss_run():
