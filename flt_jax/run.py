@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import signal
 import time
 
 import flax.linen as nn
@@ -40,6 +41,7 @@ from flt_jax.train import optimizer as optim_lib
 from flt_jax.train import state as state_lib
 from flt_jax.train import step as step_lib
 from flt_jax.train.checkpoint import Checkpointer, PreemptionHandler
+from flt_jax.workdir_lock import WorkdirLock
 
 
 class NonFiniteError(RuntimeError):
@@ -283,6 +285,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run stops there without saving.
   """
   run_setup = setup(config, workdir, training=True)
+  # One run per workdir (process 0 holds it); a stale lock from a killed run is taken over.
+  lock = WorkdirLock(workdir, enabled=jax.process_index() == 0).acquire()
+  try:
+    return _train(run_setup, workdir)
+  finally:
+    lock.release()
+
+
+def _profile_window(profile_steps: str) -> tuple[int, int] | None:
+  if not profile_steps:
+    return None
+  start, stop = (int(s) for s in profile_steps.split(","))
+  return start, stop
+
+
+def _train(run_setup: RunSetup, workdir: str) -> dict:
   config, checkpointer = run_setup.config, run_setup.checkpointer
   total_steps, train = run_setup.total_steps, config.train
   train_iter = iter(run_setup.train_pipeline)
@@ -301,14 +319,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_keys = step_lib.batch_keys(run_setup.model_cfg)
   eval_fn = eval_lib.make_eval_fn(run_setup.model)
   report = _Reporter(run_setup, workdir, start)
+  profile = _profile_window(train.profile_steps)
+  profiling = False
 
   def close():
+    if profiling:
+      jax.profiler.stop_trace()
     checkpointer.close()
     report.close()
 
-  with PreemptionHandler() as preemption:
+  # Ctrl-C is treated like preemption: save the step reached, then exit.
+  with PreemptionHandler(signals=(signal.SIGTERM, signal.SIGINT)) as preemption:
     step = start
     while step < total_steps:
+      if profile and step == profile[0] and not profiling:
+        jax.profiler.start_trace(str(epath.Path(workdir) / "profile"))
+        profiling = True
+      elif profiling and step == profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profiling = False
+        _say(f"profile of steps {profile[0]}..{profile[1]} written to {workdir}/profile")
       batch = next(train_iter)
       log_now = step == start or (step + 1) % train.log_every == 0 or step + 1 == total_steps
       step_fn = train_step_diag if log_now else train_step
@@ -362,8 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if preempted:
         checkpointer.wait_until_finished()
         _say(
-          f"preempted: saved step {step} to {checkpointer.directory}; rerun the same "
-          "command to resume"
+          f"stopped by a signal: saved step {step} to {checkpointer.directory}; rerun the "
+          "same command to resume"
         )
         close()
         return {"step": step, "preempted": True}

@@ -16,6 +16,7 @@ from experiments import base
 from flt_jax import run
 from flt_jax.train import step as step_lib
 from flt_jax.train.checkpoint import Checkpointer
+from flt_jax.workdir_lock import WorkdirLockedError
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -133,7 +134,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(uninterrupted, tmp_path):
     np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-6)
 
 
-def test_sigterm_saves_the_step_it_reached(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_the_step_it_reached(tmp_path, signum):
   workdir = tmp_path / "preempted"
   c = tiny_config()
   cmd = (
@@ -160,14 +162,17 @@ def test_sigterm_saves_the_step_it_reached(tmp_path):
     while not (workdir / "metrics.jsonl").exists() or not losses(workdir):
       assert proc.poll() is None and time.time() < deadline, "training did not start"
       time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    if signum == signal.SIGTERM:  # meanwhile, a second run on the workdir is refused
+      with pytest.raises(WorkdirLockedError, match=f"pid {proc.pid}"):
+        run.train_and_evaluate(c, str(workdir))
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
   finally:
     proc.kill()
   assert proc.returncode == 0, out[-2000:]
   saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(saved) == 1 and saved[0] >= 1
-  assert f"preempted: saved step {saved[0]}" in out
+  assert f"stopped by a signal: saved step {saved[0]}" in out
 
 
 def test_mismatched_workdir_is_refused_and_untouched(uninterrupted):
@@ -197,6 +202,27 @@ def test_bad_input_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="writable --workdir"):
     run.train_and_evaluate(tiny_config(), str(a_file / "run"))
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+  negative = tiny_config()
+  negative.train.steps = -5
+  with pytest.raises(ValueError, match=r"config.train.steps=-5 is invalid"):
+    run.train_and_evaluate(negative, str(tmp_path / "d"))
+
+
+def test_divergence_counts_as_non_finite_and_stops(tmp_path):
+  """A huge learning rate blows the residual stream up to inf while the softcapped loss
+  stays finite; that must count as non-finite and stop the run, not train a dead model."""
+  c = tiny_config()
+  c.optim.matrix_lr = 1e30
+  c.train.max_consecutive_nonfinite = 2
+  with pytest.raises(run.NonFiniteError, match="consecutive non-finite updates"):
+    run.train_and_evaluate(c, str(tmp_path / "diverged"))
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  c = tiny_config()
+  c.train.profile_steps = "1,3"
+  run.train_and_evaluate(c, str(tmp_path / "profiled"))
+  assert list((tmp_path / "profiled" / "profile").rglob("*.xplane.pb"))
 
 
 def test_eval_at_other_loop_counts(uninterrupted):

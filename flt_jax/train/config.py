@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Any
 
 import ml_collections
@@ -48,7 +49,7 @@ def get_optim_config() -> ml_collections.ConfigDict:
 
 def get_train_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.steps = -1  # > 0: explicit; <= 0: from tokens_per_param.
+  c.steps = -1  # > 0: explicit; -1: from tokens_per_param.
   c.tokens_per_param = 20.0
   c.total_batch_tokens = 524_288
   c.micro_batch_size = 32  # Global sequences per micro-batch.
@@ -56,6 +57,9 @@ def get_train_config() -> ml_collections.ConfigDict:
   c.eval_every = 250  # 0 disables periodic eval.
   c.eval_steps = 20
   c.log_every = 10
+  # 'START,STOP': write a jax.profiler trace of steps START..STOP into WORKDIR/profile
+  # (open with TensorBoard's profile plugin / xprof); '' = off.
+  c.profile_steps = ""
   c.max_consecutive_nonfinite = 5
   return c
 
@@ -199,7 +203,29 @@ def validate(config) -> None:
   _check_number(o, "optim", "warmdown_frac", lo=0.0, hi=1.0)
 
   t = config.train
-  _check_number(t, "train", "steps", integer=True)
+  steps = _check_number(t, "train", "steps", integer=True)
+  if steps == 0 or steps < -1:
+    raise config_error(
+      "train.steps",
+      steps,
+      "must be a positive step count, or -1 for the tokens_per_param horizon",
+      "set --config.train.steps=N (N >= 1) or -1",
+    )
+  profile = t.profile_steps
+  if profile and not re.fullmatch(r"\d+,\d+", str(profile)):
+    raise config_error(
+      "train.profile_steps",
+      profile,
+      "must be 'START,STOP' step numbers or ''",
+      "e.g. --config.train.profile_steps=20,25",
+    )
+  if profile and not 0 <= int(profile.split(",")[0]) < int(profile.split(",")[1]):
+    raise config_error(
+      "train.profile_steps",
+      profile,
+      "START must be >= 0 and below STOP",
+      "e.g. --config.train.profile_steps=20,25",
+    )
   _check_number(t, "train", "tokens_per_param", lo=0.0, lo_open=True)
   total = _check_number(t, "train", "total_batch_tokens", lo=1, integer=True)
   micro = _check_number(t, "train", "micro_batch_size", lo=1, integer=True)

@@ -125,9 +125,14 @@ def compute_mfu(
 def step_scalars(metrics) -> dict[str, float]:
   """TensorBoard names for a diagnostics train step's metrics (host values)."""
   out = {"train/loss": float(metrics["loss"]), "train/grad_norm": float(metrics["grad_norm"])}
-  out.update({f"loops/loss_{k}": float(v) for k, v in enumerate(metrics["loop_loss"])})
-  out.update({f"loops/residual_norm_{k}": float(v) for k, v in enumerate(metrics["residual_norm"])})
-  out.update({f"grads/layer_{l}": float(v) for l, v in enumerate(metrics["layer_grad_norm"])})
+  # Zero-padded indices so TensorBoard sorts loops_02 before loops_10.
+  num = lambda i, n: f"{i:0{max(2, len(str(n - 1)))}d}"
+  for prefix, values in (
+    ("loops/loss_", metrics["loop_loss"]),
+    ("loops/residual_norm_", metrics["residual_norm"]),
+    ("grads/layer_", metrics["layer_grad_norm"]),
+  ):
+    out.update({prefix + num(i, len(values)): float(v) for i, v in enumerate(values)})
   return out
 
 
@@ -153,7 +158,9 @@ class MetricsWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = {name: float(np.asarray(value)) for name, value in scalars.items()}
     if self._jsonl is not None:
-      self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+      # JSON has no NaN or Infinity: a non-finite value is written as null.
+      finite = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+      self._jsonl.write(json.dumps({"step": int(step), **finite}) + "\n")
       self._jsonl.flush()
     if self._writer is None:
       return

@@ -106,7 +106,10 @@ def train_step(
   )
 
   grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A diverged stream (inf residual norm) can leave a finite loss at ln(V): it counts too.
+  finite = (
+    jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(aux["residual_norm"]))
+  )
   if max_consecutive_nonfinite is None:
     live = jnp.array(True)
   else:

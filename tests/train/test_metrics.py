@@ -136,6 +136,34 @@ def test_metrics_writer_round_trip(tmp_path):
   assert not (tmp_path / "log" / "tb").exists()
 
 
+def test_metrics_jsonl_writes_non_finite_values_as_null(tmp_path):
+  log = m.MetricsWriter(tmp_path, enabled=False, jsonl=True)
+  log.write_scalars(1, {"a": float("nan"), "b": float("inf"), "c": 1.5})
+  log.close()
+  assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {
+    "step": 1,
+    "a": None,
+    "b": None,
+    "c": 1.5,
+  }
+
+
+def test_step_scalar_tags_sort_in_loop_order():
+  k = 12
+  scalars = m.step_scalars(
+    {
+      "loss": 1.0,
+      "grad_norm": 1.0,
+      "loop_loss": np.arange(k, dtype=np.float32),
+      "residual_norm": np.arange(k, dtype=np.float32),
+      "layer_grad_norm": np.ones(3, np.float32),
+    }
+  )
+  loop_tags = [t for t in scalars if t.startswith("loops/loss_")]
+  assert loop_tags[0] == "loops/loss_00" and loop_tags[-1] == "loops/loss_11"
+  assert [scalars[t] for t in sorted(loop_tags)] == list(range(k))
+
+
 def test_format_eta():
   assert m.format_eta(0) == "0s"
   assert m.format_eta(45.4) == "45s"
