@@ -2,7 +2,7 @@
 kernels (splash on TPU, cuDNN on GPU), all with the signature of `model.attention.attend`
 plus static block sizes / windows. This package never imports flt_jax.model."""
 
-from flt_jax.kernels.flash_attention import (
+from flt_jax.kernels.flash import (
   LOWERINGS,
   UnsupportedAttentionError,
   default_lowering,

@@ -48,6 +48,7 @@ class TpuPlan:
 # splits into bf16 passes with up to ~1.7x the VMEM.
 def vmem_bytes(G: int, bq: int, bk: int, D: int, itemsize: int) -> int:
   """The largest VMEM need of the forward, dQ and dK/dV kernels."""
+  D = -(-D // LANES) * LANES  # VMEM pads the head dim to whole lanes
   rows = max(G, 8) * bq * 4  # an f32 [G, bq] row block pads G to 8 sublanes
   scores = bq * bk * 4
   fwd = 4 * G * bq * D * itemsize + 4 * bk * D * itemsize + G * bq * (2 * LANES + D) * 4

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flt_jax.kernels.flash_attention import UnsupportedAttentionError
+from flt_jax.kernels.flash import UnsupportedAttentionError
 
 SPLASH_BLOCK = 512  # default splash block (query, key/value; forward and backward)
 SPLASH_BLOCK_MULTIPLE = 128

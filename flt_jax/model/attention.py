@@ -9,7 +9,7 @@ implementation, every one of which takes the same arguments:
 | `pallas` | our flash attention (`flt_jax.kernels`)          | TPU (Mosaic), GPU (Triton), CPU (interpreted: slow, for tests) |
 | `splash` | TPU splash attention                             | TPU                       |
 | `cudnn`  | cuDNN flash attention                            | GPU                       |
-| `auto`   | TPU: splash; GPU: cudnn (pallas for float32, segment ids); CPU: xla; pallas wherever q_offset != 0 | all |
+| `auto`   | TPU: splash; GPU: cudnn; CPU: xla. pallas instead of a fused kernel that cannot take the call (see resolve_impl) | all |
 
 Asking for an implementation the platform cannot run raises an error that names the ones
 it can; nothing falls back silently.
@@ -195,17 +195,27 @@ def register(name: str, fn, platforms=("cpu", "gpu", "tpu")) -> None:
 
 
 def resolve_impl(
-  impl: str, *, has_segments: bool = False, has_offset: bool = False, float32: bool = False
+  impl: str,
+  *,
+  has_segments: bool = False,
+  has_offset: bool = False,
+  float32: bool = False,
+  windows_known: bool = True,
 ) -> str:
-  """The implementation `impl` names on this platform; raises if it cannot run here."""
+  """The implementation `impl` names on this platform; raises if it cannot run here.
+
+  `auto` takes the platform's fused kernel unless the call needs what it lacks, then
+  pallas: cuDNN (via jax.nn) has no segment ids or float32; both fused kernels need
+  queries starting at 0 and the window's possible values at trace time.
+  """
   platform = current_platform()
   available = PLATFORM_IMPLS.get(platform, ("xla",))
   if impl == "auto":
     impl = AUTO_IMPL.get(platform, "xla")
     if impl == "cudnn" and (has_segments or float32):
-      impl = "pallas"  # cuDNN through jax.nn takes neither segment ids nor float32
-    if impl in ("cudnn", "splash") and has_offset:
-      impl = "pallas"  # the fused kernels bake in queries starting at position 0
+      impl = "pallas"
+    if impl in ("cudnn", "splash") and (has_offset or not windows_known):
+      impl = "pallas"
     return impl
   if impl not in _IMPLS:
     raise ValueError(
@@ -244,6 +254,7 @@ def attend(
     has_segments=q_segment_ids_BxT is not None,
     has_offset=has_offset,
     float32=q_BxTxHxD.dtype == jnp.float32,
+    windows_known=isinstance(window_left, int) or bool(options and options.windows),
   )
   return _IMPLS[impl](
     q_BxTxHxD,

@@ -51,6 +51,8 @@ def test_pallas_on_cpu_interprets_and_matches_xla():
     ("gpu", {}, "cudnn"),
     ("gpu", dict(float32=True), "pallas"),
     ("gpu", dict(has_segments=True), "pallas"),
+    ("tpu", dict(windows_known=False), "pallas"),
+    ("gpu", dict(windows_known=False), "pallas"),
     ("cpu", dict(has_segments=True), "xla"),
   ],
 )

@@ -91,3 +91,11 @@ def test_unsupported_inputs_are_clear_errors(fused, kw, match):
   q, k, v, _ = _inputs(128)
   with pytest.raises(UnsupportedAttentionError, match=match):
     fused(q, k, v, window_left=-1, **kw)
+
+
+def test_splash_in_bf16_under_highest_matmul_precision_is_a_clear_error():
+  """tests/conftest.py sets jax_default_matmul_precision='highest', which splash's bf16
+  matmuls would pass on to Mosaic (it rejects them at compile time, cryptically)."""
+  q, k, v, _ = (x.astype(jnp.bfloat16) for x in _inputs(128))
+  with pytest.raises(UnsupportedAttentionError, match="jax_default_matmul_precision"):
+    splash_attention(q, k, v, window_left=-1, interpret=True)

@@ -60,13 +60,11 @@ def _is_pow2(n: int) -> bool:
 
 
 def check_head_dim(head_dim: int, lowering: str) -> None:
-  """Raises UnsupportedAttentionError when `lowering` cannot tile this head dimension."""
-  if lowering == "mosaic_tpu" and head_dim % TPU_BLOCK_MULTIPLE and head_dim not in (64,):
-    raise UnsupportedAttentionError(
-      f"pallas attention on TPU needs head_dim 64 or a multiple of 128 (Mosaic tiles the "
-      f"head dim on 128 lanes); got head_dim={head_dim}. Change d_model/n_head, or use "
-      f"attention_impl='xla'"
-    )
+  """Raises UnsupportedAttentionError when `lowering` cannot tile this head dimension.
+
+  Mosaic takes any head dim as a full-width block (checked by compiling 4 to 256, odd
+  sizes included; multiples of 128 fill the lanes best). Triton needs a power of two.
+  """
   if lowering == "triton" and not (_is_pow2(head_dim) and 16 <= head_dim <= 256):
     raise UnsupportedAttentionError(
       f"pallas attention on GPU (Triton) needs a power-of-two head_dim in [16, 256]; got "
