@@ -1,15 +1,29 @@
 """Causal (optionally sliding-window) attention behind one function.
 
-The model calls `attend` only; a fused kernel (e.g. Pallas) registers itself in
-`_IMPLS` under a name that `config.model.attention_impl` selects.
+The model calls `attend` only; `impl` (config.model.attention_impl) picks the
+implementation, every one of which takes the same arguments:
+
+| impl     | what                                             | runs on                   |
+|----------|--------------------------------------------------|---------------------------|
+| `xla`    | plain XLA (the reference)                        | CPU, GPU, TPU             |
+| `pallas` | our flash attention (`flt_jax.kernels`)          | TPU (Mosaic), GPU (Triton), CPU (interpreted: slow, for tests) |
+| `splash` | TPU splash attention                             | TPU                       |
+| `cudnn`  | cuDNN flash attention                            | GPU                       |
+| `auto`   | TPU: splash; GPU: cudnn; CPU: xla. pallas instead of a fused kernel that cannot take the call (see resolve_impl) | all |
+
+Asking for an implementation the platform cannot run raises an error that names the ones
+it can; nothing falls back silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+
+from flt_jax import kernels
 
 
 def causal_window_mask(q_positions_T, k_positions_S, window_left):
@@ -28,13 +42,16 @@ def xla_attention(
   q_offset=0,
   q_segment_ids_BxT=None,
   kv_segment_ids_BxS=None,
+  options=None,
 ):
   """Plain XLA attention with GQA, softmax in float32, scale 1/sqrt(head_dim).
 
   window_left may be a traced int32 scalar (it comes from the scanned layer axis).
   q_offset is the absolute position of the first query (for cached decoding).
   With segment ids, a query sees only keys of its own segment (packed documents).
+  `options` (block sizes, windows) only concern kernels; XLA ignores them.
   """
+  del options
   B, T, H, D = q_BxTxHxD.shape
   S, Hkv = k_BxSxHkvxD.shape[1], k_BxSxHkvxD.shape[2]
   G = H // Hkv
@@ -54,11 +71,162 @@ def xla_attention(
   return out_BxTxHkvxGxD.reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
 
 
-_IMPLS = {"xla": xla_attention}
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+  """Static settings for the kernels (hashable, so jit and scan treat them as constants).
+
+  block_q, block_kv: tile sizes (0 = the kernel's default for the platform).
+  windows: every value `window_left` can take. splash and cudnn bake the window into the
+  kernel, so with a traced window they build one kernel per value and switch on it.
+  """
+
+  block_q: int = 0
+  block_kv: int = 0
+  windows: tuple[int, ...] = ()
 
 
-def register(name: str, fn) -> None:
+def pallas_attention(
+  q_BxTxHxD,
+  k_BxSxHkvxD,
+  v_BxSxHkvxD,
+  *,
+  window_left,
+  q_offset=0,
+  q_segment_ids_BxT=None,
+  kv_segment_ids_BxS=None,
+  options=None,
+):
+  """Our Pallas flash attention: Mosaic on TPU, Triton on GPU, interpreted on CPU."""
+  options = options or KernelOptions()
+  return kernels.flash_attention(
+    q_BxTxHxD,
+    k_BxSxHkvxD,
+    v_BxSxHkvxD,
+    window_left=window_left,
+    q_offset=q_offset,
+    q_segment_ids_BxT=q_segment_ids_BxT,
+    kv_segment_ids_BxS=kv_segment_ids_BxS,
+    block_q=options.block_q,
+    block_kv=options.block_kv,
+  )
+
+
+def splash_attention(
+  q_BxTxHxD,
+  k_BxSxHkvxD,
+  v_BxSxHkvxD,
+  *,
+  window_left,
+  q_offset=0,
+  q_segment_ids_BxT=None,
+  kv_segment_ids_BxS=None,
+  options=None,
+):
+  """TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention)."""
+  options = options or KernelOptions()
+  return kernels.splash_attention(
+    q_BxTxHxD,
+    k_BxSxHkvxD,
+    v_BxSxHkvxD,
+    window_left=window_left,
+    q_offset=q_offset,
+    q_segment_ids_BxT=q_segment_ids_BxT,
+    kv_segment_ids_BxS=kv_segment_ids_BxS,
+    block_q=options.block_q,
+    block_kv=options.block_kv,
+    windows=options.windows,
+  )
+
+
+def cudnn_attention(
+  q_BxTxHxD,
+  k_BxSxHkvxD,
+  v_BxSxHkvxD,
+  *,
+  window_left,
+  q_offset=0,
+  q_segment_ids_BxT=None,
+  kv_segment_ids_BxS=None,
+  options=None,
+):
+  """cuDNN flash attention through jax.nn.dot_product_attention (GPU, bf16/fp16)."""
+  options = options or KernelOptions()
+  return kernels.cudnn_attention(
+    q_BxTxHxD,
+    k_BxSxHkvxD,
+    v_BxSxHkvxD,
+    window_left=window_left,
+    q_offset=q_offset,
+    q_segment_ids_BxT=q_segment_ids_BxT,
+    kv_segment_ids_BxS=kv_segment_ids_BxS,
+    windows=options.windows,
+  )
+
+
+_IMPLS = {
+  "xla": xla_attention,
+  "pallas": pallas_attention,
+  "splash": splash_attention,
+  "cudnn": cudnn_attention,
+}
+# Which implementations each platform (jax.default_backend()) can run.
+PLATFORM_IMPLS = {
+  "cpu": ("xla", "pallas"),
+  "gpu": ("xla", "pallas", "cudnn"),
+  "tpu": ("xla", "pallas", "splash"),
+}
+# What `auto` picks: the platform's fused kernel where one exists. The TPU and GPU picks
+# are the vendors' tuned kernels; benchmarks/attention_bench.py compares them with pallas.
+AUTO_IMPL = {"cpu": "xla", "gpu": "cudnn", "tpu": "splash"}
+
+
+def current_platform() -> str:
+  """jax.default_backend() with CUDA and ROCm both called "gpu"."""
+  platform = jax.default_backend()
+  return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def register(name: str, fn, platforms=("cpu", "gpu", "tpu")) -> None:
+  """Adds an implementation taking `attend`'s arguments (add `name` to ATTENTION_IMPLS too)."""
   _IMPLS[name] = fn
+  for platform in platforms:
+    if name not in PLATFORM_IMPLS.setdefault(platform, ()):
+      PLATFORM_IMPLS[platform] += (name,)
+
+
+def resolve_impl(
+  impl: str,
+  *,
+  has_segments: bool = False,
+  has_offset: bool = False,
+  float32: bool = False,
+  windows_known: bool = True,
+) -> str:
+  """The implementation `impl` names on this platform; raises if it cannot run here.
+
+  `auto` takes the platform's fused kernel unless the call needs what it lacks, then
+  pallas: cuDNN (via jax.nn) has no segment ids or float32; both fused kernels need
+  queries starting at 0 and the window's possible values at trace time.
+  """
+  platform = current_platform()
+  available = PLATFORM_IMPLS.get(platform, ("xla",))
+  if impl == "auto":
+    impl = AUTO_IMPL.get(platform, "xla")
+    if impl == "cudnn" and (has_segments or float32):
+      impl = "pallas"
+    if impl in ("cudnn", "splash") and (has_offset or not windows_known):
+      impl = "pallas"
+    return impl
+  if impl not in _IMPLS:
+    raise ValueError(
+      f"attention_impl={impl!r} is unknown; choose one of {sorted(_IMPLS) + ['auto']}"
+    )
+  if impl not in available:
+    raise ValueError(
+      f"attention_impl={impl!r} cannot run on this platform ({platform}); available here: "
+      f"{', '.join(available)} (or 'auto')"
+    )
+  return impl
 
 
 def attend(
@@ -71,15 +239,23 @@ def attend(
   q_offset=0,
   q_segment_ids_BxT=None,
   kv_segment_ids_BxS=None,
+  options: KernelOptions | None = None,
 ):
   """q: [B, T, H, D]; k, v: [B, S, Hkv, D] with Hkv dividing H. Returns [B, T, H, D].
 
   Every implementation takes these arguments: causal attention, a left window
-  (`window_left` >= 0, or -1 for full context), query positions offset by `q_offset`, and
-  optional segment ids (int [B, T] and [B, S]; attention stays within equal ids).
+  (`window_left` > 0, or -1 for full context; may be traced), query positions offset by
+  `q_offset`, optional segment ids (int [B, T] and [B, S]; attention stays within equal
+  ids), and static kernel `options` (ModelConfig.attention_options).
   """
-  if impl not in _IMPLS:
-    raise ValueError(f"attention_impl={impl!r} is not available; choose one of {sorted(_IMPLS)}")
+  has_offset = not (isinstance(q_offset, int) and q_offset == 0)
+  impl = resolve_impl(
+    impl,
+    has_segments=q_segment_ids_BxT is not None,
+    has_offset=has_offset,
+    float32=q_BxTxHxD.dtype == jnp.float32,
+    windows_known=isinstance(window_left, int) or bool(options and options.windows),
+  )
   return _IMPLS[impl](
     q_BxTxHxD,
     k_BxSxHkvxD,
@@ -88,4 +264,5 @@ def attend(
     q_offset=q_offset,
     q_segment_ids_BxT=q_segment_ids_BxT,
     kv_segment_ids_BxS=kv_segment_ids_BxS,
+    options=options,
   )

@@ -14,11 +14,13 @@ import jax
 import ml_collections
 
 from flt_jax.errors import config_error
+from flt_jax.model.attention import KernelOptions
 
 VARIANTS = ("FLT", "FLT_res", "LT", "LT_i", "LT_ia")
 LOSS_TYPES = ("END", "STEP", "FEW")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla",)
+# How attention is computed (model/attention.py has the table of what runs where).
+ATTENTION_IMPLS = ("xla", "pallas", "splash", "cudnn", "auto")
 # Where rematerialisation checkpoints go: nowhere, around each loop (keep only the K loop
 # carries), or around each block (keep each layer's input).
 REMAT_PLACES = ("none", "loop", "block")
@@ -65,6 +67,10 @@ class ModelConfig:
   remat: str = "none"  # where: one of REMAT_PLACES
   remat_policy: str = "nothing"  # what is saved: REMAT_POLICIES key or CHECKPOINT_NAMES list
   attention_impl: str = "xla"
+  # Kernel tiles for pallas/splash (0 = the kernel's default for the platform; TPU needs
+  # multiples of 128, Triton powers of two >= 16).
+  attention_block_q: int = 0
+  attention_block_kv: int = 0
   # Packed rows: attend only within each document and restart RoPE positions per document.
   # Off by default because the official implementation attends across packed documents.
   separate_documents: bool = False
@@ -100,6 +106,15 @@ class ModelConfig:
     sizes = [short if pattern[i % len(pattern)] == "S" else -1 for i in range(self.n_layer)]
     sizes[-1] = -1
     return tuple(sizes)
+
+  @property
+  def attention_options(self) -> KernelOptions:
+    """Static kernel settings for `attention.attend`: tiles and the layers' windows."""
+    return KernelOptions(
+      block_q=self.attention_block_q,
+      block_kv=self.attention_block_kv,
+      windows=tuple(sorted(set(self.window_sizes))),
+    )
 
   def loss_loops(self, loops: int) -> tuple[int, ...]:
     """Which loops' losses are averaged for this loss type."""
@@ -198,6 +213,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
   if not c.softcap > 0:
     fail("softcap", "must be > 0")
+  for field in ("attention_block_q", "attention_block_kv"):
+    if not (_positive_int(c[field]) or c[field] == 0):
+      fail(field, "must be 0 (the kernel's default) or a positive block size")
   for field in ("rope_bf16", "separate_documents"):
     if not isinstance(c[field], bool):
       fail(field, "must be True or False")
