@@ -1,5 +1,13 @@
-"""Shared pytest setup: float32 matmuls on CPU so numeric comparisons are tight."""
+"""Shared pytest setup: CPU only, float32 matmuls on CPU so numeric comparisons are tight.
 
-import jax
+JAX_PLATFORMS=cpu keeps an installed libtpu (CI installs it to compile for TPU topologies
+ahead of time) from probing for TPU chips; topology compilation does not need the backend.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
