@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import time
 
@@ -171,6 +172,15 @@ def parse_topology(text: str) -> Topology:
   return Topology(name=f"{chip}:{shape}", chip=chip, num_slices=int(slices or 1))
 
 
+def use_compile_only_tpu() -> None:
+  """Before anything starts JAX: trace on the CPU and take TPU devices only from the
+  compile-only client, so that the command never claims a TPU attached to this machine
+  (a training run may hold it) and may load libtpu while another process has it."""
+  if "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
 def topology_devices(topology: Topology) -> list:
   """Compile-only devices of the topology (needs libtpu; no TPU attached)."""
   kwargs = {}
@@ -213,6 +223,9 @@ class CompileReport:
   model_flops: float  # flops_per_token x tokens, per device
   lower_seconds: float
   compile_seconds: float
+  # XLA's message when it refused to compile for lack of HBM (temp_bytes is then the
+  # temporaries it asked for, and the state sizes are computed from the shardings).
+  out_of_memory: str = ""
 
   @property
   def total_bytes(self) -> int:
@@ -227,7 +240,7 @@ class CompileReport:
 
   @property
   def fits(self) -> bool:
-    return self.total_bytes <= self.hbm_bytes
+    return not self.out_of_memory and self.total_bytes <= self.hbm_bytes
 
 
 def _sub_jaxprs(params) -> list:
@@ -265,6 +278,17 @@ def jaxpr_matmul_flops(jaxpr) -> float:
   return total
 
 
+_HBM_OOM = re.compile(r"RESOURCE_EXHAUSTED: .*HLO temporaries \(([\d.]+)G\)")
+
+
+def _bytes_per_device(tree) -> int:
+  """Bytes of one device's shard of every ShapeDtypeStruct in `tree`."""
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    for x in jax.tree_util.tree_leaves(tree)
+  )
+
+
 def _cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
@@ -295,9 +319,28 @@ def compile_train_step(program: TrainProgram, devices, hbm_bytes: int, topology:
   start = time.perf_counter()
   lowered = step.lower(*args)
   lower_seconds = time.perf_counter() - start
-  compiled = lowered.compile()
+  oom = ""
+  try:
+    compiled = lowered.compile()
+    memory = compiled.memory_analysis()
+    arg_bytes, out_bytes, alias_bytes = (
+      memory.argument_size_in_bytes,
+      memory.output_size_in_bytes,
+      memory.alias_size_in_bytes,
+    )
+    temp_bytes, code_bytes = memory.temp_size_in_bytes, memory.generated_code_size_in_bytes
+    compiled_flops = float(_cost(compiled).get("flops", float("nan")))
+  except jax.errors.JaxRuntimeError as e:
+    # XLA:TPU refuses to compile a program that cannot fit; report how much it wanted.
+    match = _HBM_OOM.search(str(e))
+    if not match:
+      raise
+    compiled, oom = None, str(e).splitlines()[0]
+    arg_bytes = out_bytes = alias_bytes = _bytes_per_device(args[0])
+    arg_bytes += _bytes_per_device(args[1])
+    temp_bytes, code_bytes = int(float(match.group(1)) * GIB), 0
+    compiled_flops = float("nan")
   seconds = time.perf_counter() - start - lower_seconds
-  memory = compiled.memory_analysis()
   tokens_per_step = program.global_batch * program.model_cfg.seq_len
   report = CompileReport(
     topology=topology or str(devices[0].platform),
@@ -307,17 +350,18 @@ def compile_train_step(program: TrainProgram, devices, hbm_bytes: int, topology:
     remat=program.model_cfg.remat,
     global_batch=program.global_batch,
     num_micro=program.num_micro,
-    argument_bytes=int(memory.argument_size_in_bytes),
-    output_bytes=int(memory.output_size_in_bytes),
-    alias_bytes=int(memory.alias_size_in_bytes),
-    temp_bytes=int(memory.temp_size_in_bytes),
-    code_bytes=int(memory.generated_code_size_in_bytes),
+    argument_bytes=int(arg_bytes),
+    output_bytes=int(out_bytes),
+    alias_bytes=int(alias_bytes),
+    temp_bytes=int(temp_bytes),
+    code_bytes=int(code_bytes),
     hbm_bytes=int(hbm_bytes),
-    compiled_flops=float(_cost(compiled).get("flops", float("nan"))),
+    compiled_flops=compiled_flops,
     traced_flops=traced_flops / len(devices),
     model_flops=metrics_lib.flops_per_token(program.model_cfg) * tokens_per_step / len(devices),
     lower_seconds=lower_seconds,
     compile_seconds=seconds,
+    out_of_memory=oom,
   )
   return report, compiled
 
@@ -336,7 +380,8 @@ def format_report(report: CompileReport, title: str = "") -> str:
     f"  arguments       {_gib(r.argument_bytes)}",
     f"  outputs         {_gib(r.output_bytes)}",
     f"  aliased         {_gib(r.alias_bytes)}   (donated state reused for the new state)",
-    f"  temporaries     {_gib(r.temp_bytes)}",
+    f"  temporaries     {_gib(r.temp_bytes)}"
+    + ("   (what XLA asked for before refusing)" if r.out_of_memory else ""),
     f"  code            {_gib(r.code_bytes)}",
     f"  total           {_gib(r.total_bytes)} of {_gib(r.hbm_bytes)} HBM: "
     + ("fits" if r.fits else "DOES NOT FIT")
@@ -348,6 +393,8 @@ def format_report(report: CompileReport, title: str = "") -> str:
     f"  XLA cost        {r.compiled_flops:.4g}   ({r.compiled_flops / r.model_flops:.3f} x model; "
     "cost_analysis() of the compiled step, which counts each loop body once)",
   ]
+  if r.out_of_memory:
+    lines.append(f"XLA: {r.out_of_memory}")
   return "\n".join(lines)
 
 
@@ -386,6 +433,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _TOPOLOGY_FLAG.value:
     raise app.UsageError("--topology is required, e.g. --topology=v5e:16x16")
+  use_compile_only_tpu()
   config = _CONFIG.value
   try:
     report = run(config, _TOPOLOGY_FLAG.value, _VOCAB.value)

@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.dcn_data = 1  # across slices / hosts; multiplies `data`
   c.dcn_fsdp = 1
   c.dcn_tensor = 1
+  # Let a mesh axis cut across a physical TPU torus axis (e.g. data=2 fsdp=8 on a 4x4
+  # slice); off, each mesh axis must be a product of whole physical axes.
+  c.allow_split_physical_axes = False
   c.rules = ml_collections.ConfigDict({name: axes for name, axes in DEFAULT_RULES})
   # jax.distributed.initialize(): "auto" on a detected multi-host environment (Cloud
   # TPU VM pod slice, SLURM with several tasks, JAX_COORDINATOR_ADDRESS set); "on"
@@ -119,5 +122,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise config_error(f"mesh.rules.{name}", c.rules[name], "names a mesh axis twice")
   if c.distributed not in DISTRIBUTED_MODES:
     raise config_error("mesh.distributed", c.distributed, f"choose one of {DISTRIBUTED_MODES}")
+  if not isinstance(c.allow_split_physical_axes, bool):
+    raise config_error(
+      "mesh.allow_split_physical_axes", c.allow_split_physical_axes, "must be True or False"
+    )
   if not isinstance(c.shared_filesystem, bool):
     raise config_error("mesh.shared_filesystem", c.shared_filesystem, "must be True or False")

@@ -89,14 +89,24 @@ def make_mesh(mesh_config, devices: Sequence | None = None) -> Mesh:
       )
     num_granules = 1  # several hosts of one GPU cluster: lay every device out as one mesh
   ici, dcn = resolve_shape(mesh_config, len(devices), num_granules)
-  if num_granules > 1:
-    device_array = mesh_utils.create_hybrid_device_mesh(
-      ici, dcn, devices, process_is_granule=by_process
-    )
-  elif len(devices) == 1:
-    device_array = np.asarray(devices).reshape(ici)
-  else:
-    device_array = mesh_utils.create_device_mesh(ici, devices)
+  split = bool(mesh_config.allow_split_physical_axes)
+  try:
+    if num_granules > 1:
+      device_array = mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=by_process, allow_split_physical_axes=split
+      )
+    elif len(devices) == 1:
+      device_array = np.asarray(devices).reshape(ici)
+    else:
+      device_array = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=split)
+  except NotImplementedError as e:  # a size the physical torus cannot host as whole axes
+    raise config_error(
+      "mesh",
+      dict(zip(MESH_AXES, ici)),
+      f"does not map onto the physical TPU axes ({e})",
+      "choose sizes that are products of whole physical axes, or set "
+      "config.mesh.allow_split_physical_axes=True",
+    ) from e
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

@@ -9,6 +9,7 @@ JAX_PROCESS_ID.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Mapping
 
@@ -21,16 +22,36 @@ from flt_jax.errors import ConfigError, config_error
 _COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
 
-def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
-  """'env' (JAX_COORDINATOR_ADDRESS), 'slurm' (several tasks), 'tpu' (a multi-host TPU
-  slice or multi-slice), or None for a single-process run."""
+# PCI vendor id of Google's TPU chips (how JAX's own cloud_tpu_init recognises a TPU VM).
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def has_tpu_chips(pci_root: str = "/sys/bus/pci/devices") -> bool:
+  """Whether this machine has TPU chips attached (a Cloud TPU VM)."""
+  for vendor in glob.glob(os.path.join(pci_root, "*", "vendor")):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def detect_cluster(
+  environ: Mapping[str, str] | None = None, tpu_vm: bool | None = None
+) -> str | None:
+  """'env' (JAX_COORDINATOR_ADDRESS), 'slurm' (several tasks), 'tpu' (a Cloud TPU VM:
+  JAX reads the slice's hosts from its metadata; harmless on a single host), or None
+  for a single-process run."""
   environ = os.environ if environ is None else environ
+  tpu_vm = has_tpu_chips() if tpu_vm is None else tpu_vm
   if environ.get(_COORDINATOR_ENV):
     return "env"
   if environ.get("SLURM_JOB_ID") and int(environ.get("SLURM_NTASKS", "1") or 1) > 1:
     return "slurm"
   hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-  if len(hosts) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+  if tpu_vm or len(hosts) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "tpu"
   return None
 
@@ -51,20 +72,24 @@ def distributed_args(environ: Mapping[str, str] | None = None) -> dict:
   return kwargs
 
 
-def should_initialize(mode: str, environ: Mapping[str, str] | None = None) -> bool:
+def should_initialize(
+  mode: str, environ: Mapping[str, str] | None = None, tpu_vm: bool | None = None
+) -> bool:
   if mode == "on":
     return True
   if mode == "off":
     return False
   if mode == "auto":
-    return detect_cluster(environ) is not None
+    return detect_cluster(environ, tpu_vm) is not None
   raise config_error("mesh.distributed", mode, "choose one of ('auto', 'on', 'off')")
 
 
-def initialize(mesh_config, environ: Mapping[str, str] | None = None) -> bool:
+def initialize(
+  mesh_config, environ: Mapping[str, str] | None = None, tpu_vm: bool | None = None
+) -> bool:
   """Starts jax.distributed when `config.mesh.distributed` asks for it (see
   should_initialize); returns whether it did. Safe to call twice."""
-  if not should_initialize(mesh_config.distributed, environ):
+  if not should_initialize(mesh_config.distributed, environ, tpu_vm):
     return False
   if jax.distributed.is_initialized():
     return True

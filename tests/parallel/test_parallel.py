@@ -154,10 +154,21 @@ def test_interleaved_micro_batches_take_strided_rows():
   ],
 )
 def test_cluster_detection(environ, kind):
-  assert multihost.detect_cluster(environ) == kind
-  assert multihost.should_initialize("auto", environ) == (kind is not None)
-  assert multihost.should_initialize("on", environ)
-  assert not multihost.should_initialize("off", environ)
+  assert multihost.detect_cluster(environ, tpu_vm=False) == kind
+  assert multihost.should_initialize("auto", environ, tpu_vm=False) == (kind is not None)
+  assert multihost.should_initialize("on", environ, tpu_vm=False)
+  assert not multihost.should_initialize("off", environ, tpu_vm=False)
+  # On a Cloud TPU VM JAX finds the slice's hosts itself (metadata server).
+  assert multihost.detect_cluster(environ, tpu_vm=True) == (kind or "tpu")
+
+
+def test_tpu_chips_are_recognised_by_pci_vendor(tmp_path):
+  (tmp_path / "0000:00:04.0").mkdir()
+  (tmp_path / "0000:00:04.0" / "vendor").write_text("0x8086\n")
+  assert not multihost.has_tpu_chips(str(tmp_path))
+  (tmp_path / "0000:00:05.0").mkdir()
+  (tmp_path / "0000:00:05.0" / "vendor").write_text("0x1ae0\n")
+  assert multihost.has_tpu_chips(str(tmp_path))
 
 
 def test_distributed_args_from_the_environment():
@@ -171,7 +182,7 @@ def test_distributed_args_from_the_environment():
   with pytest.raises(ConfigError, match=r"JAX_PROCESS_ID='x' is not an integer"):
     multihost.distributed_args({"JAX_COORDINATOR_ADDRESS": "n0:9", "JAX_PROCESS_ID": "x"})
   # One process: nothing to start.
-  assert not multihost.initialize(parallel_config.get_config(), {})
+  assert not multihost.initialize(parallel_config.get_config(), {}, tpu_vm=False)
   assert multihost.is_main_process()
 
 
