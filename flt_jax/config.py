@@ -11,6 +11,7 @@ import ml_collections
 from flt_jax.data import config as data_config
 from flt_jax.errors import config_error
 from flt_jax.model import config as model_config
+from flt_jax.parallel import config as parallel_config
 from flt_jax.train import config as train_config
 
 
@@ -18,6 +19,7 @@ def default_config() -> ml_collections.ConfigDict:
   config = train_config.get_config()  # optim, train, checkpoint, metrics
   config.model = model_config.get_config()
   config.data = data_config.get_config()
+  config.mesh = parallel_config.get_config()  # device mesh, sharding rules, multi-host
   config.experiment = ""
   config.preset = ""
   return config

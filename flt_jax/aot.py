@@ -1,0 +1,448 @@
+r"""Compile the sharded train step ahead of time for a TPU topology, on any machine.
+
+  python -m flt_jax.aot --config=experiments/flt_12loop.py:paper --topology=v5e:16x16
+  python -m flt_jax.aot --config=experiments/flt_12loop.py:paper --topology=v4:8x8x8 \
+      --config.mesh.data=8 --config.mesh.fsdp=-1 --config.model.remat=none
+  python -m flt_jax.aot --config=experiments/flt_12loop.py:paper --topology=2xv5e:16x16 \
+      --config.mesh.dcn_data=2                                          # two slices
+
+libtpu's compile-only client describes the topology's chips (no TPU needed; install
+requirements-tpu.txt), the real train step is lowered with the config's mesh and
+sharding rules, and XLA compiles it for that TPU generation. The command prints, per
+device, the bytes of the arguments, outputs and temporaries (`memory_analysis()`), the
+compiled FLOPs (`cost_analysis()`) against the model FLOPs formula
+(`flt_jax.train.metrics.flops_per_token`), and whether the step fits the chip's HBM.
+No data is read: the vocabulary size comes from `config.model.vocab_size` or
+`--vocab_size`.
+
+A topology is `<chip>:<shape>` as Cloud TPU names it (v4:4x4x4, v5e:16x16, v5p:4x4x8,
+v6e:8x8), with an `Nx` prefix for N slices (2xv5e:16x16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import re
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from jax.experimental import topologies
+from ml_collections import config_flags
+
+from flt_jax import config as flt_config
+from flt_jax.errors import ConfigError
+from flt_jax.model import config as model_config_lib
+from flt_jax.model.looped import LoopedTransformer
+from flt_jax.parallel import config as parallel_config
+from flt_jax.parallel import mesh as mesh_lib
+from flt_jax.parallel import sharding as sharding_lib
+from flt_jax.train import config as train_config_lib
+from flt_jax.train import metrics as metrics_lib
+from flt_jax.train import optimizer as optim_lib
+from flt_jax.train import state as state_lib
+from flt_jax.train import step as step_lib
+
+GIB = 1024**3
+# HBM per chip (one JAX device; v4 and v5p run as megacore: both TensorCores of a chip
+# are one device). Cloud TPU system architecture documentation.
+HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
+# Chips whose two TensorCores are fused into one device (libtpu's "megacore" config).
+MEGACORE_CHIPS = ("v4", "v5p")
+# The paper preset trains a 65,536-token BPE (experiments/base.py); used when neither
+# the config nor --vocab_size gives a size.
+DEFAULT_VOCAB_SIZE = 65536
+
+_TOPOLOGY = re.compile(r"^(?:(\d+)x)?(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+
+
+# ----------------------------------------------------------------------------
+# The train program: everything the step needs, built from the config alone.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+  config: ml_collections.ConfigDict
+  model_cfg: model_config_lib.ModelConfig
+  model: LoopedTransformer
+  optimizer: object
+  abstract_state: state_lib.TrainState  # ShapeDtypeStructs; params keep nn.Partitioned
+  init_fn: object  # rng -> TrainState
+  step_fn: object  # (state, batch) -> (state, metrics)
+  num_micro: int
+  global_batch: int
+  total_steps: int
+
+
+def abstract_train_state(model, optimizer, seq_len: int, rng) -> state_lib.TrainState:
+  """The train state as ShapeDtypeStructs, params boxed with their logical names."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  boxed = jax.eval_shape(lambda: model.init(rng, tokens, 1)["params"])
+  counter = jax.ShapeDtypeStruct((), jnp.int32)
+  return state_lib.TrainState(
+    step=counter,
+    params=boxed,
+    opt_state=jax.eval_shape(optimizer.init, nn.meta.unbox(boxed)),
+    nonfinite_in_a_row=counter,
+    nonfinite_total=counter,
+  )
+
+
+def build_train_program(config, vocab_size: int) -> TrainProgram:
+  """Model, optimizer, abstract state and train step from the config, without data.
+
+  The one place the AOT command assembles a run; the run layer's setup builds the
+  same pieces (and can replace this function once it exists).
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  flt_config.check_keys(config)
+  model_config_lib.validate(config.model)
+  train_config_lib.validate(config)
+  parallel_config.validate(config.mesh)
+  model_cfg = model_config_lib.ModelConfig.from_config(config.model, vocab_size)
+  config.model.vocab_size = model_cfg.vocab_size
+  model = LoopedTransformer(model_cfg)
+  num_micro = train_config_lib.grad_accum_steps(config)
+  global_batch = config.train.micro_batch_size * num_micro
+  rng = jax.random.PRNGKey(config.train.seed)
+  seq_len = model_cfg.seq_len
+  boxed = jax.eval_shape(lambda: model.init(rng, jnp.zeros((1, seq_len), jnp.int32), 1)["params"])
+  n_params = state_lib.count_params(nn.meta.unbox(boxed))
+  total_steps = optim_lib.resolve_total_steps(
+    config.train, n_params["total"], global_batch * seq_len
+  )
+  optimizer = optim_lib.make_optimizer(
+    config.optim, d_model=model_cfg.d_model, total_steps=total_steps
+  )
+  return TrainProgram(
+    config=config,
+    model_cfg=model_cfg,
+    model=model,
+    optimizer=optimizer,
+    abstract_state=abstract_train_state(model, optimizer, seq_len, rng),
+    init_fn=lambda key: state_lib.create_train_state(model, optimizer, key, seq_len),
+    step_fn=functools.partial(
+      step_lib.train_step,
+      model=model,
+      optimizer=optimizer,
+      num_micro=num_micro,
+      diagnostics=False,
+    ),
+    num_micro=num_micro,
+    global_batch=global_batch,
+    total_steps=total_steps,
+  )
+
+
+# ----------------------------------------------------------------------------
+# Topologies.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str  # as libtpu names it, e.g. v5e:16x16
+  chip: str  # v4 | v5e | v5p | v6e
+  num_slices: int
+
+  @property
+  def hbm_bytes(self) -> int:
+    return HBM_BYTES[self.chip]
+
+  def __str__(self) -> str:
+    return self.name if self.num_slices == 1 else f"{self.num_slices}x{self.name}"
+
+
+def parse_topology(text: str) -> Topology:
+  match = _TOPOLOGY.match(text.strip())
+  if not match:
+    raise ConfigError(
+      f"--topology={text!r} is not a TPU topology. Fix: write <chip>:<shape> with chip in "
+      f"{tuple(HBM_BYTES)}, e.g. v5e:16x16, v4:4x4x4, v6e:8x8, and an Nx prefix for N "
+      "slices, e.g. 2xv5e:16x16."
+    )
+  slices, chip, shape = match.groups()
+  return Topology(name=f"{chip}:{shape}", chip=chip, num_slices=int(slices or 1))
+
+
+def use_compile_only_tpu() -> None:
+  """Before anything starts JAX: trace on the CPU and take TPU devices only from the
+  compile-only client, so that the command never claims a TPU attached to this machine
+  (a training run may hold it) and may load libtpu while another process has it."""
+  if "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def topology_devices(topology: Topology) -> list:
+  """Compile-only devices of the topology (needs libtpu; no TPU attached)."""
+  kwargs = {}
+  if topology.num_slices > 1:
+    kwargs["num_slices"] = topology.num_slices
+  if topology.chip in MEGACORE_CHIPS:
+    kwargs["chip_config_name"] = "megacore"
+  try:
+    return list(topologies.get_topology_desc(topology.name, "tpu", **kwargs).devices)
+  except Exception as e:  # libtpu missing, or a shape it does not know
+    raise ConfigError(
+      f"libtpu could not describe TPU topology {topology}: {type(e).__name__}: {e}. "
+      "Fix: install the TPU build (pip install -r requirements-tpu.txt) and use a valid "
+      "slice shape for the chip (e.g. v5e:16x16, v4:4x4x4)."
+    ) from e
+
+
+# ----------------------------------------------------------------------------
+# Compile and report.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+  topology: str
+  device_kind: str
+  num_devices: int
+  mesh: str
+  remat: str
+  global_batch: int
+  num_micro: int
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  hbm_bytes: int
+  compiled_flops: float  # XLA cost_analysis, per device (see format_report)
+  traced_flops: float  # matmul FLOPs of the traced step, per device
+  model_flops: float  # flops_per_token x tokens, per device
+  lower_seconds: float
+  compile_seconds: float
+  # XLA's message when it refused to compile for lack of HBM (temp_bytes is then the
+  # temporaries it asked for, and the state sizes are computed from the shardings).
+  out_of_memory: str = ""
+
+  @property
+  def total_bytes(self) -> int:
+    """Peak-ish footprint: live arguments + outputs (less donated aliases) + temporaries."""
+    return (
+      self.argument_bytes
+      + self.output_bytes
+      - self.alias_bytes
+      + self.temp_bytes
+      + (self.code_bytes)
+    )
+
+  @property
+  def fits(self) -> bool:
+    return not self.out_of_memory and self.total_bytes <= self.hbm_bytes
+
+
+def _sub_jaxprs(params) -> list:
+  found = []
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if hasattr(item, "eqns"):
+        found.append(item)
+      elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+        found.append(item.jaxpr)
+  return found
+
+
+def jaxpr_matmul_flops(jaxpr) -> float:
+  """FLOPs of every dot_general in a jaxpr, sub-jaxprs included: a scan body counts
+  `length` times, a cond its most expensive branch, a while body once (its trip count
+  is not static). The backward pass of a rematerialised function re-runs its forward
+  inside, so recompute is counted."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs_shape = eqn.invars[0].aval.shape
+      out_size = math.prod(eqn.outvars[0].aval.shape)
+      total += 2.0 * out_size * math.prod(lhs_shape[d] for d in lhs_contract)
+      continue
+    inner = [jaxpr_matmul_flops(sub) for sub in _sub_jaxprs(eqn.params)]
+    if not inner:
+      continue
+    if name == "cond":
+      total += max(inner)
+    else:
+      total += eqn.params.get("length", 1) * sum(inner) if name == "scan" else sum(inner)
+  return total
+
+
+_HBM_OOM = re.compile(r"RESOURCE_EXHAUSTED: .*HLO temporaries \(([\d.]+)G\)")
+
+
+def _bytes_per_device(tree) -> int:
+  """Bytes of one device's shard of every ShapeDtypeStruct in `tree`."""
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+    for x in jax.tree_util.tree_leaves(tree)
+  )
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def compile_train_step(program: TrainProgram, devices, hbm_bytes: int, topology: str = ""):
+  """Lowers and compiles program.step_fn on a mesh over `devices` (concrete or
+  compile-only) with the config's mesh and rules; returns (CompileReport, compiled)."""
+  config = program.config
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  rules = sharding_lib.logical_rules(config.mesh)
+  sharding_lib.check_batch(program.global_batch, config.train.micro_batch_size, mesh, rules)
+  shardings = sharding_lib.state_shardings(program.abstract_state, mesh, rules)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  step = sharding_lib.jit_train_step(
+    program.step_fn, mesh, rules, shardings, batch_sharding, program.num_micro
+  )
+  tokens = jax.ShapeDtypeStruct(
+    (program.global_batch, program.model_cfg.seq_len), jnp.int32, sharding=batch_sharding
+  )
+  args = (
+    sharding_lib.with_shardings(program.abstract_state, shardings),
+    {"inputs": tokens, "targets": tokens},
+  )
+  traced_flops = jaxpr_matmul_flops(jax.make_jaxpr(step)(*args).jaxpr)
+  start = time.perf_counter()
+  lowered = step.lower(*args)
+  lower_seconds = time.perf_counter() - start
+  oom = ""
+  try:
+    compiled = lowered.compile()
+    memory = compiled.memory_analysis()
+    arg_bytes, out_bytes, alias_bytes = (
+      memory.argument_size_in_bytes,
+      memory.output_size_in_bytes,
+      memory.alias_size_in_bytes,
+    )
+    temp_bytes, code_bytes = memory.temp_size_in_bytes, memory.generated_code_size_in_bytes
+    compiled_flops = float(_cost(compiled).get("flops", float("nan")))
+  except jax.errors.JaxRuntimeError as e:
+    # XLA:TPU refuses to compile a program that cannot fit; report how much it wanted.
+    match = _HBM_OOM.search(str(e))
+    if not match:
+      raise
+    compiled, oom = None, str(e).splitlines()[0]
+    arg_bytes = out_bytes = alias_bytes = _bytes_per_device(args[0])
+    arg_bytes += _bytes_per_device(args[1])
+    temp_bytes, code_bytes = int(float(match.group(1)) * GIB), 0
+    compiled_flops = float("nan")
+  seconds = time.perf_counter() - start - lower_seconds
+  tokens_per_step = program.global_batch * program.model_cfg.seq_len
+  report = CompileReport(
+    topology=topology or str(devices[0].platform),
+    device_kind=devices[0].device_kind,
+    num_devices=len(devices),
+    mesh=mesh_lib.describe(mesh).split(" (")[0],
+    remat=program.model_cfg.remat,
+    global_batch=program.global_batch,
+    num_micro=program.num_micro,
+    argument_bytes=int(arg_bytes),
+    output_bytes=int(out_bytes),
+    alias_bytes=int(alias_bytes),
+    temp_bytes=int(temp_bytes),
+    code_bytes=int(code_bytes),
+    hbm_bytes=int(hbm_bytes),
+    compiled_flops=compiled_flops,
+    traced_flops=traced_flops / len(devices),
+    model_flops=metrics_lib.flops_per_token(program.model_cfg) * tokens_per_step / len(devices),
+    lower_seconds=lower_seconds,
+    compile_seconds=seconds,
+    out_of_memory=oom,
+  )
+  return report, compiled
+
+
+def _gib(n: float) -> str:
+  return f"{n / GIB:.2f} GiB"
+
+
+def format_report(report: CompileReport, title: str = "") -> str:
+  r = report
+  lines = [
+    f"{title}{r.topology}: {r.num_devices} x {r.device_kind} | mesh {r.mesh} | remat "
+    f"{r.remat} | global batch {r.global_batch} in {r.num_micro} micro-batch(es) | "
+    f"lowered in {r.lower_seconds:.1f} s, compiled in {r.compile_seconds:.1f} s",
+    "per device        bytes",
+    f"  arguments       {_gib(r.argument_bytes)}",
+    f"  outputs         {_gib(r.output_bytes)}",
+    f"  aliased         {_gib(r.alias_bytes)}   (donated state reused for the new state)",
+    f"  temporaries     {_gib(r.temp_bytes)}"
+    + ("   (what XLA asked for before refusing)" if r.out_of_memory else ""),
+    f"  code            {_gib(r.code_bytes)}",
+    f"  total           {_gib(r.total_bytes)} of {_gib(r.hbm_bytes)} HBM: "
+    + ("fits" if r.fits else "DOES NOT FIT")
+    + f" ({100 * r.total_bytes / r.hbm_bytes:.1f}%)",
+    "per device and step, FLOPs",
+    f"  model           {r.model_flops:.4g}   (train.metrics.flops_per_token x tokens / devices)",
+    f"  traced matmuls  {r.traced_flops:.4g}   ({r.traced_flops / r.model_flops:.3f} x model; "
+    "every dot_general of the step, scan lengths and remat recompute included)",
+    f"  XLA cost        {r.compiled_flops:.4g}   ({r.compiled_flops / r.model_flops:.3f} x model; "
+    "cost_analysis() of the compiled step, which counts each loop body once)",
+  ]
+  if r.out_of_memory:
+    lines.append(f"XLA: {r.out_of_memory}")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file, optionally with a preset: file.py:preset."
+)
+_TOPOLOGY_FLAG = flags.DEFINE_string(
+  "topology", None, "TPU topology, e.g. v5e:16x16, v4:4x4x4, v6e:8x8, 2xv5e:16x16."
+)
+_VOCAB = flags.DEFINE_integer(
+  "vocab_size",
+  0,
+  "Vocabulary size when config.model.vocab_size is 0 (the tokenizer's, unknown without "
+  f"data); 0 = {DEFAULT_VOCAB_SIZE}, the paper preset's tokenizer.",
+)
+
+
+def run(config, topology_text: str, vocab_size: int = 0) -> CompileReport:
+  topology = parse_topology(topology_text)
+  tokenizer_vocab = None
+  if config.model.vocab_size == 0:
+    tokenizer_vocab = vocab_size or DEFAULT_VOCAB_SIZE
+  program = build_train_program(config, tokenizer_vocab)
+  report, _ = compile_train_step(
+    program, topology_devices(topology), topology.hbm_bytes, str(topology)
+  )
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _TOPOLOGY_FLAG.value:
+    raise app.UsageError("--topology is required, e.g. --topology=v5e:16x16")
+  use_compile_only_tpu()
+  config = _CONFIG.value
+  try:
+    report = run(config, _TOPOLOGY_FLAG.value, _VOCAB.value)
+  except ConfigError as e:
+    raise SystemExit(f"error: {e}") from None
+  name = config.get("experiment", "") or config.model.variant
+  print(format_report(report, f"{name} {config.get('preset', '')} K={config.model.loops} on "))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

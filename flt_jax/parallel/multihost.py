@@ -1,0 +1,126 @@
+"""Multi-host runs: jax.distributed start-up, process-0 duties, workdir checks.
+
+Every host runs the same command. `initialize` must come before anything touches a JAX
+backend (`jax.devices()`, array creation). On Cloud TPU VMs of a pod slice and on SLURM
+(one task per node) JAX finds the coordinator, process count and index itself; anywhere
+else set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+JAX_PROCESS_ID.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Mapping
+
+import jax
+from jax.experimental import multihost_utils
+
+from flt_jax.errors import ConfigError, config_error
+
+# Set by hand (or by launch/gpu_slurm.sbatch) on clusters JAX does not detect itself.
+_COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+
+
+# PCI vendor id of Google's TPU chips (how JAX's own cloud_tpu_init recognises a TPU VM).
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def has_tpu_chips(pci_root: str = "/sys/bus/pci/devices") -> bool:
+  """Whether this machine has TPU chips attached (a Cloud TPU VM)."""
+  for vendor in glob.glob(os.path.join(pci_root, "*", "vendor")):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def detect_cluster(
+  environ: Mapping[str, str] | None = None, tpu_vm: bool | None = None
+) -> str | None:
+  """'env' (JAX_COORDINATOR_ADDRESS), 'slurm' (several tasks), 'tpu' (a Cloud TPU VM:
+  JAX reads the slice's hosts from its metadata; harmless on a single host), or None
+  for a single-process run."""
+  environ = os.environ if environ is None else environ
+  tpu_vm = has_tpu_chips() if tpu_vm is None else tpu_vm
+  if environ.get(_COORDINATOR_ENV):
+    return "env"
+  if environ.get("SLURM_JOB_ID") and int(environ.get("SLURM_NTASKS", "1") or 1) > 1:
+    return "slurm"
+  hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  if tpu_vm or len(hosts) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "tpu"
+  return None
+
+
+def distributed_args(environ: Mapping[str, str] | None = None) -> dict:
+  """Keyword arguments for jax.distributed.initialize from JAX_* variables (empty where
+  JAX detects the cluster itself)."""
+  environ = os.environ if environ is None else environ
+  kwargs = {}
+  if environ.get(_COORDINATOR_ENV):
+    kwargs["coordinator_address"] = environ[_COORDINATOR_ENV]
+    for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+      if environ.get(env):
+        try:
+          kwargs[key] = int(environ[env])
+        except ValueError:
+          raise ConfigError(f"{env}={environ[env]!r} is not an integer") from None
+  return kwargs
+
+
+def should_initialize(
+  mode: str, environ: Mapping[str, str] | None = None, tpu_vm: bool | None = None
+) -> bool:
+  if mode == "on":
+    return True
+  if mode == "off":
+    return False
+  if mode == "auto":
+    return detect_cluster(environ, tpu_vm) is not None
+  raise config_error("mesh.distributed", mode, "choose one of ('auto', 'on', 'off')")
+
+
+def initialize(
+  mesh_config, environ: Mapping[str, str] | None = None, tpu_vm: bool | None = None
+) -> bool:
+  """Starts jax.distributed when `config.mesh.distributed` asks for it (see
+  should_initialize); returns whether it did. Safe to call twice."""
+  if not should_initialize(mesh_config.distributed, environ, tpu_vm):
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  jax.distributed.initialize(**distributed_args(environ))
+  return True
+
+
+def is_main_process() -> bool:
+  """Process 0 logs, writes metrics and evaluation tables (Orbax saves from every host)."""
+  return jax.process_index() == 0
+
+
+def is_remote_path(path) -> bool:
+  """A URL every host can reach (gs://, s3://, ...), as opposed to a local path."""
+  return "://" in str(path) and not str(path).startswith("file://")
+
+
+def check_workdir(workdir, process_count: int, shared_filesystem: bool = False) -> None:
+  """A run over several processes writes checkpoints from every host: its workdir must
+  be on storage they all see."""
+  if process_count > 1 and not is_remote_path(workdir) and not shared_filesystem:
+    raise ConfigError(
+      f"--workdir={workdir} is a local path, but this run spans {process_count} hosts, "
+      "which all write checkpoints and need to see the same files. Fix: use "
+      "--workdir=gs://BUCKET/RUN (Cloud Storage), or set "
+      "--config.mesh.shared_filesystem=True if the path is on a filesystem every host "
+      "mounts (NFS, Lustre)."
+    )
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
