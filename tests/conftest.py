@@ -7,6 +7,8 @@ ahead of time) from probing for TPU chips; topology compilation does not need th
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes a machine-wide lock file; tests compile in several processes at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 
