@@ -6,6 +6,7 @@ computed once per session and shared by the tests that read them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import pytest
 from flt_jax.errors import ConfigError
 from flt_jax.parallel import mesh as mesh_lib
 from flt_jax.parallel import sharding as sharding_lib
+from flt_jax.train import step as step_lib
 from tests.parallel import common
 
 STEPS = 3
@@ -91,6 +93,22 @@ def test_sharded_steps_match_one_device(model, mesh_name):
   ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
   assert int(got["state"].step) == STEPS
+
+
+def test_sharded_eval_step_matches_one_device():
+  got = _run("gqa", "fsdp4_tensor2")
+  run = got["run"]
+  eval_fn = functools.partial(step_lib.eval_step, model=run.prog.model)
+  step = sharding_lib.jit_eval_step(
+    eval_fn, run.mesh, run.rules, run.shardings.params, run.batch_sharding
+  )
+  batch = common.host_batches(1, seed=1)[0]
+  token_bytes_V = np.ones((common.VOCAB,), np.int32)
+  sums = jax.device_get(step(got["state"].params, run.global_batch(batch), token_bytes_V))
+  params = jax.device_get(got["state"].params)
+  want = jax.device_get(jax.jit(eval_fn)(params, batch, token_bytes_V))
+  assert int(sums["tokens"]) == int(want["tokens"]) > 0
+  np.testing.assert_allclose(sums["nll"], want["nll"], rtol=1e-5)
 
 
 def test_one_device_reference_is_the_plain_jit_step():
