@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flt_jax.model import layers
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.model.loss import loss_fn
 from tests.model.test_looped import VOCAB, B, T, _key, fast_jit, make_cfg, noisy_params
@@ -63,13 +64,32 @@ def test_logits_do_not_depend_on_the_document_packed_before(variant):
   params = noisy_params(_key(PACKED))
   toks, seg, pos, starts = _rows()
   doc = _doc_logits(_forward(variant, True)(params, toks, seg, pos), starts)
-  for row in (1, 2):
-    np.testing.assert_allclose(doc[row], doc[0], atol=2e-5, rtol=0, err_msg=f"row {row}")
-  # The earlier document itself is still modelled (its logits are not those of the doc).
-  assert np.abs(doc[0] - doc[0][:1]).max() > 1e-3
+  _check_doc_logits(doc)
   # The document alone at the start of a row equals the unpacked model.
   unpacked = _forward(variant, False)(params, toks, seg, pos)
   np.testing.assert_allclose(_doc_logits(unpacked, starts)[2], doc[2], atol=2e-5, rtol=0)
+
+
+def test_segments_hold_with_causal_query_chunks(monkeypatch):
+  """The XLA path's query chunks (4 rows here) slice segment ids consistently."""
+  params = noisy_params(_key(PACKED))
+  toks, seg, pos, starts = _rows()
+  unchunked = _doc_logits(_forward("FLT", True)(params, toks, seg, pos), starts)
+  monkeypatch.setattr(layers, "XLA_QUERY_CHUNK", 4)
+  model = LoopedTransformer(make_cfg(variant="FLT", separate_documents=True, **PACKED))
+  fn = fast_jit(
+    lambda p, x, s, q: model.apply({"params": p}, x, 3, segment_ids_BxT=s, positions_BxT=q)
+  )
+  doc = _doc_logits(fn(params, toks, seg, pos), starts)
+  _check_doc_logits(doc)
+  np.testing.assert_allclose(doc, unchunked, atol=2e-5, rtol=0)
+
+
+def _check_doc_logits(doc):
+  for row in (1, 2):
+    np.testing.assert_allclose(doc[row], doc[0], atol=2e-5, rtol=0, err_msg=f"row {row}")
+  # The document's tokens get different logits from each other (nothing degenerate).
+  assert np.abs(doc[0] - doc[0][:1]).max() > 1e-3
 
 
 @pytest.mark.parametrize("variant", ["FLT", "LT"])
