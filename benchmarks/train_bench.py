@@ -1,7 +1,9 @@
 """Training speed: the real train step, its split, and the main command's tokens/s.
 
   python benchmarks/train_bench.py [--quick] [--baseline=<git ref>] [--rounds=3]
-      [--variants=FLT,LT] [--loops=1,12] [--layers=2,4] [--remat=preset|none|loop|block]
+      [--variants=FLT,LT] [--loops=1,12] [--layers=2,4] [--remat=preset|PLACE[:POLICY]]
+      [--base_remat=preset|PLACE[:POLICY]] [--tree=NAME=PATH]
+      [--compare_remat=none,loop,block:attn_out]
       [--main_steps=30] [--no_main] [--main_cases=FLT:12:2,FLT:12:4]
 
 Shapes: L=2 is the cpu preset's model (d_model 128, one head) at T=256, B=16; L=4 is
@@ -56,6 +58,22 @@ def case_shape(layers: int) -> dict:
 # baseline commit a7440c2 and later commits share.
 
 
+def _set_remat(config, remat: str) -> None:
+  """remat is 'preset' (keep the experiment's) or PLACE[:POLICY], e.g. block:attn_out."""
+  if remat != "preset":
+    place, _, policy = remat.partition(":")
+    config.model.remat = place
+    if policy:
+      config.model.remat_policy = policy
+
+
+def _remat_overrides(remat: str) -> dict:
+  if remat == "preset":
+    return {}
+  place, _, policy = remat.partition(":")
+  return {"model.remat": place, **({"model.remat_policy": policy} if policy else {})}
+
+
 def _worker(cases: list[dict], remat: str, reps: int) -> None:
   import functools
 
@@ -80,8 +98,7 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
     config.model.update({k: v for k, v in shape.items() if k != "batch"})
     config.model.seq_len = SEQ
     config.model.vocab_size = VOCAB
-    if remat != "preset":
-      config.model.remat = remat
+    _set_remat(config, remat)
     cfg = model_config.ModelConfig.from_config(config.model)
     model = LoopedTransformer(cfg)
     optimizer = optim_lib.make_optimizer(config.optim, d_model=cfg.d_model, total_steps=1000)
@@ -124,7 +141,6 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
         batch=batch,
         grads=grads,
         compile_s=compile_s,
-        remat=cfg.remat,
       )
     )
   print(json.dumps({"ready": True}), flush=True)
@@ -150,7 +166,7 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
       jax.block_until_ready(b["state"])
       times["step"].append(time.perf_counter() - t0)
     out = {k: min(v) for k, v in times.items()}
-    out.update(tokens=b["tokens"], compile_s=b["compile_s"], remat=b["remat"])
+    out.update(tokens=b["tokens"], compile_s=b["compile_s"], remat=remat)
     print(json.dumps(out), flush=True)
 
 
@@ -215,8 +231,7 @@ def main_command_tokens_per_s(tree: str, case: dict, steps: int, remat: str) -> 
     "train.total_batch_tokens": shape["batch"] * SEQ,
     "train.eval_steps": 1,
   }
-  if remat != "preset":
-    overrides["model.remat"] = remat
+  overrides.update(_remat_overrides(remat))
   cmd = [
     sys.executable,
     "-m",
@@ -259,14 +274,24 @@ def parse_args(argv=None):
     default=[],
     help="NAME=PATH: also measure the source tree at PATH (e.g. a copy with local changes)",
   )
+  p.add_argument(
+    "--compare_remat",
+    type=csv,
+    default=[],
+    help="also measure this tree at these remat settings (rows named @<setting>)",
+  )
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--reps", type=int, default=3, help="timed repetitions per case and round")
   p.add_argument("--variants", type=csv, default=["FLT", "LT"])
   p.add_argument("--loops", type=ints, default=[1, 12])
   p.add_argument("--layers", type=ints, default=[2, 4])
   p.add_argument(
-    "--remat", default="preset", help="preset (the experiment's value) or none|loop|block"
+    "--remat",
+    default="preset",
+    help="remat of this tree and --tree trees: preset (the experiment's) or "
+    "PLACE[:POLICY], e.g. none, loop, block:attn_out",
   )
+  p.add_argument("--base_remat", default="preset", help="remat of the --baseline tree (same forms)")
   p.add_argument("--main_steps", type=int, default=30)
   p.add_argument("--main_cases", type=_parse_cases, default=_parse_cases("FLT:12:2,FLT:12:4"))
   p.add_argument("--no_main", action="store_true", help="skip the main-command runs")
@@ -292,6 +317,7 @@ def run(args) -> None:
   ]
   trees = {"new": REPO}
   trees.update(item.split("=", 1) for item in args.tree)
+  trees.update((f"@{r}", REPO) for r in args.compare_remat)
   tmp = None
   if args.baseline:
     tmp = tempfile.mkdtemp(prefix="train_bench_base_")
@@ -313,8 +339,14 @@ def run(args) -> None:
 
 def _measure(args, cases, trees) -> None:
   names = list(trees)
-  print(f"trees: {trees}; remat={args.remat}; rounds={args.rounds}; reps={args.reps}", flush=True)
-  workers = {n: Worker(t, cases, args.remat, args.reps) for n, t in trees.items()}
+  print(
+    f"trees: {trees}; remat {args.remat}, baseline {args.base_remat}; "
+    f"rounds={args.rounds}; reps={args.reps}",
+    flush=True,
+  )
+  remat = {n: (args.base_remat if n == "base" else args.remat) for n in names}
+  remat.update((f"@{r}", r) for r in args.compare_remat)
+  workers = {n: Worker(t, cases, remat[n], args.reps) for n, t in trees.items()}
   try:
     for w in workers.values():
       w.wait_ready()
@@ -330,7 +362,7 @@ def _measure(args, cases, trees) -> None:
 
   med = lambda rows, key: statistics.median(row[key] for row in rows)
   header = (
-    f"{'tree':5} {'case':14} {'remat':5} {'step tok/s':>10} {'step s':>7} {'fwd s':>7} "
+    f"{'tree':18} {'case':14} {'remat':22} {'step tok/s':>10} {'step s':>7} {'fwd s':>7} "
     f"{'grad s':>7} {'update s':>8} {'grad/fwd':>8} {'compile s':>9}"
   )
   print("\nTrain step (min over reps, median over rounds)\n" + header)
@@ -340,7 +372,7 @@ def _measure(args, cases, trees) -> None:
       rows = results[n][i]
       step_s = med(rows, "step")
       print(
-        f"{n:5} {label:14} {rows[0]['remat']:5} {rows[0]['tokens'] / step_s:10,.0f} "
+        f"{n:18} {label:14} {rows[0]['remat']:22} {rows[0]['tokens'] / step_s:10,.0f} "
         f"{step_s:7.3f} {med(rows, 'fwd'):7.3f} {med(rows, 'grad'):7.3f} "
         f"{med(rows, 'update'):8.4f} {med(rows, 'grad') / med(rows, 'fwd'):8.2f} "
         f"{rows[0]['compile_s']:9.1f}"
@@ -349,7 +381,7 @@ def _measure(args, cases, trees) -> None:
     for n in names[1:]:
       old = results[n][i]
       print(
-        f"{'':5} {label:14} new vs {n}: step "
+        f"{'':18} {label:14} new vs {n}: step "
         f"{_fmt_ratio([r['step'] for r in new], [r['step'] for r in old], False)} faster, "
         f"grad {_fmt_ratio([r['grad'] for r in new], [r['grad'] for r in old], False)}, "
         f"fwd {_fmt_ratio([r['fwd'] for r in new], [r['fwd'] for r in old], False)}"
@@ -363,11 +395,11 @@ def _measure(args, cases, trees) -> None:
     rates = {n: [] for n in names}
     for r in range(args.rounds):
       for n in names if r % 2 == 0 else names[::-1]:
-        rates[n].append(main_command_tokens_per_s(trees[n], case, args.main_steps, args.remat))
+        rates[n].append(main_command_tokens_per_s(trees[n], case, args.main_steps, remat[n]))
     for n in names:
-      print(f"{n:5} {label:14} {statistics.median(rates[n]):10,.0f} tok/s  rounds {rates[n]}")
+      print(f"{n:18} {label:14} {statistics.median(rates[n]):10,.0f} tok/s  rounds {rates[n]}")
     for n in names[1:]:
-      print(f"{'':5} {label:14} new vs {n}: {_fmt_ratio(rates['new'], rates[n], True)}")
+      print(f"{'':18} {label:14} new vs {n}: {_fmt_ratio(rates['new'], rates[n], True)}")
 
 
 def main(argv=None) -> None:

@@ -98,46 +98,6 @@ def dense(features: int, axes: tuple[str, str], init, cfg: ModelConfig, name: st
   )
 
 
-# Query rows per attend() call for the plain XLA implementation: a chunk of queries needs
-# only the keys up to its last row (causal), so [T, T] logits become a staircase of
-# blocks and about (1 + 1/C)/2 of the attention matmuls remain for C chunks.
-XLA_QUERY_CHUNK = 128
-
-
-def causal_attend(q_BxTxHxD, k_BxTxHkvxD, v_BxTxHkvxD, *, window_left, impl, segment_ids_BxT):
-  """Self-attention of one sequence through `attention.attend`; for the XLA implementation
-  (no block skipping of its own) in query chunks that see only the keys up to their end."""
-  T = q_BxTxHxD.shape[1]
-  chunk = XLA_QUERY_CHUNK if impl == "xla" else T
-  seg = segment_ids_BxT
-  if chunk >= T:
-    return attention.attend(
-      q_BxTxHxD,
-      k_BxTxHkvxD,
-      v_BxTxHkvxD,
-      window_left=window_left,
-      impl=impl,
-      q_segment_ids_BxT=seg,
-      kv_segment_ids_BxS=seg,
-    )
-  outs = []
-  for start in range(0, T, chunk):
-    end = min(start + chunk, T)
-    outs.append(
-      attention.attend(
-        q_BxTxHxD[:, start:end],
-        k_BxTxHkvxD[:, :end],
-        v_BxTxHkvxD[:, :end],
-        window_left=window_left,
-        impl=impl,
-        q_offset=start,
-        q_segment_ids_BxT=None if seg is None else seg[:, start:end],
-        kv_segment_ids_BxS=None if seg is None else seg[:, :end],
-      )
-    )
-  return jnp.concatenate(outs, axis=1)
-
-
 class Attention(nn.Module):
   """Causal self-attention whose queries may come from another stream (injection).
 
@@ -173,13 +133,14 @@ class Attention(nn.Module):
     # jax.nn.softmax's custom JVP keeps only its output for the backward pass (the
     # default rule also keeps the masked logits and their exponentials).
     with jax.softmax_custom_jvp(True):
-      y_BxTxHxD = causal_attend(
+      y_BxTxHxD = attention.attend(
         q_BxTxHxD.astype(compute),
         k_BxTxHkvxD.astype(compute),
         v.reshape(B, T, Hkv, hd).astype(compute),
         window_left=window_left,
         impl=cfg.attention_impl,
-        segment_ids_BxT=segment_ids_BxT,
+        q_segment_ids_BxT=segment_ids_BxT,
+        kv_segment_ids_BxS=segment_ids_BxT,
       )
     y_BxTxHxD = checkpoint_name(y_BxTxHxD, "attn_out")
     return dense(D, ("heads", "embed"), zeros, cfg, "c_proj")(y_BxTxHxD.reshape(B, T, H * hd))

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flt_jax.model import layers
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.model.loss import loss_fn
 from tests.model.test_looped import VOCAB, B, T, _key, fast_jit, make_cfg, noisy_params
@@ -68,21 +67,6 @@ def test_logits_do_not_depend_on_the_document_packed_before(variant):
   # The document alone at the start of a row equals the unpacked model.
   unpacked = _forward(variant, False)(params, toks, seg, pos)
   np.testing.assert_allclose(_doc_logits(unpacked, starts)[2], doc[2], atol=2e-5, rtol=0)
-
-
-def test_segments_hold_with_causal_query_chunks(monkeypatch):
-  """The XLA path's query chunks (4 rows here) slice segment ids consistently."""
-  params = noisy_params(_key(PACKED))
-  toks, seg, pos, starts = _rows()
-  unchunked = _doc_logits(_forward("FLT", True)(params, toks, seg, pos), starts)
-  monkeypatch.setattr(layers, "XLA_QUERY_CHUNK", 4)
-  model = LoopedTransformer(make_cfg(variant="FLT", separate_documents=True, **PACKED))
-  fn = fast_jit(
-    lambda p, x, s, q: model.apply({"params": p}, x, 3, segment_ids_BxT=s, positions_BxT=q)
-  )
-  doc = _doc_logits(fn(params, toks, seg, pos), starts)
-  _check_doc_logits(doc)
-  np.testing.assert_allclose(doc, unchunked, atol=2e-5, rtol=0)
 
 
 def _check_doc_logits(doc):
