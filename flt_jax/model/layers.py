@@ -4,13 +4,14 @@ three ways the previous loop's output can enter it.
 
 Tensors that a remat policy may save by name (`config.model.remat_policy`) are tagged
 with `jax.ad_checkpoint.checkpoint_name`: "qkv" (the q, k, v projections), "attn_out"
-(attention output before c_proj), "mlp_in" (the MLP's normed input), "mlp_hidden" (c_fc's
-output before relu²).
+(attention output before c_proj), "mlp_in" (the stream entering the MLP, before its norm),
+"mlp_hidden" (c_fc's output before relu²).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -31,11 +32,30 @@ def constrain_activation(x_BxTxD):
   return nn.with_logical_constraint(x_BxTxD, ACTIVATION_AXES)
 
 
+@jax.custom_vjp
+def _rms_norm32(x32):
+  return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _EPS)
+
+
+def _rms_norm32_fwd(x32):
+  r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _EPS)
+  y = x32 * r
+  # Only the output (which the next matmul keeps anyway) and the [..., 1] scale are
+  # kept for the backward pass, not the input: less to store per layer and loop.
+  return y, (y, r)
+
+
+def _rms_norm32_bwd(res, g):
+  y, r = res
+  return (r * (g - y * jnp.mean(g * y, axis=-1, keepdims=True)),)
+
+
+_rms_norm32.defvjp(_rms_norm32_fwd, _rms_norm32_bwd)
+
+
 def rms_norm(x):
   """RMSNorm without learnable scale, computed in float32, returned in x's dtype."""
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _EPS)
-  return y.astype(x.dtype)
+  return _rms_norm32(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_tables(head_dim: int, length: int, base: float, round_to_bf16: bool):
@@ -110,29 +130,77 @@ class Attention(nn.Module):
     q_BxTxHxD = rms_norm(apply_rope(q.reshape(B, T, H, hd), cos, sin))
     k_BxTxHkvxD = rms_norm(apply_rope(k.reshape(B, T, Hkv, hd), cos, sin))
     compute = jnp.dtype(cfg.dtype)
-    y_BxTxHxD = attention.attend(
-      q_BxTxHxD.astype(compute),
-      k_BxTxHkvxD.astype(compute),
-      v.reshape(B, T, Hkv, hd).astype(compute),
-      window_left=window_left,
-      impl=cfg.attention_impl,
-      q_segment_ids_BxT=segment_ids_BxT,
-      kv_segment_ids_BxS=segment_ids_BxT,
-    )
+    # jax.nn.softmax's custom JVP keeps only its output for the backward pass (the
+    # default rule also keeps the masked logits and their exponentials).
+    with jax.softmax_custom_jvp(True):
+      y_BxTxHxD = attention.attend(
+        q_BxTxHxD.astype(compute),
+        k_BxTxHkvxD.astype(compute),
+        v.reshape(B, T, Hkv, hd).astype(compute),
+        window_left=window_left,
+        impl=cfg.attention_impl,
+        q_segment_ids_BxT=segment_ids_BxT,
+        kv_segment_ids_BxS=segment_ids_BxT,
+      )
     y_BxTxHxD = checkpoint_name(y_BxTxHxD, "attn_out")
     return dense(D, ("heads", "embed"), zeros, cfg, "c_proj")(y_BxTxHxD.reshape(B, T, H * hd))
 
 
+@jax.custom_vjp
+def relu2_matmul(h_BxTxF, w_FxD):
+  """relu(h)² @ w, keeping only h for the backward pass (relu(h)² is recomputed there,
+  one elementwise op, instead of storing it, relu(h) and the sign mask)."""
+  return _dot_last(jnp.square(jax.nn.relu(h_BxTxF)), w_FxD)
+
+
+def _dot_last(x, w):  # x [..., F] @ w [F, D], as nn.Dense computes it
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _relu2_matmul_fwd(h, w):
+  return relu2_matmul(h, w), (h, w)
+
+
+def _relu2_matmul_bwd(res, g):
+  h, w = res
+  r = jax.nn.relu(h)
+  lead = tuple(range(h.ndim - 1))
+  dw = jax.lax.dot_general(jnp.square(r), g, ((lead, lead), ((), ())))
+  da = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+  return da * (2 * r), dw
+
+
+relu2_matmul.defvjp(_relu2_matmul_fwd, _relu2_matmul_bwd)
+
+
+class _Kernel(nn.Module):
+  """A projection's kernel alone (path <name>/kernel, like nn.Dense's)."""
+
+  shape: tuple[int, int]
+  axes: tuple[str, str]
+  init: Callable
+
+  @nn.compact
+  def __call__(self):
+    init = nn.with_logical_partitioning(self.init, self.axes)
+    return self.param("kernel", init, self.shape, jnp.float32)
+
+
 class MLP(nn.Module):
+  """relu² MLP of the normed stream: c_proj(relu(c_fc(norm(x)))²)."""
+
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxTxD):
-    D = self.cfg.d_model
+    D, dtype = self.cfg.d_model, jnp.dtype(self.cfg.dtype)
+    # Tagged before the norm, so the norm's output stays the one tensor that both the
+    # norm's and c_fc's backward passes keep.
     x_BxTxD = checkpoint_name(x_BxTxD, "mlp_in")
-    h = dense(4 * D, ("embed", "mlp"), uniform_init(D), self.cfg, "c_fc")(x_BxTxD)
-    h = jnp.square(jax.nn.relu(checkpoint_name(h, "mlp_hidden")))
-    return dense(D, ("mlp", "embed"), nn.initializers.zeros, self.cfg, "c_proj")(h)
+    h = dense(4 * D, ("embed", "mlp"), uniform_init(D), self.cfg, "c_fc")(rms_norm(x_BxTxD))
+    h = checkpoint_name(h, "mlp_hidden")
+    w = _Kernel((4 * D, D), ("mlp", "embed"), nn.initializers.zeros, name="c_proj")()
+    return relu2_matmul(h.astype(dtype), w.astype(dtype))
 
 
 class Block(nn.Module):
@@ -168,5 +236,5 @@ class Block(nn.Module):
       q_in = jnp.where(inject_query, h_query_BxTxD, x_normed)
     attn = Attention(self.cfg, name="attn")
     x_BxTxD = x_BxTxD + attn(q_in, x_normed, cos, sin, window_left, segment_ids_BxT)
-    x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(rms_norm(x_BxTxD))
+    x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(x_BxTxD)
     return constrain_activation(x_BxTxD)

@@ -185,6 +185,71 @@ def reference_logits(params, cfg, toks, loops):
   return cfg.softcap * np.tanh(z / cfg.softcap)
 
 
+# The same reference in plain jax.numpy (vectorised, float32, no custom derivatives, no
+# scan), so that jax.grad of it checks the model's gradients, custom VJPs included.
+
+
+def _jrms(x):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + _EPS32)
+
+
+def _jrope(x, base=10000.0):
+  t, hd = x.shape[1], x.shape[-1]
+  freq = 1.0 / (base ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+  ang = np.outer(np.arange(t, dtype=np.float32), freq)
+  cos, sin = np.cos(ang)[None, :, None, :], np.sin(ang)[None, :, None, :]
+  a, b = x[..., : hd // 2], x[..., hd // 2 :]
+  return jnp.concatenate([a * cos + b * sin, -a * sin + b * cos], axis=-1)
+
+
+def _jattention(w, q_in, kv_in, cfg, window):
+  bsz, t, _ = q_in.shape
+  h, hkv = cfg.n_head, cfg.n_kv_head
+  hd = cfg.d_model // h
+  q = (q_in @ w["c_q"]).reshape(bsz, t, h, hd)
+  if cfg.kv_lora_rank:
+    latent = _jrms(kv_in @ w["c_kv_down"])
+    k, v = latent @ w["c_k_up"], latent @ w["c_v_up"]
+  else:
+    k, v = kv_in @ w["c_k"], kv_in @ w["c_v"]
+  k, v = k.reshape(bsz, t, hkv, hd), v.reshape(bsz, t, hkv, hd)
+  q, k = _jrms(_jrope(q)), _jrms(_jrope(k))
+  k, v = jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
+  s = jnp.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(hd)
+  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+  visible = (j <= i) & ((i - j < window) if window else True)
+  s = jnp.where(visible, s, -jnp.inf)
+  p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+  p = p / jnp.sum(p, axis=-1, keepdims=True)
+  return jnp.einsum("bhij,bjhd->bihd", p, v).reshape(bsz, t, h * hd) @ w["c_proj"]
+
+
+def jax_reference_logits(params, cfg, toks, loops):
+  blk = params["blocks"]["layers"]["block"]
+  layer_w = lambda mod, l: {n: v["kernel"][l] for n, v in blk[mod].items()}
+  windows = _windows(cfg)
+  x0 = params["wte"]["embedding"][toks]
+  h = None
+  for i in range(loops):
+    if i == 0 or cfg.variant not in ("LT", "LT_i"):
+      x = _jrms(x0)
+    elif cfg.variant == "LT":
+      x = h
+    else:
+      x = _jrms(x0 + h)
+    for l in range(cfg.n_layer):
+      if cfg.variant == "FLT_res" and h is not None:
+        x = _jrms(x + h)
+      xn = _jrms(x)
+      inject = h is not None and (cfg.variant == "FLT" or (cfg.variant == "LT_ia" and l == 0))
+      x = x + _jattention(layer_w("attn", l), _jrms(h) if inject else xn, xn, cfg, windows[l])
+      m = _jrms(x) @ layer_w("mlp", l)["c_fc"]
+      x = x + jnp.square(jnp.maximum(m, 0.0)) @ layer_w("mlp", l)["c_proj"]
+    h = _jrms(x)
+  z = (h @ params["lm_head"]["kernel"])[..., : cfg.vocab_size]
+  return cfg.softcap * jnp.tanh(z / cfg.softcap)
+
+
 def _ce(logits, targets):
   """Mean next-token cross-entropy in float64, ignoring targets == -1."""
   z = np.asarray(logits, np.float64)
@@ -295,6 +360,46 @@ def test_loss_and_grads_finite_at_k12():
   leaves = jax.tree_util.tree_leaves(grads)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
   assert all(float(jnp.abs(g).max()) > 0 for g in leaves)  # every weight gets gradient
+
+
+@functools.cache
+def _reference_value_and_grad(cfg_key, loops):
+  cfg = make_cfg(**dict(cfg_key))
+
+  def loss(p, x, y):
+    logits = jax_reference_logits(p, cfg, x, loops)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.mean(logz - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0])
+
+  return fast_jit(jax.value_and_grad(loss))
+
+
+@pytest.mark.parametrize(
+  "variant,attention", [("FLT", "swa"), ("LT", "swa"), ("FLT_res", "gqa"), ("LT_i", "mla")]
+)
+def test_gradients_match_plain_autodiff_reference(variant, attention):
+  """The model's custom VJPs (RMSNorm, softmax, recomputed relu²) against jax.grad of a
+  plain jax.numpy model; the reference itself is checked against the float64 one."""
+  key = _cfg_key(variant, attention)
+  cfg, params, toks = make_cfg(**dict(key)), noisy_params(_key(ATTENTION[attention])), tokens()
+  targets = jnp.roll(toks, -1, 1)
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(jax_reference_logits, static_argnums=(1, 3))(params, cfg, toks, 3)),
+    reference_logits(params, cfg, toks, 3),
+    atol=1e-5,
+    rtol=0,
+  )
+  want_loss, want = _reference_value_and_grad(key, 3)(params, toks, targets)
+  got_loss, got = _value_and_grad(key, 3)(params, toks, targets)
+  np.testing.assert_allclose(float(got_loss), float(want_loss), atol=1e-5, rtol=0)
+  for (path, g), w in zip(
+    jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)
+  ):
+    scale = float(jnp.abs(w).max())
+    assert scale > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(
+      np.asarray(g), np.asarray(w), atol=1e-5 * scale, rtol=0, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 REMAT_CASE = {"variant": "FLT", "loss_type": "STEP", **ATTENTION["swa"]}
