@@ -3,8 +3,11 @@ r"""flt_jax entry point.
   python -m flt_jax.main --config=experiments/flt_12loop.py --workdir=/tmp/flt
   python -m flt_jax.main --config=experiments/flt_12loop.py:multihop --workdir=DIR \
       --config.model.loops=6
-  python -m flt_jax.main --config=experiments/flt_12loop.py --workdir=DIR \
-      --mode=eval --eval_loops=1,6,12,24
+  python -m flt_jax.main --workdir=DIR --mode=eval --eval_loops=1,6,12,24
+  python -m flt_jax.main --config=experiments/flt_12loop.py --print_config
+
+Every setting is a config field (--config.<section>.<field>=value); the reference is
+README.md ("Configuration") and the get_config() of each flt_jax/*/config.py.
 """
 
 from absl import app, flags, logging
@@ -16,10 +19,14 @@ from flt_jax.errors import ConfigError
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   None,
-  "Experiment config file, optionally with a preset: file.py:preset.",
+  "Experiment config file, optionally with a preset: file.py:preset; override fields "
+  "with --config.<section>.<field>=value (reference: README.md, 'Configuration'). "
+  "Optional in eval mode: the config saved in the checkpoint is used.",
   lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Directory for checkpoints and metrics (a local path or gs://...)."
+)
 _MODE = flags.DEFINE_enum(
   "mode",
   "train",
@@ -28,9 +35,28 @@ _MODE = flags.DEFINE_enum(
   "(restores it and evaluates at --eval_loops).",
 )
 _EVAL_LOOPS = flags.DEFINE_list(
-  "eval_loops", [], "Loop counts to evaluate at in eval mode (default: config.model.loops)."
+  "eval_loops", [], "Loop counts to evaluate at in eval mode (default: the trained K)."
 )
-flags.mark_flags_as_required(["config", "workdir"])
+_EVAL_STEP = flags.DEFINE_integer(
+  "eval_step", None, "Checkpoint step to evaluate in eval mode (default: the latest)."
+)
+_PRINT_CONFIG = flags.DEFINE_bool(
+  "print_config", False, "Print the resolved config (every field, after overrides) and exit."
+)
+
+
+def parse_loops(values) -> list[int]:
+  """--eval_loops as positive ints; SystemExit with a one-line message otherwise."""
+  try:
+    loops = [int(v) for v in values]
+  except ValueError:
+    loops = None
+  if loops is None or any(k < 1 for k in loops) or any(not str(v).strip() for v in values):
+    raise SystemExit(
+      f"error: --eval_loops={','.join(values)} must be positive integers separated by "
+      "commas, e.g. --eval_loops=1,2,4,12"
+    )
+  return loops
 
 
 def parse_flags(argv):
@@ -52,12 +78,26 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
   try:
+    if _PRINT_CONFIG.value:
+      if config is None:
+        raise SystemExit("error: --print_config needs --config=FILE[:preset]")
+      print(run.resolve_config(config))
+      return
+    if not _WORKDIR.value:
+      raise SystemExit("error: --workdir is required (a local directory or gs://BUCKET/RUN)")
     if _MODE.value == "train":
-      run.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      if config is None:
+        raise SystemExit(
+          "error: --mode=train needs --config=FILE[:preset], e.g. "
+          "--config=experiments/flt_12loop.py"
+        )
+      run.train_and_evaluate(config, _WORKDIR.value)
     else:
-      run.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, [int(k) for k in _EVAL_LOOPS.value])
-  except ConfigError as e:
+      loops = parse_loops(_EVAL_LOOPS.value)
+      run.evaluate_checkpoint(config, _WORKDIR.value, loops, _EVAL_STEP.value)
+  except (ConfigError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
 
 

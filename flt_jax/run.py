@@ -28,19 +28,26 @@ import optax
 from etils import epath
 
 from flt_jax import config as flt_config
+from flt_jax.constants import IGNORE_LABEL
 from flt_jax.data import config as data_config_lib
 from flt_jax.data import pipeline as data_pipeline
 from flt_jax.data.tokenizers import Tokenizer
 from flt_jax.errors import config_error
 from flt_jax.eval import evaluate as eval_lib
+from flt_jax.eval import step as eval_step_lib
+from flt_jax.eval import sweep_report
 from flt_jax.model import config as model_config_lib
 from flt_jax.model.looped import LoopedTransformer
+from flt_jax.parallel import config as parallel_config
+from flt_jax.parallel import mesh as mesh_lib
+from flt_jax.parallel import multihost
+from flt_jax.parallel import sharding as sharding_lib
 from flt_jax.train import config as train_config_lib
 from flt_jax.train import metrics as metrics_lib
 from flt_jax.train import optimizer as optim_lib
 from flt_jax.train import state as state_lib
 from flt_jax.train import step as step_lib
-from flt_jax.train.checkpoint import Checkpointer, PreemptionHandler
+from flt_jax.train.checkpoint import Checkpointer, PreemptionHandler, read_saved_config
 from flt_jax.workdir_lock import WorkdirLock
 
 
@@ -64,6 +71,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   model_config_lib.validate(config.model)
   data_config_lib.validate(config.data, seq_len=config.model.seq_len)
   train_config_lib.validate(config)
+  parallel_config.validate(config.mesh)
   return config
 
 
@@ -90,6 +98,10 @@ class RunSetup:
   # The train state as ShapeDtypeStructs; params keep their Flax nn.Partitioned boxes
   # (logical axis names) so shardings can be derived with nn.logical_to_mesh_sharding.
   abstract_state_boxed: state_lib.TrainState
+  mesh: jax.sharding.Mesh  # axes (data, fsdp, tensor) over every device of every process
+  rules: tuple  # logical axis name -> mesh axes (config.mesh.rules)
+  state_shardings: state_lib.TrainState  # a NamedSharding per leaf of the unboxed state
+  batch_sharding: jax.sharding.NamedSharding  # [B, T] batches: B over data x fsdp
   checkpointer: Checkpointer
   tokenizer: Tokenizer
   token_bytes_V: np.ndarray  # int32 [V]: UTF-8 bytes of each token, for bits per byte
@@ -111,9 +123,58 @@ class RunSetup:
   def rng(self) -> jax.Array:
     return jax.random.PRNGKey(self.config.train.seed)
 
+  @property
+  def restore_target(self) -> state_lib.TrainState:
+    """The abstract state carrying this mesh's shardings: Orbax restores onto it, so a
+    checkpoint written on another mesh (8 devices) lands sharded on this one (4, 1)."""
+    return sharding_lib.with_shardings(self.abstract_state_boxed, self.state_shardings)
+
   def init_state(self) -> state_lib.TrainState:
-    return state_lib.create_train_state(
-      self.model, self.optimizer, self.rng, self.model_cfg.seq_len
+    """A fresh state, born sharded (jit with out_shardings: no full copy on one device)."""
+    model, optimizer, seq_len = self.model, self.optimizer, self.model_cfg.seq_len
+    return sharding_lib.create_sharded(
+      lambda rng: state_lib.create_train_state(model, optimizer, rng, seq_len),
+      self.mesh,
+      self.rules,
+      self.state_shardings,
+      self.rng,
+    )
+
+  def global_batch(self, host_batch: dict, keys, rows: int) -> dict:
+    """Global arrays of `rows` sequences from this host's share of them (its
+    process_index-th slice), split over the batch's mesh axes."""
+    return sharding_lib.make_global_batch(
+      {k: host_batch[k] for k in keys if k in host_batch}, self.batch_sharding, rows
+    )
+
+  def make_eval_fn(self):
+    """eval_fn(params, host_batch, token_bytes_V, *, loops) -> sums, sharded like the
+    train step; each loop count compiles once."""
+    compiled = {}
+    keys = eval_step_lib.batch_keys(self.model_cfg)
+    rows = self.config.train.micro_batch_size
+
+    def eval_fn(params, host_batch, token_bytes_V, *, loops: int):
+      if loops not in compiled:
+        compiled[loops] = sharding_lib.jit_eval_step(
+          functools.partial(eval_step_lib.eval_step, model=self.model, loops=loops),
+          self.mesh,
+          self.rules,
+          self.state_shardings.params,
+          self.batch_sharding,
+        )
+      return compiled[loops](params, self.global_batch(host_batch, keys, rows), token_bytes_V)
+
+    return eval_fn
+
+  def describe_devices(self) -> str:
+    """The startup line: devices, processes, mesh, per-device batch, parameters."""
+    shards = sharding_lib.batch_shards(self.mesh, self.rules)
+    micro = self.config.train.micro_batch_size
+    return (
+      f"devices: {mesh_lib.describe(self.mesh)} in {jax.process_count()} process(es) | "
+      f"per-device batch {micro // shards} sequence(s) x {self.num_micro} micro-batch(es) "
+      f"of {self.model_cfg.seq_len} tokens | {self.n_params['total']:,} params"
     )
 
   def eval_batches(self) -> data_pipeline.Pipeline:
@@ -141,12 +202,32 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
   checkpoint, so a workdir trained with another vocabulary is refused.
   """
   config = resolve_config(config)
+  # Before anything touches a JAX backend: on a pod every host joins the cluster here.
+  multihost.initialize(config.mesh)
+  multihost.check_workdir(workdir, jax.process_count(), config.mesh.shared_filesystem)
   _check_hosts(config)
   tokenizer = data_pipeline.make_tokenizer(config.data)
   model_cfg = model_config_lib.ModelConfig.from_config(config.model, tokenizer.vocab_size)
   config.model.vocab_size = model_cfg.vocab_size
   num_micro = train_config_lib.grad_accum_steps(config)
   global_batch = config.train.micro_batch_size * num_micro
+  model = LoopedTransformer(model_cfg)
+  rng = jax.random.PRNGKey(config.train.seed)
+  boxed_params = state_lib.abstract_params(model, rng, model_cfg.seq_len)
+  n_params = state_lib.count_params(nn.meta.unbox(boxed_params))
+  total_steps = optim_lib.resolve_total_steps(
+    config.train, n_params["total"], global_batch * model_cfg.seq_len
+  )
+  optimizer = optim_lib.make_optimizer(
+    config.optim, d_model=model_cfg.d_model, total_steps=total_steps
+  )
+  abstract_state_boxed = state_lib.abstract_train_state(boxed_params, optimizer)
+  # Mesh, rules and shardings: every mismatch (sizes, indivisible batch or dimension)
+  # is a ConfigError here, before the workdir is touched.
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = sharding_lib.logical_rules(config.mesh)
+  sharding_lib.check_batch(global_batch, config.train.micro_batch_size, mesh, rules)
+  state_shardings = sharding_lib.state_shardings(abstract_state_boxed, mesh, rules)
   train_pipeline = None
   if training:  # before the checkpointer: a data error leaves the workdir untouched
     train_pipeline = data_pipeline.make_pipeline(
@@ -160,22 +241,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
     )
   # Refuses an unwritable workdir, or one whose saved model shape differs.
   checkpointer = Checkpointer.from_config(workdir, config)
-  model = LoopedTransformer(model_cfg)
-  rng = jax.random.PRNGKey(config.train.seed)
-  boxed_params = state_lib.abstract_params(model, rng, model_cfg.seq_len)
-  n_params = state_lib.count_params(nn.meta.unbox(boxed_params))
-  total_steps = optim_lib.resolve_total_steps(
-    config.train, n_params["total"], global_batch * model_cfg.seq_len
-  )
-  optimizer = optim_lib.make_optimizer(
-    config.optim, d_model=model_cfg.d_model, total_steps=total_steps
-  )
   return RunSetup(
     config=config,
     model_cfg=model_cfg,
     model=model,
     optimizer=optimizer,
-    abstract_state_boxed=state_lib.abstract_train_state(boxed_params, optimizer),
+    abstract_state_boxed=abstract_state_boxed,
+    mesh=mesh,
+    rules=rules,
+    state_shardings=state_shardings,
+    batch_sharding=sharding_lib.batch_sharding(mesh, rules),
     checkpointer=checkpointer,
     tokenizer=tokenizer,
     token_bytes_V=np.asarray(tokenizer.token_bytes, np.int32),
@@ -187,9 +262,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
 
 
 def compile_train_step(run_setup: RunSetup, diagnostics: bool):
-  """`train_step` for this run, jit-compiled with the state donated: (state, batch) ->
-  (state, metrics). `diagnostics` adds per-loop losses and per-layer gradient norms."""
-  return jax.jit(
+  """`train_step` for this run over its mesh: (state, global batch) -> (state, metrics),
+  the state sharded as `state_shardings` and donated, the batch split over data x fsdp,
+  the metrics replicated. `diagnostics` adds per-loop losses and per-layer gradient
+  norms."""
+  return sharding_lib.jit_train_step(
     functools.partial(
       step_lib.train_step,
       model=run_setup.model,
@@ -198,7 +275,11 @@ def compile_train_step(run_setup: RunSetup, diagnostics: bool):
       diagnostics=diagnostics,
       max_consecutive_nonfinite=run_setup.config.train.max_consecutive_nonfinite,
     ),
-    donate_argnums=0,
+    run_setup.mesh,
+    run_setup.rules,
+    run_setup.state_shardings,
+    run_setup.batch_sharding,
+    num_micro=run_setup.num_micro,
   )
 
 
@@ -293,6 +374,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lock.release()
 
 
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The resolved config as readable text: `<workdir>/config.txt` (rewritten at every
+  start, so it shows the latest invocation) and TensorBoard's text tab."""
+  if jax.process_index() != 0:
+    return
+  text = str(config)
+  (epath.Path(workdir) / "config.txt").write_text(text)
+  if config.metrics.tensorboard:
+    writer = metrics_lib.MetricsWriter(workdir, enabled=True)
+    writer.write_text("config", "```\n" + text + "\n```")
+    writer.close()
+
+
+def _warn_if_schedule_changed(run_setup: RunSetup, saved: dict | None, step: int) -> None:
+  """Resuming with another train.steps recomputes the constant-then-warm-down schedule
+  for the new length; say what the learning rate does at the resumed step."""
+  old_steps = int(((saved or {}).get("train") or {}).get("steps", 0) or 0)
+  new_steps = run_setup.total_steps
+  if old_steps < 1 or old_steps == new_steps:
+    return
+  optim = run_setup.config.optim
+
+  def multiplier(total):
+    return optim_lib.lr_multiplier(step, total, optim.warmup_steps, optim.warmdown_frac)
+
+  _say(
+    f"warning: train.steps changed from {old_steps} to {new_steps} on resume; the "
+    f"learning-rate schedule is recomputed for {new_steps} steps, so at step {step} its "
+    f"multiplier goes from {multiplier(old_steps):.3f} (old schedule) to "
+    f"{multiplier(new_steps):.3f} and follows the new schedule (warm-down to 0 over the "
+    f"last {optim.warmdown_frac:.0%} of {new_steps} steps)"
+  )
+
+
 def _profile_window(profile_steps: str) -> tuple[int, int] | None:
   if not profile_steps:
     return None
@@ -305,19 +420,23 @@ def _train(run_setup: RunSetup, workdir: str) -> dict:
   total_steps, train = run_setup.total_steps, config.train
   train_iter = iter(run_setup.train_pipeline)
   latest = checkpointer.latest_step()
+  _say(run_setup.describe_devices())
   if latest is None:
     state = run_setup.init_state()
   else:
+    _warn_if_schedule_changed(run_setup, checkpointer.restore_config(latest), latest)
     data_item = {"data": data_pipeline.checkpoint_args_restore(train_iter)}
-    state = checkpointer.restore(latest, run_setup.abstract_state, data_item)["state"]
+    state = checkpointer.restore(latest, run_setup.restore_target, data_item)["state"]
     _say(f"resumed from {checkpointer.directory} at step {latest}")
+  _write_config(run_setup.config, workdir)
   counters = fetch({"applied": state.step, "skipped": state.nonfinite_total})
   start, skipped_seen = int(counters["applied"] + counters["skipped"]), int(counters["skipped"])
 
   train_step = compile_train_step(run_setup, diagnostics=False)
   train_step_diag = compile_train_step(run_setup, diagnostics=True)
   step_keys = step_lib.batch_keys(run_setup.model_cfg)
-  eval_fn = eval_lib.make_eval_fn(run_setup.model)
+  batch_rows = config.train.micro_batch_size * run_setup.num_micro
+  eval_fn = run_setup.make_eval_fn()
   report = _Reporter(run_setup, workdir, start)
   profile = _profile_window(train.profile_steps)
   profiling = False
@@ -343,7 +462,7 @@ def _train(run_setup: RunSetup, workdir: str) -> dict:
       batch = next(train_iter)
       log_now = step == start or (step + 1) % train.log_every == 0 or step + 1 == total_steps
       step_fn = train_step_diag if log_now else train_step
-      state, metrics = step_fn(state, {k: batch[k] for k in step_keys})
+      state, metrics = step_fn(state, run_setup.global_batch(batch, step_keys, batch_rows))
       step += 1
       eval_now = bool(train.eval_every) and (step % train.eval_every == 0 or step == total_steps)
       save_now = step == total_steps or checkpointer.should_save(step)
@@ -405,44 +524,91 @@ def _train(run_setup: RunSetup, workdir: str) -> dict:
   return report.summary(step)
 
 
+def restore_params(
+  workdir: str, config: ml_collections.ConfigDict | None = None, step: int | None = None
+) -> tuple[RunSetup, dict, int]:
+  """(run setup, params, step) from a checkpoint of `workdir` (default: its latest),
+  sharded over this run's mesh. With `config` None the config saved in that checkpoint
+  is used, so a workdir alone is enough. Nothing is created in the workdir."""
+  saved, step = read_saved_config(workdir, step)
+  if config is None:
+    config = ml_collections.ConfigDict(saved)
+  run_setup = setup(config, workdir, training=False)
+  checkpointer = run_setup.checkpointer
+  try:
+    params = checkpointer.restore(step, run_setup.restore_target)["state"].params
+  finally:
+    checkpointer.close()
+  return run_setup, params, step
+
+
+def _h_change_batch(run_setup: RunSetup):
+  """Tokens and target mask of the first validation batch (global arrays)."""
+  batch = next(iter(run_setup.eval_batches()))
+  rows = run_setup.config.train.micro_batch_size
+  batch = run_setup.global_batch(batch, ("inputs", "targets"), rows)
+  return batch["inputs"], batch["targets"] != IGNORE_LABEL
+
+
 def evaluate_checkpoint(
-  config: ml_collections.ConfigDict, workdir: str, loops_list: list[int] | None = None
+  config: ml_collections.ConfigDict | None,
+  workdir: str,
+  loops_list: list[int] | None = None,
+  step: int | None = None,
 ) -> dict[int, dict]:
-  """Restores workdir's latest checkpoint and evaluates it at each loop count
-  (test-time compute: params trained at K run at any K' >= 1). Writes the table to
-  `<workdir>/eval_step<N>.json`."""
+  """Restores a checkpoint of workdir (default: the latest; `config` None: the config
+  saved with it) and evaluates it at each loop count (test-time compute: params trained
+  at K run at any K' >= 1), with `h_change`, how much the last loop still moves h.
+
+  Process 0 writes `<workdir>/eval_step<N>.json` (each K' added to what an earlier
+  sweep of the same step wrote), `loop_sweep_step<N>.csv`/`.png`, and TensorBoard
+  scalars under `tb/loop_sweep_step<N>` with K' as the x axis."""
   bad = [k for k in loops_list or [] if k < 1]
   if bad:
-    raise ValueError(f"--eval_loops has {bad}; every loop count must be >= 1")
-  run_setup = setup(config, workdir, training=False)
-  loops_list = list(loops_list or [run_setup.model_cfg.loops])
-  checkpointer = run_setup.checkpointer
-  latest = checkpointer.latest_step()
-  if latest is None:
-    checkpointer.close()
-    raise ValueError(
-      f"no checkpoint in {checkpointer.directory}; train first with "
-      "--mode=train and the same --config and --workdir"
-    )
-  params = checkpointer.restore(latest, run_setup.abstract_state)["state"].params
-  checkpointer.close()
-  results = eval_lib.loop_sweep(
-    eval_lib.make_eval_fn(run_setup.model),
-    params,
-    run_setup.eval_batches,
-    run_setup.token_bytes_V,
-    loops_list,
-  )
+    raise config_error("--eval_loops", bad, "every loop count must be >= 1", "e.g. 1,2,4,12")
+  saved, step = read_saved_config(workdir, step)
+  trained_loops = int(saved.get("model", {}).get("loops", 0)) or None
+  run_setup, params, step = restore_params(workdir, config, step)
   model_cfg = run_setup.model_cfg
-  _say(
-    f"checkpoint step {latest} of {workdir} ({model_cfg.variant}, trained at K={model_cfg.loops}):"
+  trained_loops = trained_loops or model_cfg.loops
+  loops_list = sorted(set(loops_list or [trained_loops]))
+  results = eval_lib.loop_sweep(
+    run_setup.make_eval_fn(), params, run_setup.eval_batches, run_setup.token_bytes_V, loops_list
   )
+  tokens_BxT, mask_BxT = _h_change_batch(run_setup)
+  for k, change in sweep_report.sweep_h_change(
+    run_setup.model, params, tokens_BxT, loops_list, mask_BxT
+  ).items():
+    results[k]["h_change"] = change
+  _say(f"checkpoint step {step} of {workdir} ({model_cfg.variant}, trained at K={trained_loops}):")
   for k, m in results.items():
-    _say(
-      f"  loops {k:3d}: "
-      + " | ".join(f"{name} {v:.4f}" for name, v in m.items() if name != "tokens")
-    )
+    shown = " | ".join(f"{name} {v:.4f}" for name, v in m.items() if name != "tokens")
+    _say(f"  loops {k:3d}: {shown}")
   if jax.process_index() == 0:
-    table = {"step": latest, "loops": {str(k): v for k, v in results.items()}}
-    (epath.Path(workdir) / f"eval_step{latest}.json").write_text(json.dumps(table, indent=1))
+    _write_sweep(workdir, step, trained_loops, results, run_setup.config.metrics.tensorboard)
   return results
+
+
+def _write_sweep(workdir: str, step: int, trained_loops: int, results: dict, tb: bool) -> None:
+  table_path = epath.Path(workdir) / f"eval_step{step}.json"
+  table = {"step": step, "trained_loops": trained_loops, "loops": {}}
+  if table_path.exists():
+    table["loops"] = json.loads(table_path.read_text()).get("loops", {})
+  # JSON has no NaN (h_change at K'=1): non-finite values are written as null.
+  table["loops"].update(
+    {str(k): {n: (v if np.isfinite(v) else None) for n, v in m.items()} for k, m in results.items()}
+  )
+  table_path.write_text(json.dumps(table, indent=1))
+  every_k = {
+    int(k): {n: (np.nan if v is None else v) for n, v in m.items()}
+    for k, m in table["loops"].items()
+  }
+  files = sweep_report.write_sweep_report(
+    every_k, trained_loops, workdir, name=f"loop_sweep_step{step}", title=f"step {step}"
+  )
+  writer = metrics_lib.MetricsWriter(workdir, enabled=tb, tb_subdir=f"tb/loop_sweep_step{step}")
+  for k, metrics in sorted(results.items()):
+    finite = {f"loop_sweep/{n}": v for n, v in metrics.items() if np.isfinite(v)}
+    writer.write_scalars(k, finite)
+  writer.close()
+  _say(f"wrote {table_path}, {files['csv']} and {files['png']}")

@@ -143,7 +143,7 @@ class MetricsWriter:
   file goes through etils.epath, so the workdir may be a local path or a remote URL
   (gs://...) whose filesystem supports appending."""
 
-  def __init__(self, workdir, enabled: bool = True, jsonl: bool = False):
+  def __init__(self, workdir, enabled: bool = True, jsonl: bool = False, tb_subdir: str = "tb"):
     self._writer = None
     self._jsonl = None
     workdir = epath.Path(workdir)
@@ -153,7 +153,7 @@ class MetricsWriter:
     if enabled and jax.process_index() == 0:
       import tensorboardX  # pylint: disable=g-import-not-at-top
 
-      self._writer = tensorboardX.SummaryWriter(logdir=str(workdir / "tb"))
+      self._writer = tensorboardX.SummaryWriter(logdir=str(workdir / tb_subdir))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = {name: float(np.asarray(value)) for name, value in scalars.items()}
@@ -166,6 +166,11 @@ class MetricsWriter:
       return
     for name, v in values.items():
       self._writer.add_scalar(name, v, global_step=int(step))
+
+  def write_text(self, tag: str, text: str, step: int = 0) -> None:
+    """Text for TensorBoard's text tab (shown as markdown; wrap code in a fence)."""
+    if self._writer is not None:
+      self._writer.add_text(tag, text, global_step=int(step))
 
   def flush(self) -> None:
     if self._writer is not None:

@@ -12,7 +12,13 @@ adds (the data iterator's state).
 """
 
 from flt_jax.train.checkpoint.guard import check_compatible
-from flt_jax.train.checkpoint.manager import Checkpointer, CheckpointError
+from flt_jax.train.checkpoint.manager import Checkpointer, CheckpointError, read_saved_config
 from flt_jax.train.checkpoint.preemption import PreemptionHandler
 
-__all__ = ["CheckpointError", "Checkpointer", "PreemptionHandler", "check_compatible"]
+__all__ = [
+  "CheckpointError",
+  "Checkpointer",
+  "PreemptionHandler",
+  "check_compatible",
+  "read_saved_config",
+]

@@ -11,6 +11,7 @@ successful save.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
@@ -193,3 +195,44 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """Orbax warns (absl) that a read-only manager is read-only; expected here."""
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
+def read_saved_config(workdir, step: int | None = None) -> tuple[dict, int]:
+  """(config dict, step) saved with `step` (default: the latest) in `<workdir>/checkpoints`,
+  read without creating or changing anything. ValueError when there is none."""
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.exists():
+    raise ValueError(
+      f"no checkpoints in {workdir} ({directory} does not exist); check --workdir, or "
+      "train first with --mode=train"
+    )
+  with _quiet_absl():
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    manager = ocp.CheckpointManager(directory, options=options)
+  with manager:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise ValueError(f"no checkpoints in {directory}; train first with --mode=train")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise ValueError(f"no checkpoint for step {step} in {directory}; available: {steps}")
+    if not (directory / str(step) / CONFIG_ITEM).exists():
+      raise ValueError(f"the checkpoint {directory / str(step)} has no saved config; pass --config")
+    try:
+      out = manager.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+    except Exception as e:
+      raise CheckpointError(
+        f"could not read the config saved in {directory / str(step)}: {type(e).__name__}: {e}"
+      ) from e
+  return out[CONFIG_ITEM], step
