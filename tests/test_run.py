@@ -2,6 +2,7 @@
 the non-finite stop rule, and no device reads between sync steps."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,6 +234,52 @@ def test_eval_at_other_loop_counts(uninterrupted):
   assert results[1]["loss"] != results[2]["loss"] != results[5]["loss"]
   assert all(0.0 <= r["answer_accuracy"] <= 1.0 for r in results.values())
   assert json.loads((workdir / "eval_step6.json").read_text())["step"] == 6
+
+
+def test_eval_from_the_workdir_alone_adds_to_the_results(uninterrupted, capsys):
+  """No config: the saved one is used; a second sweep of the same step adds its K' to
+  the results file; --eval_step picks an older checkpoint; CSV, PNG and TensorBoard."""
+  workdir, summary = uninterrupted
+  first = run.evaluate_checkpoint(None, str(workdir), [2])
+  np.testing.assert_allclose(first[2]["loss"], summary["eval_loss"], rtol=1e-5)
+  assert 0.0 <= first[2]["h_change"] < 1.0
+  # Another config's K (a K=1 config on this K=2 workdir) does not change the trained K.
+  other = tiny_config()
+  other.model.loops = 1
+  run.evaluate_checkpoint(other, str(workdir), [3])
+  assert "trained at K=2" in capsys.readouterr().out
+  table = json.loads((workdir / "eval_step6.json").read_text())
+  assert table["trained_loops"] == 2 and {"2", "3"} <= set(table["loops"])
+  assert table["loops"]["1"]["h_change"] is None  # K'=1 has no loop-to-loop change
+  rows = (workdir / "loop_sweep_step6.csv").read_text().splitlines()
+  assert len(rows) == 1 + len(table["loops"])
+  assert (workdir / "loop_sweep_step6.png").stat().st_size > 1000
+  assert list((workdir / "tb" / "loop_sweep_step6").glob("events.out.tfevents.*"))
+  older = run.evaluate_checkpoint(None, str(workdir), [2], step=3)
+  assert older[2]["loss"] != first[2]["loss"]
+  assert json.loads((workdir / "eval_step3.json").read_text())["step"] == 3
+  assert "model:" in (workdir / "config.txt").read_text()
+
+
+def test_eval_on_an_empty_workdir_creates_nothing(uninterrupted, tmp_path):
+  with pytest.raises(ValueError, match="no checkpoints"):
+    run.evaluate_checkpoint(None, str(tmp_path / "empty"), [1])
+  assert not (tmp_path / "empty").exists()
+  workdir, _ = uninterrupted
+  with pytest.raises(ValueError, match=r"no checkpoint for step 4 .* available: \[3, 6\]"):
+    run.restore_params(str(workdir), None, step=4)
+
+
+def test_longer_run_on_resume_warns_about_the_schedule(uninterrupted, tmp_path, capsys):
+  workdir, _ = uninterrupted
+  copy = tmp_path / "longer"
+  shutil.copytree(workdir, copy)
+  c = tiny_config()
+  c.train.steps = STEPS + 2
+  run.train_and_evaluate(c, str(copy))
+  out = capsys.readouterr().out
+  assert f"train.steps changed from {STEPS} to {STEPS + 2} on resume" in out
+  assert "multiplier goes from 0.000" in out  # the old schedule had warmed down to 0
 
 
 def _nan_loss(monkeypatch):

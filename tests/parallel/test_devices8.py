@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tests.parallel import common
+from flt_jax import run as run_lib
+from tests.parallel import common, run_config
+from tests.test_run import losses as logged_losses
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # Unoptimised CPU code generation halves the compile time of the many small steps;
@@ -49,3 +51,26 @@ def test_eight_devices_then_restore_on_one(tmp_path):
   assert int(state.step) == 2
   _, losses = run.run(state, common.host_batches(3)[2:])
   np.testing.assert_allclose(losses[0], expected["loss_step3"], rtol=1e-5, atol=1e-5)
+
+  # The run layer: the 8-device run's first two steps and its eval match one device,
+  # and its checkpoint resumes here on one device to the same steps 3 and 4.
+  reference = run_lib.train_and_evaluate(run_config.config(steps=4), str(tmp_path / "ref1"))
+  ref_losses = logged_losses(tmp_path / "ref1")
+  eight = logged_losses(tmp_path / "run8")
+  np.testing.assert_allclose([eight[1], eight[2]], [ref_losses[1], ref_losses[2]], rtol=1e-5)
+  resumed = run_lib.train_and_evaluate(run_config.config(steps=4), str(tmp_path / "run8"))
+  assert resumed["step"] == 4
+  after = logged_losses(tmp_path / "run8")
+  np.testing.assert_allclose([after[3], after[4]], [ref_losses[3], ref_losses[4]], rtol=1e-5)
+  np.testing.assert_allclose(resumed["eval_loss"], reference["eval_loss"], rtol=1e-5)
+  eval8 = [
+    json.loads(line)["eval/loss"]
+    for line in (tmp_path / "run8" / "metrics.jsonl").read_text().splitlines()
+    if json.loads(line).get("step") == 2 and "eval/loss" in line
+  ]
+  ref_eval2 = [
+    json.loads(line)["eval/loss"]
+    for line in (tmp_path / "ref1" / "metrics.jsonl").read_text().splitlines()
+    if json.loads(line).get("step") == 2 and "eval/loss" in line
+  ]
+  np.testing.assert_allclose(eval8[:1], ref_eval2[:1], rtol=1e-5)

@@ -18,9 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from flt_jax.errors import ConfigError
+from flt_jax.eval import step as eval_step_lib
 from flt_jax.parallel import mesh as mesh_lib
 from flt_jax.parallel import sharding as sharding_lib
-from flt_jax.train import step as step_lib
 from tests.parallel import common
 
 STEPS = 3
@@ -98,7 +98,7 @@ def test_sharded_steps_match_one_device(model, mesh_name):
 def test_sharded_eval_step_matches_one_device():
   got = _run("gqa", "fsdp4_tensor2")
   run = got["run"]
-  eval_fn = functools.partial(step_lib.eval_step, model=run.prog.model)
+  eval_fn = functools.partial(eval_step_lib.eval_step, model=run.prog.model)
   step = sharding_lib.jit_eval_step(
     eval_fn, run.mesh, run.rules, run.shardings.params, run.batch_sharding
   )
