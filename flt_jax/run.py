@@ -533,6 +533,11 @@ def restore_params(
   saved, step = read_saved_config(workdir, step)
   if config is None:
     config = ml_collections.ConfigDict(saved)
+    # The mesh describes the machine it ran on, not the model: lay the saved run's state
+    # over this machine's devices (all on fsdp), whatever mesh wrote it.
+    defaults = parallel_config.get_config()
+    for field in parallel_config.MESH_AXES + parallel_config.DCN_FIELDS:
+      config.mesh[field] = defaults[field]
   run_setup = setup(config, workdir, training=False)
   checkpointer = run_setup.checkpointer
   try:
