@@ -94,6 +94,7 @@ def make_default_generate_fn(
       return cached(params, prompt, max_new_tokens)[0]
     return recompute(prompt, max_new_tokens)
 
+  generate.cached = cached  # its compiled programs show which requests took the cache
   return generate
 
 
