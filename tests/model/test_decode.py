@@ -50,26 +50,26 @@ def compile_fast(fn, *args):
 
 
 @functools.cache
-def case(variant: str, attention: str):
+def case(variant: str, attention: str, prompt: int = PROMPT):
   cfg = make_cfg(variant=variant, **ATTENTION[attention])
   params = random_params(cfg)
-  tokens_BxT = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, [B, PROMPT + NEW]))
+  tokens_BxT = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, [B, prompt + NEW]))
   tokens_BxT = tokens_BxT.astype(jnp.int32)
   model = LoopedTransformer(cfg)
   full = compile_fast(lambda p, t: model.apply({"params": p}, t, LOOPS), params, tokens_BxT)
   decoder = CachedDecoder(cfg)
 
   def cached(params, tokens_BxT):
-    """Logits at positions PROMPT-1 .. PROMPT+NEW-1: prefill, then teacher-forced steps."""
+    """Logits at positions prompt-1 .. prompt+NEW-1: prefill, then teacher-forced steps."""
     cache = decoder.init_cache(LOOPS, B, PADDED + NEW)
-    prompt_BxP = jnp.zeros([B, PADDED], jnp.int32).at[:, :PROMPT].set(tokens_BxT[:, :PROMPT])
-    first_BxV, cache = decoder.prefill(params, prompt_BxP, PROMPT, cache)
+    prompt_BxP = jnp.zeros([B, PADDED], jnp.int32).at[:, :prompt].set(tokens_BxT[:, :prompt])
+    first_BxV, cache = decoder.prefill(params, prompt_BxP, prompt, cache)
 
     def body(cache, token_B):
       logits_BxV, cache = decoder.step(params, token_B, cache)
       return cache, logits_BxV
 
-    cache, steps_NxBxV = jax.lax.scan(body, cache, tokens_BxT[:, PROMPT:].T)
+    cache, steps_NxBxV = jax.lax.scan(body, cache, tokens_BxT[:, prompt:].T)
     logits_BxNxV = jnp.concatenate([first_BxV[:, None], jnp.swapaxes(steps_NxBxV, 0, 1)], 1)
     return logits_BxNxV, cache
 
@@ -92,6 +92,13 @@ def test_cached_logits_equal_recomputing_the_prefix_full_attention():
   _, full_BxTxV, (cached_BxNxV, _) = case("FLT", "mha_full")
   np.testing.assert_allclose(
     np.asarray(cached_BxNxV), np.asarray(full_BxTxV[:, PROMPT - 1 :]), atol=1e-4, rtol=0
+  )
+
+
+def test_a_prompt_shorter_than_the_window_starts_a_partly_empty_ring():
+  _, full_BxTxV, (cached_BxNxV, _) = case("FLT", "gqa_window", prompt=2)
+  np.testing.assert_allclose(
+    np.asarray(cached_BxNxV), np.asarray(full_BxTxV[:, 1:]), atol=1e-4, rtol=0
   )
 
 
