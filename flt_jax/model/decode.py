@@ -97,10 +97,10 @@ def slot_positions(position, slots: int, ring: bool):
 class _CachedAttention(nn.Module):
   """layers.Attention (same parameter names) that reads and writes a cache.
 
-  Prefill (`entry` None): attends over its own T tokens as training does and returns the
-  entries to cache ([B, T, ...]). Step (T = 1): returns the new token's entry and, given
-  the group's cache slots with the new entry already written (`read_entries` does that),
-  attends over them.
+  Prefill (`step` None): attends over its own T tokens as training does and returns the
+  entries to cache ([B, T, ...]). Step (T = 1, `step` = (read_entries, positions_S)):
+  `read_entries(entry)` writes the new token's entry into this (loop, layer)'s slots and
+  returns them; the query attends over the slots whose position is >= 0.
   """
 
   cfg: ModelConfig
