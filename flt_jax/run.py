@@ -541,6 +541,7 @@ def restore_params(
   run_setup = setup(config, workdir, training=False)
   checkpointer = run_setup.checkpointer
   try:
+    checkpointer.check_param_shapes(step, run_setup.abstract_state.params)
     params = checkpointer.restore(step, run_setup.restore_target)["state"].params
   finally:
     checkpointer.close()

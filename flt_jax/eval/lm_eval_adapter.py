@@ -5,8 +5,10 @@ requirements-eval.txt) scoring a flt_jax model.
   score_fn(pairs) -> [(sum log-prob of continuation, all continuation tokens greedy)]
       (the same ScoreFn as CORE: flt_jax.eval.core.make_score_fn)
   generate_fn(prompt_tokens, max_new_tokens) -> iterable of new token ids
-      (greedy; make_greedy_generate_fn recomputes the whole window per token; a cached
-      decoder can replace it without touching the adapter)
+      (greedy; the default, make_default_generate_fn, decodes with the exact key/value
+      cache (eval/generate.py) when the prompt and the new tokens fit max_length, and
+      otherwise recomputes the last max_length tokens per new token, a sliding window
+      a cache cannot reproduce)
 
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -42,6 +44,7 @@ except ImportError as e:
   ) from e
 
 from flt_jax.eval.core import ScoreFn, bucket_length, make_score_fn
+from flt_jax.eval.generate import Generator
 
 GenerateFn = Callable[[Sequence[int], int], Iterable[int]]
 
@@ -72,6 +75,26 @@ def make_greedy_generate_fn(model, params, loops: int, max_len: int) -> Generate
       tokens.append(token)
       yield token
 
+  return generate
+
+
+def make_default_generate_fn(
+  model, params, loops: int, max_len: int, stop_token: int | None = None
+) -> GenerateFn:
+  """Greedy decoding, cached (one prefill, then one step per token) while the prompt and
+  max_new_tokens fit `max_len`; longer requests slide a `max_len` window by
+  recomputation (make_greedy_generate_fn). Both give the recomputed argmax; the cached
+  one stops early at `stop_token`."""
+  cached = Generator(model.cfg, loops=loops, stop_token=stop_token)
+  recompute = make_greedy_generate_fn(model, params, loops, max_len)
+
+  def generate(prompt_tokens: Sequence[int], max_new_tokens: int):
+    prompt = list(prompt_tokens)
+    if prompt and len(prompt) + max_new_tokens - 1 <= min(max_len, model.cfg.rope_table_len):
+      return cached(params, prompt, max_new_tokens)[0]
+    return recompute(prompt, max_new_tokens)
+
+  generate.cached = cached  # its compiled programs show which requests took the cache
   return generate
 
 
@@ -112,7 +135,9 @@ class FltLM(TemplateLM):
     contexts left-truncated to fit `max_length` tokens (at most the model's rotary table)."""
     score_fn = make_score_fn(model, params, loops, max_length, batch_size=batch_size)
     if generate_fn is None:
-      generate_fn = make_greedy_generate_fn(model, params, loops, max_length)
+      generate_fn = make_default_generate_fn(
+        model, params, loops, max_length, stop_token=int(tokenizer.eos_id)
+      )
     return cls(score_fn, tokenizer, max_length=max_length, generate_fn=generate_fn)
 
   # -- what TemplateLM needs

@@ -213,6 +213,27 @@ def test_greedy_generation_matches_recomputed_argmax(tmp_path, tiny_lm):
     assert sample["resps"][0][0] == want
 
 
+def test_cached_greedy_generation_when_the_request_fits(tmp_path, tiny_lm):
+  """max_length 64 holds prompt + 4 new tokens: the default generator decodes with the
+  key/value cache, and gives the recomputed argmax over the whole prefix."""
+  lm = FltLM.from_model(
+    tiny_lm.model, tiny_lm.params, tiny_lm.tokenizer, loops=LOOPS, max_length=64
+  )
+  _, samples = _evaluate(lm, _qa_task(tmp_path, max_gen_toks=4), "flt_qa")
+  assert lm._generate_fn.cached._compiled  # the cached path ran
+  assert any(sample["resps"][0][0] for sample in samples)
+  for sample in samples:
+    tokens = [EOS, *sample["doc"]["prompt"].encode()]
+    generated = []
+    for _ in range(4):
+      token = int(np.argmax(tiny_lm.logits(tokens, LOOPS)[-1]))
+      if token == EOS:
+        break
+      tokens.append(token)
+      generated.append(token)
+    assert sample["resps"][0][0] == tiny_lm.tokenizer.decode(generated).split("\n", 1)[0]
+
+
 def test_generate_until_refuses_sampling(tiny_lm):
   lm = FltLM(lambda pairs: [], tiny_lm.tokenizer, max_length=64, generate_fn=lambda p, n: [])
   request = Instance(

@@ -175,6 +175,27 @@ class Checkpointer:
       raise self._corrupt_error(step, e) from e
     return {name: restored[name] for name in items}
 
+  def check_param_shapes(self, step: int, abstract_params) -> None:
+    """ValueError (one line) unless the params stored at `step` have the shapes of
+    `abstract_params` (the model its config builds); a checkpoint written by another
+    model shape (other code, an edited config) is named before Orbax fails on it."""
+    with _quiet_absl():
+      stored = ocp.StandardCheckpointer().metadata(self._step_dir(step) / STATE_ITEM)
+    stored = getattr(stored, "item_metadata", stored)
+    stored = getattr(stored, "tree", stored)
+    if not isinstance(stored, Mapping) or "params" not in stored:
+      return  # not a train state: leave the verdict to restore
+    have = dict(jax.tree_util.tree_leaves_with_path(stored["params"]))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+      shape = tuple(have[path].shape) if path in have else None
+      if shape != tuple(leaf.shape):
+        raise ValueError(
+          f"the checkpoint {self._step_dir(step)} holds params of another model shape than "
+          f"its config describes (params{jax.tree_util.keystr(path)}: stored {shape}, the "
+          f"config gives {tuple(leaf.shape)}); use the config it was trained with, or a "
+          "workdir whose checkpoints match their saved config"
+        )
+
   def _corrupt_error(self, step: int, e: Exception) -> CheckpointError:
     others = [s for s in self.all_steps() if s != step]
     hint = (

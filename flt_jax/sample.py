@@ -1,0 +1,148 @@
+r"""python -m flt_jax.sample: generate text from a workdir's latest checkpoint.
+
+  python -m flt_jax.sample --workdir=DIR --prompt="def fib(" --loops=12 \
+      --max_new_tokens=200 [--temperature=0.8 --top_k=50 --top_p=0.95 --seed=0] \
+      [--stop_token=ID | -1] [--step=N]
+
+The model's config comes from the checkpoint (only the params are restored), the prompt
+is tokenized with the run's tokenizer after the document separator (eos), as training
+saw documents start, and the text is printed as it is generated (cached decoding,
+flt_jax/eval/generate.py). Generation stops after --max_new_tokens or at the stop token
+(default: the tokenizer's eos, the end of a document; -1: never).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from absl import app, flags, logging
+
+from flt_jax import run
+from flt_jax.errors import ConfigError
+from flt_jax.eval.generate import Generator
+from flt_jax.train.checkpoint import CheckpointError, read_saved_config
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory whose checkpoint to sample from.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (may be empty).")
+_LOOPS = flags.DEFINE_integer("loops", None, "Loop count K' (default: the trained K).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = off.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STOP = flags.DEFINE_integer(
+  "stop_token", None, "Stop after this token id (default: the tokenizer's eos; -1: never)."
+)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
+class _TextStream:
+  """Writes the decoded text of the new tokens as they come: the decode of everything
+  so far, minus what was written, holding back a trailing partial UTF-8 character."""
+
+  def __init__(self, tokenizer, write: Callable[[str], None], stop_token: int | None):
+    self.tokenizer, self.write, self.stop_token = tokenizer, write, stop_token
+    self.tokens: list[int] = []
+    self.written = ""
+    self.stopped = False
+
+  def __call__(self, step: int, tokens_B: np.ndarray) -> None:
+    del step
+    token = int(tokens_B[0])
+    if self.stopped or token == self.stop_token:
+      self.stopped = True
+      return
+    self.tokens.append(token)
+    self._flush(final=False)
+
+  def _flush(self, final: bool) -> None:
+    text = self.tokenizer.decode(self.tokens)
+    if not final:
+      text = text.rstrip("\ufffd")
+    if text.startswith(self.written) and len(text) > len(self.written):
+      self.write(text[len(self.written) :])
+      self.written = text
+
+  def close(self) -> str:
+    self._flush(final=True)
+    return self.written
+
+
+def generate_text(
+  workdir: str,
+  prompt: str,
+  *,
+  loops: int | None = None,
+  max_new_tokens: int = 200,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  stop_token: int | None = None,
+  step: int | None = None,
+  write: Callable[[str], None] | None = None,
+) -> str:
+  """The generated continuation of `prompt` (its text; the stop token not included),
+  written piece by piece to `write` as it is generated. Raises ValueError (or
+  CheckpointError) with a one-line message naming the problem and the fix."""
+  saved, step = read_saved_config(workdir, step)
+  trained_loops = int(saved.get("model", {}).get("loops", 0)) or None
+  run_setup, params, step = run.restore_params(workdir, None, step)
+  tokenizer = run_setup.tokenizer
+  loops = loops or trained_loops or run_setup.model_cfg.loops
+  if stop_token is None:
+    stop_token = int(tokenizer.eos_id)
+  elif stop_token < 0:
+    stop_token = None
+  generator = Generator(
+    run_setup.model_cfg,
+    loops=loops,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    stop_token=stop_token,
+  )
+  prompt_tokens = [int(tokenizer.eos_id), *tokenizer.encode(prompt)]
+  generator.check_length(len(prompt_tokens), max_new_tokens)
+  stream = _TextStream(tokenizer, write or (lambda s: None), stop_token)
+  generator(params, prompt_tokens, max_new_tokens, seed=seed, on_token=stream)
+  return stream.close()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  if not _WORKDIR.value:
+    raise SystemExit("error: --workdir is required (the run directory to sample from)")
+  shown = []
+
+  def write(text: str) -> None:  # the prompt first, once generation has started
+    if not shown:
+      shown.append(True)
+      print(_PROMPT.value, end="", flush=True)
+    print(text, end="", flush=True)
+
+  try:
+    generate_text(
+      _WORKDIR.value,
+      _PROMPT.value,
+      loops=_LOOPS.value,
+      max_new_tokens=_MAX_NEW.value,
+      temperature=_TEMPERATURE.value,
+      top_k=_TOP_K.value,
+      top_p=_TOP_P.value,
+      seed=_SEED.value,
+      stop_token=_STOP.value,
+      step=_STEP.value,
+      write=write,
+    )
+  except (ConfigError, ValueError, CheckpointError) as e:
+    raise SystemExit(f"error: {e}") from None
+  write("")
+  print(flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
