@@ -246,6 +246,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
       process_count=jax.process_count(),
       tokenizer=tokenizer,
     )
+  if training and config.train.eval_every:
+    _check_validation_data(config, model_cfg.seq_len, tokenizer)
   # Refuses an unwritable workdir, or one whose saved model shape differs.
   checkpointer = Checkpointer.from_config(workdir, config, tokenizer=tokenizer.identity())
   return RunSetup(
@@ -266,6 +268,50 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
     total_steps=total_steps,
     n_params=n_params,
   )
+
+
+def _check_validation_data(config, seq_len: int, tokenizer: Tokenizer) -> None:
+  """The first eval must not be where an empty validation split shows: build this
+  host's validation pipeline (in-process) and read its first batch, before anything is
+  written. ConfigError naming the fields and the fix otherwise."""
+  d = config.data
+  every = config.train.eval_every
+  if d.source not in data_config_lib.SYNTHETIC_SOURCES and float(d.validation_fraction) == 0:
+    raise config_error(
+      "data.validation_fraction",
+      d.validation_fraction,
+      f"it leaves no validation data, but train.eval_every={every} evaluates on it",
+      "set data.validation_fraction > 0 (e.g. 0.05), or train.eval_every=0 to train "
+      "without evaluation",
+    )
+  if d.source in data_config_lib.SYNTHETIC_SOURCES and int(d.num_validation_examples) < 1:
+    raise config_error(
+      "data.num_validation_examples",
+      d.num_validation_examples,
+      f"it leaves no validation data, but train.eval_every={every} evaluates on it",
+      "set it >= 1, or train.eval_every=0 to train without evaluation",
+    )
+  probe = ml_collections.ConfigDict(d.to_dict())
+  probe.num_workers = 0  # a look at one batch needs no worker processes
+  pipeline = data_pipeline.make_pipeline(
+    probe,
+    split="validation",
+    seq_len=seq_len,
+    batch_size=max(1, config.train.micro_batch_size // jax.process_count()),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_epochs=1,
+    tokenizer=tokenizer,
+  )
+  first = next(iter(pipeline), None)
+  if first is None or not np.any(first["targets"] != IGNORE_LABEL):
+    raise config_error(
+      "data.path" if d.path else "data.source",
+      d.path or d.source,
+      f"its validation split ({pipeline.description}) holds no tokens to evaluate on",
+      "raise data.validation_fraction, point data.path at files with text in "
+      f"data.text_column={d.text_column!r}, or set train.eval_every=0",
+    )
 
 
 def compile_train_step(run_setup: RunSetup, diagnostics: bool):
