@@ -515,6 +515,8 @@ def _train(run_setup: RunSetup, workdir: str) -> dict:
   train_iter = iter(run_setup.train_pipeline)
   latest = checkpointer.latest_step()
   _say(run_setup.describe_devices())
+  # A disk that cannot hold one checkpoint stops the run now, not at its first save.
+  checkpointer.check_space(run_setup.abstract_state)
   if latest is None:
     state = run_setup.init_state()
   else:

@@ -110,7 +110,10 @@ def stream_changes(saved_data, data_config) -> list[tuple[str, object, object]]:
   known = set(saved_data or {})
   before, now = stream_fields(saved), stream_fields(data_config)
   changes = []
+  derived = ("data.seed", "data.shuffle_window_rows")  # follow data.shuffle
   for field, value in now.items():
+    if field in derived and before.get("data.shuffle") != now["data.shuffle"]:
+      continue
     top = field.split(".")[1]
     if top in known and field in before and before[field] != value:
       changes.append((field, before[field], value))

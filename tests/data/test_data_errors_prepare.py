@@ -190,10 +190,10 @@ def test_stream_changes_name_the_fields_that_move_the_saved_position():
   d.bpe_vocab_size = 300  # the tokenizer is checked by its identity instead
   assert config_lib.stream_changes(saved, d) == []
   d.num_workers, d.shuffle = 1, False
+  # The window follows data.shuffle: only what was set is named.
   assert config_lib.stream_changes(saved, d) == [
     ("data.shuffle", True, False),
     ("data.num_workers", 0, 1),
-    ("data.shuffle_window_rows", 1024, 0),
   ]
   d2 = config_lib.get_config()
   d2.shuffle_window_rows = 1  # 0 and 1 both mean no row shuffle

@@ -333,10 +333,12 @@ def test_save_is_refused_before_writing_when_the_disk_is_too_small(tmp_path, mon
     ck.save(2, _state(2), force=True)
   msg = str(e.value)
   assert msg.startswith(
-    f"Not saving step 2 to {tmp_path / 'checkpoints'}: the checkpoint needs about"
+    f"Not saving step 2: a checkpoint of this run in {tmp_path / 'checkpoints'} needs about"
   )
   assert "has 0.0 MiB free of 3.0 MiB" in msg and "resume from step 1" in msg
   assert sorted(
     p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")
   ) == ["1"]
+  with pytest.raises(ckpt_lib.CheckpointSaveError, match="^Not starting: a checkpoint of this"):
+    ck.check_space(jax.eval_shape(lambda: _state(2)))  # at the start of a run
   ck.close()

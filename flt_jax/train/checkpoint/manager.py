@@ -113,6 +113,8 @@ def _local_path(path: epath.Path) -> str | None:
 
 def _state_bytes(state) -> int:
   def nbytes(leaf):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
     return int(leaf.nbytes) if hasattr(leaf, "nbytes") else np.asarray(leaf).nbytes
@@ -269,15 +271,20 @@ class Checkpointer:
       self._pending = step
       raise self._save_failed(step, e) from None
 
-  def _check_space(self, step: int, state) -> None:
+  def check_space(self, state, step: int | None = None) -> None:
+    """CheckpointSaveError unless the directory's filesystem has room for a checkpoint
+    of `state` (arrays or ShapeDtypeStructs): before a save (`step`), or at the start
+    of a run (None) so a disk that cannot hold one checkpoint stops it before training.
+    Remote paths (gs://) are not checked."""
     space = self._free_space()
     need = _state_bytes(state) + _SAVE_OVERHEAD_BYTES
     ok = space is None or space[0] >= need
     if not _all_hosts(ok):
       self._failed = True
       where = self._space_line() if space is not None else " Another host is short of space."
+      what = f"Not saving step {step}" if step is not None else "Not starting"
       raise CheckpointSaveError(
-        f"Not saving step {step} to {self._directory}: the checkpoint needs about "
+        f"{what}: a checkpoint of this run in {self._directory} needs about "
         f"{_mib(need)}.{where}" + self._kept_and_fix()
       )
 
@@ -299,7 +306,7 @@ class Checkpointer:
     if not (force or self._manager.should_save(step)):
       return False
     self.check_save(wait=True)  # Orbax would wait for it too before starting this one
-    self._check_space(step, state)
+    self.check_space(state, step)
     record = {
       "tokenizer": self._tokenizer,
       "checksum_format": integrity.FORMAT,
