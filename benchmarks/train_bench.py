@@ -89,12 +89,12 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
   from flt_jax.train import step as step_lib
 
   sys.path.insert(0, os.getcwd())
-  from experiments import base
+  from flt_jax import presets
 
   built = []
   for case in cases:
     shape = case_shape(case["layers"])
-    config = base.make(case["variant"], case["loops"], "cpu")
+    config = presets.make(case["variant"], case["loops"], "cpu")
     config.model.update({k: v for k, v in shape.items() if k != "batch"})
     config.model.seq_len = SEQ
     config.model.vocab_size = VOCAB

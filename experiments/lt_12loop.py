@@ -1,7 +1,7 @@
-"""LT with 12 loops (presets: cpu (default), multihop, paper; see base.py)."""
+"""LT with 12 loops (presets: cpu (default), multihop, paper; see flt_jax/presets.py)."""
 
-from experiments import base
+from flt_jax import presets
 
 
 def get_config(preset=None):
-  return base.make("LT", 12, preset)
+  return presets.make("LT", 12, preset)

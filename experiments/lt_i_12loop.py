@@ -1,7 +1,7 @@
-"""LT_i with 12 loops (presets: cpu (default), multihop, paper; see base.py)."""
+"""LT_i with 12 loops (presets: cpu (default), multihop, paper; see flt_jax/presets.py)."""
 
-from experiments import base
+from flt_jax import presets
 
 
 def get_config(preset=None):
-  return base.make("LT_i", 12, preset)
+  return presets.make("LT_i", 12, preset)

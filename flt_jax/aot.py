@@ -55,7 +55,7 @@ GIB = 1024**3
 HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
 # Chips whose two TensorCores are fused into one device (libtpu's "megacore" config).
 MEGACORE_CHIPS = ("v4", "v5p")
-# The paper preset trains a 65,536-token BPE (experiments/base.py); used when neither
+# The paper preset trains a 65,536-token BPE (flt_jax/presets.py); used when neither
 # the config nor --vocab_size gives a size.
 DEFAULT_VOCAB_SIZE = 65536
 

@@ -34,7 +34,7 @@ def check_keys(config, reference=None, path: str = "") -> None:
       path,
       sorted(want - have),
       "lacks these keys",
-      "start from experiments/base.py, which fills in every default",
+      "start from flt_jax/presets.py, which fills in every default",
     )
   if have - want:
     raise config_error(path, sorted(have - want), "has unknown keys", f"use only {sorted(want)}")

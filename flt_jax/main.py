@@ -15,6 +15,8 @@ from ml_collections import config_flags
 
 from flt_jax import run
 from flt_jax.errors import ConfigError
+from flt_jax.train.checkpoint import CheckpointError
+from flt_jax.workdir_lock import WorkdirLockedError
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -59,17 +61,34 @@ def parse_loops(values) -> list[int]:
   return loops
 
 
+def _one_line(message: str) -> str:
+  """A flag error in one line: ml_collections puts the traceback of an error raised
+  while loading the config file (e.g. an unknown preset) into the message; keep its
+  first line and the exception at the end."""
+  lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+  if not lines:
+    return message
+  if any(line.startswith("Traceback") for line in lines):
+    return f"{lines[0].rstrip(':')}: {lines[-1]}"
+  if any("Failed loading config file" in line for line in lines):  # the loader's OSError
+    tried = [line for line in lines if "No such file" in line or "Errno" in line]
+    return f"cannot load the config file: {tried[-1] if tried else lines[-1]}"
+  return "; ".join(lines)
+
+
 def parse_flags(argv):
   """absl's parser, with a clear message for an override of a key that does not exist."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    raise SystemExit(f"error: {e}\nPass --helpfull to list the flags.") from None
+    raise SystemExit(f"error: {_one_line(str(e))} (--help lists the flags)") from None
+  except OSError as e:  # ml_collections: the config file cannot be loaded
+    raise SystemExit(f"error: --config: {_one_line(str(e))}") from None
   except (AttributeError, KeyError) as e:
     bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
     raise SystemExit(
       f"error: unknown config key in {bad} ({e}); every override must "
-      "name an existing field, see experiments/base.py and the "
+      "name an existing field, see flt_jax/presets.py and the "
       "get_config() of flt_jax/{model,data,train}/config.py"
     ) from None
 
@@ -79,6 +98,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
+  if config is not None:
+    try:  # ml_collections defers a config file it could not open to the first access
+      config.to_dict  # noqa: B018
+    except OSError as e:
+      raise SystemExit(f"error: --config: {_one_line(str(e))}") from None
   try:
     if _PRINT_CONFIG.value:
       if config is None:
@@ -97,7 +121,7 @@ def main(argv):
     else:
       loops = parse_loops(_EVAL_LOOPS.value)
       run.evaluate_checkpoint(config, _WORKDIR.value, loops, _EVAL_STEP.value)
-  except (ConfigError, ValueError) as e:
+  except (ConfigError, ValueError, CheckpointError, run.NonFiniteError, WorkdirLockedError) as e:
     raise SystemExit(f"error: {e}") from None
 
 

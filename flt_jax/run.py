@@ -14,6 +14,7 @@ ahead of the device in between; see `train_and_evaluate`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 
 from flt_jax import config as flt_config
 from flt_jax.constants import IGNORE_LABEL
@@ -47,7 +49,12 @@ from flt_jax.train import metrics as metrics_lib
 from flt_jax.train import optimizer as optim_lib
 from flt_jax.train import state as state_lib
 from flt_jax.train import step as step_lib
-from flt_jax.train.checkpoint import Checkpointer, PreemptionHandler, read_saved_config
+from flt_jax.train.checkpoint import (
+  Checkpointer,
+  CheckpointSaveError,
+  PreemptionHandler,
+  read_saved_config,
+)
 from flt_jax.workdir_lock import WorkdirLock
 
 
@@ -239,8 +246,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
       process_count=jax.process_count(),
       tokenizer=tokenizer,
     )
+  if training and config.train.eval_every:
+    _check_validation_data(config, model_cfg.seq_len, tokenizer)
   # Refuses an unwritable workdir, or one whose saved model shape differs.
-  checkpointer = Checkpointer.from_config(workdir, config)
+  checkpointer = Checkpointer.from_config(workdir, config, tokenizer=tokenizer.identity())
   return RunSetup(
     config=config,
     model_cfg=model_cfg,
@@ -259,6 +268,50 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
     total_steps=total_steps,
     n_params=n_params,
   )
+
+
+def _check_validation_data(config, seq_len: int, tokenizer: Tokenizer) -> None:
+  """The first eval must not be where an empty validation split shows: build this
+  host's validation pipeline (in-process) and read its first batch, before anything is
+  written. ConfigError naming the fields and the fix otherwise."""
+  d = config.data
+  every = config.train.eval_every
+  if d.source not in data_config_lib.SYNTHETIC_SOURCES and float(d.validation_fraction) == 0:
+    raise config_error(
+      "data.validation_fraction",
+      d.validation_fraction,
+      f"it leaves no validation data, but train.eval_every={every} evaluates on it",
+      "set data.validation_fraction > 0 (e.g. 0.05), or train.eval_every=0 to train "
+      "without evaluation",
+    )
+  if d.source in data_config_lib.SYNTHETIC_SOURCES and int(d.num_validation_examples) < 1:
+    raise config_error(
+      "data.num_validation_examples",
+      d.num_validation_examples,
+      f"it leaves no validation data, but train.eval_every={every} evaluates on it",
+      "set it >= 1, or train.eval_every=0 to train without evaluation",
+    )
+  probe = ml_collections.ConfigDict(d.to_dict())
+  probe.num_workers = 0  # a look at one batch needs no worker processes
+  pipeline = data_pipeline.make_pipeline(
+    probe,
+    split="validation",
+    seq_len=seq_len,
+    batch_size=max(1, config.train.micro_batch_size // jax.process_count()),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_epochs=1,
+    tokenizer=tokenizer,
+  )
+  first = next(iter(pipeline), None)
+  if first is None or not np.any(first["targets"] != IGNORE_LABEL):
+    raise config_error(
+      "data.path" if d.path else "data.source",
+      d.path or d.source,
+      f"its validation split ({pipeline.description}) holds no tokens to evaluate on",
+      "raise data.validation_fraction, point data.path at files with text in "
+      f"data.text_column={d.text_column!r}, or set train.eval_every=0",
+    )
 
 
 def compile_train_step(run_setup: RunSetup, diagnostics: bool):
@@ -408,6 +461,47 @@ def _warn_if_schedule_changed(run_setup: RunSetup, saved: dict | None, step: int
   )
 
 
+def _check_data_stream(run_setup: RunSetup, saved: dict | None, step_dir) -> None:
+  """The saved data-iterator state resumes only the pipeline that wrote it: a changed
+  data setting (data.num_workers, shuffle, shuffle_window_rows, the corpus, ...) is
+  refused here, naming it, instead of failing inside grain's set_state."""
+  changes = data_config_lib.stream_changes(((saved or {}).get("data")), run_setup.config.data)
+  if not changes:
+    return
+  field, before, now = changes[0]
+  others = "".join(f", {f} (saved {b!r}, now {n!r})" for f, b, n in changes[1:])
+  flags = " ".join(f"--config.{f}={b}" for f, b, _ in changes)
+  raise config_error(
+    field,
+    now,
+    f"the checkpoint {step_dir} saved the data stream's position for {field}={before!r}"
+    f"{' (also changed: ' + others[2:] + ')' if others else ''}, and that position does "
+    "not carry over to another data pipeline",
+    f"resume with the saved value(s) ({flags}), or add --config.checkpoint.restore_data=False "
+    "to keep the trained state and start the new data stream from its beginning, or use a "
+    "new --workdir",
+  )
+
+
+def _check_save_all_hosts(checkpointer: Checkpointer) -> None:
+  """Multi-host: every host looks at its last save at the same sync step, and all stop
+  together if any host's failed."""
+  error = None
+  try:
+    checkpointer.check_save()
+  except CheckpointSaveError as e:
+    error = e
+  failed = multihost_utils.process_allgather(np.asarray(error is not None, np.int32))
+  if error is not None:
+    raise error
+  if np.any(failed):
+    hosts = [i for i, f in enumerate(np.asarray(failed).reshape(-1)) if f]
+    raise CheckpointSaveError(
+      f"Saving a checkpoint to {checkpointer.directory} failed on host(s) {hosts} (see "
+      "their output); stopped. The checkpoints already saved are intact."
+    )
+
+
 def _profile_window(profile_steps: str) -> tuple[int, int] | None:
   if not profile_steps:
     return None
@@ -421,13 +515,20 @@ def _train(run_setup: RunSetup, workdir: str) -> dict:
   train_iter = iter(run_setup.train_pipeline)
   latest = checkpointer.latest_step()
   _say(run_setup.describe_devices())
+  # A disk that cannot hold one checkpoint stops the run now, not at its first save.
+  checkpointer.check_space(run_setup.abstract_state)
   if latest is None:
     state = run_setup.init_state()
   else:
-    _warn_if_schedule_changed(run_setup, checkpointer.restore_config(latest), latest)
-    data_item = {"data": data_pipeline.checkpoint_args_restore(train_iter)}
+    saved = checkpointer.restore_config(latest)
+    _warn_if_schedule_changed(run_setup, saved, latest)
+    data_item = {}
+    if config.checkpoint.restore_data:
+      _check_data_stream(run_setup, saved, checkpointer.directory / str(latest))
+      data_item = {"data": data_pipeline.checkpoint_args_restore(train_iter)}
     state = checkpointer.restore(latest, run_setup.restore_target, data_item)["state"]
-    _say(f"resumed from {checkpointer.directory} at step {latest}")
+    fresh = "" if data_item else " (data stream restarted: checkpoint.restore_data=False)"
+    _say(f"resumed from {checkpointer.directory} at step {latest}{fresh}")
   _write_config(run_setup.config, workdir)
   counters = fetch({"applied": state.step, "skipped": state.nonfinite_total})
   start, skipped_seen = int(counters["applied"] + counters["skipped"]), int(counters["skipped"])
@@ -441,87 +542,107 @@ def _train(run_setup: RunSetup, workdir: str) -> dict:
   profile = _profile_window(train.profile_steps)
   profiling = False
 
+  single_host = jax.process_count() == 1
+  closed = False
+
   def close():
+    nonlocal closed
+    if closed:
+      return
+    closed = True
     if profiling:
       jax.profiler.stop_trace()
-    checkpointer.close()
-    report.close()
+    try:
+      checkpointer.close()
+    finally:
+      report.close()
 
-  # Ctrl-C is treated like preemption: save the step reached, then exit.
-  with PreemptionHandler(signals=(signal.SIGTERM, signal.SIGINT)) as preemption:
-    step = start
-    while step < total_steps:
-      if profile and step == profile[0] and not profiling:
-        jax.profiler.start_trace(str(epath.Path(workdir) / "profile"))
-        profiling = True
-      elif profiling and step == profile[1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        profiling = False
-        _say(f"profile of steps {profile[0]}..{profile[1]} written to {workdir}/profile")
-      batch = next(train_iter)
-      log_now = step == start or (step + 1) % train.log_every == 0 or step + 1 == total_steps
-      step_fn = train_step_diag if log_now else train_step
-      state, metrics = step_fn(state, run_setup.global_batch(batch, step_keys, batch_rows))
-      step += 1
-      eval_now = bool(train.eval_every) and (step % train.eval_every == 0 or step == total_steps)
-      save_now = step == total_steps or checkpointer.should_save(step)
-      preempted = preemption.should_stop(step)
-      if not (log_now or eval_now or save_now or preempted):
-        continue  # nothing read from the device: the next step is dispatched at once
+  try:
+    # Ctrl-C is treated like preemption: save the step reached, then exit.
+    with PreemptionHandler(signals=(signal.SIGTERM, signal.SIGINT)) as preemption:
+      step = start
+      while step < total_steps:
+        if profile and step == profile[0] and not profiling:
+          jax.profiler.start_trace(str(epath.Path(workdir) / "profile"))
+          profiling = True
+        elif profiling and step == profile[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          profiling = False
+          _say(f"profile of steps {profile[0]}..{profile[1]} written to {workdir}/profile")
+        batch = next(train_iter)
+        log_now = step == start or (step + 1) % train.log_every == 0 or step + 1 == total_steps
+        step_fn = train_step_diag if log_now else train_step
+        state, metrics = step_fn(state, run_setup.global_batch(batch, step_keys, batch_rows))
+        step += 1
+        if single_host:  # host-only look: a failed background save stops the run here
+          checkpointer.check_save()
+        eval_now = bool(train.eval_every) and (step % train.eval_every == 0 or step == total_steps)
+        save_now = step == total_steps or checkpointer.should_save(step)
+        preempted = preemption.should_stop(step)
+        if not (log_now or eval_now or save_now or preempted):
+          continue  # nothing read from the device: the next step is dispatched at once
 
-      # Sync step: one read of the counters (and of the metrics on log steps).
-      counters, host_metrics = fetch(
-        (
-          {
-            "applied": state.step,
-            "in_a_row": state.nonfinite_in_a_row,
-            "skipped": state.nonfinite_total,
-          },
-          metrics if log_now else None,
+        # Sync step: one read of the counters (and of the metrics on log steps).
+        counters, host_metrics = fetch(
+          (
+            {
+              "applied": state.step,
+              "in_a_row": state.nonfinite_in_a_row,
+              "skipped": state.nonfinite_total,
+            },
+            metrics if log_now else None,
+          )
         )
-      )
-      skipped = int(counters["skipped"])
-      if skipped > skipped_seen:
-        _say(
-          f"step {step}: {skipped - skipped_seen} non-finite update(s) skipped since the last "
-          f"report ({int(counters['in_a_row'])} in a row, {skipped} in all)"
-        )
-      skipped_seen = skipped
-      if counters["in_a_row"] >= train.max_consecutive_nonfinite:
-        close()
-        raise NonFiniteError(
-          f"{train.max_consecutive_nonfinite} consecutive non-finite updates at step "
-          f"{int(counters['applied']) + skipped}; stopping. The last good checkpoint in "
-          f"{checkpointer.directory} is intact. Lower optim.matrix_lr/embedding_lr, set "
-          "optim.grad_clip, or try model.dtype=float32."
-        )
-      if log_now:
-        report.train(step, host_metrics, skipped)
-      if eval_now:
-        batches = run_setup.eval_batches()
-        loops = run_setup.model_cfg.loops
-        report.eval(
-          step,
-          eval_lib.evaluate(eval_fn, state.params, batches, run_setup.token_bytes_V, loops=loops),
-        )
-      if save_now or preempted:
-        # Orbax decides interval saves; the last step and a preemption are forced.
-        data_item = {"data": data_pipeline.checkpoint_args_save(train_iter)}
-        checkpointer.save(step, state, data_item, force=step == total_steps or preempted)
-      if preempted:
-        checkpointer.wait_until_finished()
-        _say(
-          f"stopped by a signal: saved step {step} to {checkpointer.directory}; rerun the "
-          "same command to resume"
-        )
-        close()
-        return {"step": step, "preempted": True}
-  close()
-  if step == start:
-    _say(f"already at step {step} of {total_steps}; raise --config.train.steps to train on")
-    return {"step": step, "first_loss": None, "final_loss": None}
-  return report.summary(step)
+        if not single_host:  # every host stops at the same sync step
+          _check_save_all_hosts(checkpointer)
+        skipped = int(counters["skipped"])
+        if skipped > skipped_seen:
+          _say(
+            f"step {step}: {skipped - skipped_seen} non-finite update(s) skipped since the last "
+            f"report ({int(counters['in_a_row'])} in a row, {skipped} in all)"
+          )
+        skipped_seen = skipped
+        if counters["in_a_row"] >= train.max_consecutive_nonfinite:
+          close()
+          raise NonFiniteError(
+            f"{train.max_consecutive_nonfinite} consecutive non-finite updates at step "
+            f"{int(counters['applied']) + skipped}; stopping. The last good checkpoint in "
+            f"{checkpointer.directory} is intact. Lower optim.matrix_lr/embedding_lr, set "
+            "optim.grad_clip, or try model.dtype=float32."
+          )
+        if log_now:
+          report.train(step, host_metrics, skipped)
+        if eval_now:
+          batches = run_setup.eval_batches()
+          loops = run_setup.model_cfg.loops
+          report.eval(
+            step,
+            eval_lib.evaluate(eval_fn, state.params, batches, run_setup.token_bytes_V, loops=loops),
+          )
+        if save_now or preempted:
+          # Orbax decides interval saves; the last step and a preemption are forced.
+          data_item = {"data": data_pipeline.checkpoint_args_save(train_iter)}
+          checkpointer.save(step, state, data_item, force=step == total_steps or preempted)
+        if preempted:
+          checkpointer.wait_until_finished()
+          _say(
+            f"stopped by a signal: saved step {step} to {checkpointer.directory}; rerun the "
+            "same command to resume"
+          )
+          close()
+          return {"step": step, "preempted": True}
+    close()
+    if step == start:
+      _say(f"already at step {step} of {total_steps}; raise --config.train.steps to train on")
+      return {"step": step, "first_loss": None, "final_loss": None}
+    return report.summary(step)
+  except BaseException:
+    # Whatever stopped the loop: an in-flight save still completes (nothing saved is
+    # lost) and the writers are closed; the original error is what the user sees.
+    with contextlib.suppress(Exception):
+      close()
+    raise
 
 
 def restore_params(

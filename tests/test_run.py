@@ -13,8 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import base
-from flt_jax import run
+from flt_jax import presets, run
 from flt_jax.train import step as step_lib
 from flt_jax.train.checkpoint import Checkpointer
 from flt_jax.workdir_lock import WorkdirLockedError
@@ -24,7 +23,7 @@ STEPS = 6
 
 
 def tiny_config(**model):
-  c = base.make("FLT", 2, "cpu")
+  c = presets.make("FLT", 2, "cpu")
   c.model.update(dict(n_layer=1, d_model=32, n_head=1, n_kv_head=1, seq_len=24))
   c.model.update(model)
   c.data.update(dict(source="multihop", loss_on_answer_only=False, num_validation_examples=8))

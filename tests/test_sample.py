@@ -13,8 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import base
-from flt_jax import run, sample
+from flt_jax import presets, run, sample
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "def fib("
@@ -22,7 +21,7 @@ NEW = 20
 
 
 def tiny_config():
-  c = base.make("LT_ia", 2, "cpu")  # stdlib text, bytes tokenizer
+  c = presets.make("LT_ia", 2, "cpu")  # stdlib text, bytes tokenizer
   c.model.update(
     dict(
       n_layer=2, d_model=32, n_head=2, n_kv_head=1, seq_len=24, window_pattern="SL", remat="none"

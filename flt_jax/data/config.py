@@ -72,6 +72,54 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+def stream_fields(data_config) -> dict:
+  """The data settings that define the train stream and the layout of its saved iterator
+  state, as they take effect ({'data.<field>': value}): a checkpoint's iterator state
+  resumes only a pipeline with the same values. Not included: read_threads (the state
+  does not depend on it), validation-only and target-only fields, and the tokenizer
+  (checkpoints record and check its identity)."""
+  d = data_config
+  shuffle = bool(d.shuffle)
+  out = {"source": d.source, "shuffle": shuffle, "num_workers": int(d.num_workers)}
+  if shuffle:
+    out["seed"] = int(d.seed)
+  if d.source in SYNTHETIC_SOURCES:
+    out["num_train_examples"] = int(d.num_train_examples)
+    for k, v in d[d.source].items():
+      out[f"{d.source}.{k}"] = v
+  else:
+    window = int(d.shuffle_window_rows)
+    out["shuffle_window_rows"] = window if shuffle and window > 1 else 0  # <= 1: off
+    out["validation_fraction"] = float(d.validation_fraction)
+    if d.source != "stdlib":
+      out["path"] = d.path
+    if d.source in ("jsonl", "parquet"):
+      out["text_column"] = d.text_column
+  return {f"data.{k}": v for k, v in out.items()}
+
+
+def stream_changes(saved_data, data_config) -> list[tuple[str, object, object]]:
+  """[(field, saved value, value now)] of `stream_fields` that differ; `saved_data` is
+  the data section of a checkpoint's saved config (a dict; fields it lacks are
+  skipped)."""
+  saved = ml_collections.ConfigDict(get_config().to_dict())
+  try:
+    saved.update(dict(saved_data or {}))
+  except (KeyError, AttributeError, TypeError):
+    return []
+  known = set(saved_data or {})
+  before, now = stream_fields(saved), stream_fields(data_config)
+  changes = []
+  derived = ("data.seed", "data.shuffle_window_rows")  # follow data.shuffle
+  for field, value in now.items():
+    if field in derived and before.get("data.shuffle") != now["data.shuffle"]:
+      continue
+    top = field.split(".")[1]
+    if top in known and field in before and before[field] != value:
+      changes.append((field, before[field], value))
+  return changes
+
+
 def validate(data_config, *, seq_len: int) -> None:
   """Raises ConfigError naming the field, the bad value and the fix."""
   d = data_config

@@ -10,7 +10,9 @@ a memory-mapped shard) for token shards.
 Split rule: with >= 2 files, a file goes to validation iff crc32 of its path
 (relative to the common root) falls below validation_fraction (at least one
 file each side); with a single file the same rule is applied per document
-(per row group for Parquet).
+(per row group for Parquet); a single file holding one unit (one text file, one
+JSONL record, one Parquet row group, one token document) is split by rows: its
+last validation_fraction of lines / rows / tokens is the validation split.
 """
 
 from __future__ import annotations
@@ -219,9 +221,18 @@ def _parquet_units(path: str, column: str) -> list[tuple[str, int]]:
 def _load_parquet_row_group(unit, column: str) -> list[str]:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
-  path, group = unit
+  path, group, *rows = unit  # (path, group) or (path, group, first row, end row)
   table = pq.ParquetFile(path).read_row_group(group, columns=[column])
+  if rows:
+    table = table.slice(rows[0], rows[1] - rows[0])
   return [t for t in table.column(column).to_pylist() if t]
+
+
+def _parquet_rows(unit) -> int:
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  path, group = unit
+  return pq.ParquetFile(path).metadata.row_group(group).num_rows
 
 
 def _token_units(path: str, eos_id: int, vocab_size: int):
@@ -263,6 +274,34 @@ class Split:
   load: Callable[[Any], list]  # unit -> docs (str, or int arrays ending in eos)
   kind: str  # 'text' (docs are str) or 'tokens' (docs are id arrays)
   description: str
+
+
+def _tail_count(n: int, fraction: float) -> int:
+  """How many of n rows go to validation: about `fraction`, at least 1, at most n - 1."""
+  return max(1, min(n - 1, round(n * fraction)))
+
+
+def split_lone_unit(source: str, unit, fraction: float):
+  """(train unit, validation unit) of a corpus that is one unit (one text file, one
+  JSONL record, one Parquet row group, one token document), split by rows: the last
+  `fraction` of its lines / rows / tokens is validation. None when it has < 2 rows."""
+  if source == "parquet":
+    n = _parquet_rows(unit)
+    if n < 2:
+      return None
+    cut = n - _tail_count(n, fraction)
+    return (*unit, 0, cut), (*unit, cut, n)
+  if source == "tokens":
+    path, start, end = unit
+    if end - start < 2:
+      return None
+    cut = end - _tail_count(end - start, fraction)
+    return (path, start, cut), (path, cut, end)
+  lines = unit.splitlines(keepends=True)
+  if len(lines) < 2:
+    return None
+  cut = len(lines) - _tail_count(len(lines), fraction)
+  return "".join(lines[:cut]), "".join(lines[cut:])
 
 
 def _split_by_file_or_unit(file_keys, units_per_file, fraction, split):
@@ -325,8 +364,23 @@ def get_split(data_config, split: str, tokenizer=None) -> Split:
       "matching file(s) contain no documents (empty corpus); point "
       "data.path at non-empty files"
     )
+  lone = len(files) == 1 and len(per_file[0]) == 1
   if split == "all":
     units = [u for units_of_file in per_file for u in units_of_file]
+  elif lone and frac > 0:
+    # One file holding one unit: split it by rows rather than leave a split empty.
+    halves = split_lone_unit(source, per_file[0][0], frac)
+    if halves is None:
+      raise config_error(
+        "data.path",
+        d.path,
+        f"it holds a single document of one {'row' if source == 'parquet' else 'line'}, "
+        "which cannot be split into train and validation data",
+        "add a second file (data.path='train.txt,more.txt': one of the files becomes the "
+        "validation split), or train without evaluation: train.eval_every=0 and "
+        "data.validation_fraction=0",
+      )
+    units = [halves[0] if split == "train" else halves[1]]
   else:
     units = _split_by_file_or_unit(keys, per_file, frac, split)
   if not units:

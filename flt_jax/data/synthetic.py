@@ -56,6 +56,9 @@ class SymbolTokenizer(tokenizers.Tokenizer):
     arr = tokenizers._check_ids(ids, self.vocab_size)  # pylint: disable=protected-access
     return " ".join(self.symbols[i] for i in arr.tolist() if i != self.eos_id)
 
+  def _identity_payload(self) -> bytes:
+    return "\n".join(self.symbols).encode("utf-8")
+
 
 @dataclasses.dataclass
 class Example:

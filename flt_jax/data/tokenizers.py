@@ -50,6 +50,23 @@ class Tokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     raise NotImplementedError
 
+  def _identity_payload(self) -> bytes:
+    """The bytes that define the mapping text <-> ids (hashed by `identity`)."""
+    raise NotImplementedError
+
+  def identity(self) -> dict:
+    """{name, vocab_size, eos_id, sha256}: what a checkpoint records of its tokenizer.
+    Two tokenizers with the same sha256 give the same ids for the same text; a BPE
+    retrained on other text, or another tokenizer.json, differs even at the same size."""
+    h = hashlib.sha256(self._identity_payload())
+    h.update(f"|{self.vocab_size}|{self.eos_id}".encode())
+    return {
+      "name": self.name,
+      "vocab_size": int(self.vocab_size),
+      "eos_id": int(self.eos_id),
+      "sha256": h.hexdigest(),
+    }
+
 
 class BytesTokenizer(Tokenizer):
   """UTF-8 bytes: ids 0..255 are bytes, 256 is the separator."""
@@ -71,6 +88,9 @@ class BytesTokenizer(Tokenizer):
   def decode(self, ids: Sequence[int]) -> str:
     arr = _check_ids(ids, self.vocab_size)
     return bytes(arr[arr != self.eos_id].astype(np.uint8)).decode("utf-8", "replace")
+
+  def _identity_payload(self) -> bytes:
+    return b"utf-8 bytes, separator 256"
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -152,6 +172,18 @@ class HFTokenizer(Tokenizer):
     arr = _check_ids(ids, self.vocab_size)
     return self._tok.decode(arr.tolist(), skip_special_tokens=True)
 
+  def _identity_payload(self) -> bytes:
+    # What maps text to ids: the model (vocab, merges), the added tokens, the normalizer
+    # and pre-tokenizer; not the decoder, padding or truncation settings, nor the JSON
+    # formatting of a particular tokenizers version.
+    spec = json.loads(self._tok.to_str())
+    added = sorted(
+      (t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens") or []
+    )
+    keep = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer")}
+    keep["added_tokens"] = added
+    return json.dumps(keep, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
   def save(self, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self._tok.save(path)
@@ -166,7 +198,16 @@ def load_tokenizer_file(path: str, eos_token: str = "") -> HFTokenizer:
       "tokenizer.json (e.g. one written by `python -m flt_jax.data.prepare "
       "train_tokenizer`)"
     )
-  return HFTokenizer(tokenizers.Tokenizer.from_file(path), eos_token=eos_token, name="file")
+  try:
+    tok = tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # tokenizers raises a bare Exception for unreadable JSON
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ValueError(
+      f"data.tokenizer_path={path!r} is not a readable tokenizer.json ({first}); give "
+      "the path of a tokenizer.json written by HF tokenizers (e.g. by `python -m "
+      "flt_jax.data.prepare train_tokenizer`)"
+    ) from None
+  return HFTokenizer(tok, eos_token=eos_token, name="file")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:

@@ -69,6 +69,10 @@ def get_checkpoint_config() -> ml_collections.ConfigDict:
   c.every_steps = 1000
   c.keep = 3  # 0 keeps every checkpoint.
   c.async_save = True
+  # Resume the data stream where the checkpoint left it (the saved grain iterator
+  # state). False: restore the train state only and start the (new) data pipeline from
+  # its beginning, e.g. after changing data.num_workers, data.shuffle or the corpus.
+  c.restore_data = True
   return c
 
 
@@ -110,7 +114,7 @@ def _section(config, name: str):
       name,
       None,
       "the section is missing",
-      f"start the experiment from experiments/base.py, or set config.{name} = "
+      f"start the experiment from flt_jax/presets.py, or set config.{name} = "
       f"flt_jax.train.config.get_config().{name}",
     )
   return section
@@ -272,6 +276,7 @@ def validate(config) -> None:
     fix="use a positive count, or 0 to keep every checkpoint",
   )
   _check_bool(c, "checkpoint", "async_save")
+  _check_bool(c, "checkpoint", "restore_data")
 
   m = config.metrics
   _check_number(

@@ -134,3 +134,68 @@ def test_prepare_train_tokenizer_and_tokenize(tmp_path, capsys):
     prepare.main(["tokenize", "--source=text", "--path=/nonexistent/*", f"--out_dir={tmp_path}/x"])
     == 2
   )
+
+
+def _split_texts(d):
+  """{split: the documents of its units}."""
+  out = {}
+  for split in ("train", "validation"):
+    sp = sources.get_split(d, split, pl.make_tokenizer(d))
+    out[split] = [doc for unit in sp.units for doc in sp.load(unit)]
+  return out
+
+
+def test_a_single_text_file_is_split_by_lines(tmp_path):
+  lines = [f"line {i} of the only file\n" for i in range(20)]
+  (tmp_path / "one.txt").write_text("".join(lines))
+  texts = _split_texts(_cfg(source="text", path=str(tmp_path / "one.txt"), validation_fraction=0.1))
+  assert texts == {"train": ["".join(lines[:18])], "validation": ["".join(lines[18:])]}
+
+
+def test_a_single_row_group_parquet_is_split_by_rows(tmp_path):
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  rows = [f"document {i}" for i in range(10)]
+  path = tmp_path / "small.parquet"
+  pd.DataFrame({"text": rows}).to_parquet(path)  # what pandas writes: one row group
+  assert pq.ParquetFile(path).metadata.num_row_groups == 1
+  texts = _split_texts(_cfg(source="parquet", path=str(path), validation_fraction=0.2))
+  assert texts == {"train": rows[:8], "validation": rows[8:]}
+  val = pl.make_pipeline(
+    _cfg(source="parquet", path=str(path), validation_fraction=0.2),
+    split="validation",
+    seq_len=8,
+    batch_size=2,
+  )
+  assert len(list(val)) >= 1
+
+
+def test_a_single_line_is_refused_with_a_fix_that_works(tmp_path):
+  (tmp_path / "one.txt").write_text("a single line without a newline")
+  d = _cfg(source="text", path=str(tmp_path / "one.txt"))
+  with pytest.raises(ValueError) as e:
+    _make(d)
+  msg = str(e.value)
+  assert "single document of one line" in msg and "train.eval_every=0" in msg
+  d.validation_fraction = 0.0  # the fix: train on all of it (and do not evaluate)
+  assert next(iter(_make(d)))["inputs"].shape == (2, 16)
+
+
+def test_stream_changes_name_the_fields_that_move_the_saved_position():
+  d = config_lib.get_config()
+  saved = d.to_dict()
+  assert config_lib.stream_changes(saved, d) == []
+  d.read_threads = 7  # the iterator state does not depend on it
+  d.bpe_vocab_size = 300  # the tokenizer is checked by its identity instead
+  assert config_lib.stream_changes(saved, d) == []
+  d.num_workers, d.shuffle = 1, False
+  # The window follows data.shuffle: only what was set is named.
+  assert config_lib.stream_changes(saved, d) == [
+    ("data.shuffle", True, False),
+    ("data.num_workers", 0, 1),
+  ]
+  d2 = config_lib.get_config()
+  d2.shuffle_window_rows = 1  # 0 and 1 both mean no row shuffle
+  saved2 = dict(saved, shuffle_window_rows=0)
+  assert config_lib.stream_changes(saved2, d2) == []

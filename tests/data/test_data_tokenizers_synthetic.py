@@ -145,3 +145,17 @@ def test_synthetic_rows_answer_mask():
   np.testing.assert_array_equal(row["targets"][: n - 1], ex.tokens[1:])
   assert (row["targets"][n - 1 :] == IGNORE_LABEL).all()
   assert (row["segment_ids"][:n] == 1).all() and (row["segment_ids"][n:] == 0).all()
+
+
+def test_identity_tells_tokenizers_of_the_same_size_apart(tmp_path):
+  a = tok_lib.train_bpe(CORPUS, 300)
+  b = tok_lib.train_bpe([t.upper() for t in CORPUS], 300)  # other text, same size
+  assert a.vocab_size == b.vocab_size == 300
+  assert a.identity()["sha256"] != b.identity()["sha256"]
+  a.save(str(tmp_path / "a.json"))
+  reloaded = tok_lib.load_tokenizer_file(str(tmp_path / "a.json"))
+  assert reloaded.identity()["sha256"] == a.identity()["sha256"]
+  assert tok_lib.BytesTokenizer().identity() == tok_lib.BytesTokenizer().identity()
+  (tmp_path / "bad.json").write_text("not json")
+  with pytest.raises(ValueError, match=r"bad.json' is not a readable tokenizer.json \("):
+    tok_lib.load_tokenizer_file(str(tmp_path / "bad.json"))

@@ -144,8 +144,9 @@ def test_corrupt_checkpoint_error(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError) as e:
     ck.restore(2, abstract)
   msg = str(e.value)
-  assert str(tmp_path / "checkpoints" / "2") in msg
-  assert "Delete" in msg and "[1]" in msg
+  assert str(tmp_path / "checkpoints" / "2") in msg and "\n" not in msg
+  # A failed read does not prove damage: no deletion advice, a way to step back instead.
+  assert "Delete" not in msg and "rm " not in msg and "move it aside" in msg and "step 1" in msg
   # Nothing was deleted; the earlier step still restores.
   assert ck.all_steps() == [1, 2]
   _assert_same(ck.restore(1, abstract)["state"], _state(1))
@@ -204,4 +205,140 @@ def test_real_optimizer_state_round_trip(tmp_path):
   u_restored, _ = update(params, out["opt_state"], params)
   u_orig, _ = update(params, opt_state, params)
   _assert_same(u_restored, u_orig)
+  ck.close()
+
+
+def _flip_a_byte(step_dir):
+  """Flips one bit in the middle of the largest array data file of the state item (OCDBT
+  data files: `state/ocdbt.process_*/d/*`)."""
+  files = sorted(step_dir.glob("state/ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+  data = bytearray(files[-1].read_bytes())
+  data[len(data) // 2] ^= 0x10
+  files[-1].write_bytes(bytes(data))
+
+
+def test_flipped_byte_is_found_on_restore(tmp_path):
+  ck = _checkpointer(tmp_path)
+  state = {**_state(1), "w": jax.random.normal(jax.random.PRNGKey(1), (64, 64))}
+  ck.save(1, state, force=True)
+  ck.save(2, state, force=True)
+  ck.wait_until_finished()
+  _flip_a_byte(tmp_path / "checkpoints" / "2")
+  with pytest.raises(ckpt_lib.CorruptCheckpointError) as e:
+    ck.restore(2, _abstract(state))
+  msg = str(e.value)
+  step_dir = str(tmp_path / "checkpoints" / "2")
+  assert f"The checkpoint {step_dir} is corrupt" in msg and "\n" not in msg
+  assert f"Delete it (rm -r {step_dir})" in msg and "resume from step 1" in msg
+  _assert_same(ck.restore(1, _abstract(state))["state"], state)  # the previous one is fine
+  ck.close()
+
+
+def test_checksums_do_not_depend_on_layout_and_see_each_word():
+  from flt_jax.train.checkpoint import integrity
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
+  base = integrity.checksums({"x": x, "b": x.astype(jnp.bfloat16), "f": jnp.array([True, False])})
+  assert base == integrity.checksums(
+    {"x": np.asarray(x), "b": x.astype(jnp.bfloat16), "f": jnp.array([True, False])}
+  )
+  one_word = integrity.checksums({"x": x.at[3, 1].set(x[3, 1] * 2)})["['x']"]
+  swapped = integrity.checksums({"x": x[::-1]})["['x']"]
+  assert one_word[0] != base["['x']"][0] and one_word[1] != base["['x']"][1]
+  assert swapped[0] == base["['x']"][0] and swapped[1] != base["['x']"][1]
+
+
+def _identity(sha="a" * 64):
+  return {"name": "bpe", "vocab_size": 300, "eos_id": 0, "sha256": sha}
+
+
+def test_another_tokenizer_of_the_same_size_is_refused(tmp_path, caplog):
+  ck = ckpt_lib.Checkpointer(
+    tmp_path, config=_config(), every_steps=10, keep=0, async_save=False, tokenizer=_identity()
+  )
+  ck.save(1, _state(1), force=True)
+  ck.close()
+  same = ckpt_lib.Checkpointer(
+    tmp_path, config=_config(), every_steps=10, keep=0, async_save=False, tokenizer=_identity()
+  )
+  same.close()
+  with pytest.raises(ValueError) as e:
+    ckpt_lib.Checkpointer(
+      tmp_path,
+      config=_config(),
+      every_steps=10,
+      keep=0,
+      async_save=False,
+      tokenizer=_identity("b" * 64),
+    )
+  msg = str(e.value)
+  assert "was trained with another tokenizer" in msg and "vocab 300" in msg and "\n" not in msg
+  assert "sha256 aaaaaaaaaaaa" in msg and "sha256 bbbbbbbbbbbb" in msg
+
+
+def test_checkpoint_without_a_tokenizer_record_resumes_with_a_warning(tmp_path, caplog):
+  old = _checkpointer(tmp_path, async_save=False)  # records no tokenizer (as before)
+  old.save(1, _state(1), force=True)
+  old.close()
+  ck = ckpt_lib.Checkpointer(
+    tmp_path, config=_config(), every_steps=10, keep=0, async_save=False, tokenizer=_identity()
+  )
+  assert "records no tokenizer" in caplog.text
+  _assert_same(ck.restore(1, _abstract(_state(1)))["state"], _state(1))
+  ck.close()
+
+
+def test_failed_async_save_is_reported_with_the_free_space(tmp_path, monkeypatch):
+  import errno
+
+  from orbax.checkpoint._src.serialization import serialization
+
+  ck = _checkpointer(tmp_path)
+  ck.save(1, _state(1), force=True)
+  ck.wait_until_finished()
+
+  async def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(serialization, "async_serialize_from_host", no_space)
+  assert ck.save(2, _state(2), force=True)  # started; the write fails in the background
+  with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
+    ck.wait_until_finished()
+  monkeypatch.undo()
+  msg = str(e.value)
+  directory = str(tmp_path / "checkpoints")
+  assert msg.startswith(
+    f"Saving the checkpoint for step 2 to {directory} failed: OSError: [Errno 28]"
+  )
+  assert f"{directory} has " in msg and "free of" in msg and "(shutil.disk_usage)" in msg
+  assert "([1]) are intact" in msg and "resume from step 1" in msg and "\n" not in msg
+  ck.close()  # the failure was reported: closing does not raise it again
+  again = _checkpointer(tmp_path)  # a resumed run
+  assert again.all_steps() == [1]
+  _assert_same(again.restore(1, _abstract(_state(1)))["state"], _state(1))
+  again.save(3, _state(3), force=True)  # Orbax removes the unfinished step-2 files first
+  again.wait_until_finished()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "3"]
+  again.close()
+
+
+def test_save_is_refused_before_writing_when_the_disk_is_too_small(tmp_path, monkeypatch):
+  from flt_jax.train.checkpoint import manager
+
+  ck = _checkpointer(tmp_path, async_save=False)
+  ck.save(1, _state(1), force=True)
+  usage = type("Usage", (), {"free": 1000, "total": 3 << 20, "used": 0})
+  monkeypatch.setattr(manager.shutil, "disk_usage", lambda path: usage)
+  with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
+    ck.save(2, _state(2), force=True)
+  msg = str(e.value)
+  assert msg.startswith(
+    f"Not saving step 2: a checkpoint of this run in {tmp_path / 'checkpoints'} needs about"
+  )
+  assert "has 0.0 MiB free of 3.0 MiB" in msg and "resume from step 1" in msg
+  assert sorted(
+    p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")
+  ) == ["1"]
+  with pytest.raises(ckpt_lib.CheckpointSaveError, match="^Not starting: a checkpoint of this"):
+    ck.check_space(jax.eval_shape(lambda: _state(2)))  # at the start of a run
   ck.close()

@@ -1,8 +1,10 @@
 """The config-compatibility guard: a workdir's checkpoints fit only a model of the same
-shape, so a run whose shape differs is refused before anything is restored or written."""
+shape and the tokenizer they were trained with, so a run whose shape or tokenizer
+differs is refused before anything is restored or written."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,8 +56,37 @@ def check_compatible(saved_config: Mapping, config: Mapping) -> None:
       diffs.append(f"model.{field}: saved {show(a)}, now {show(b)}")
   if diffs:
     raise ValueError(
-      "The checkpoints in this workdir were written by a model with a different shape:\n  "
-      + "\n  ".join(diffs)
-      + "\nUse a new --workdir for the new model, or restore the saved values "
+      "The checkpoints in this workdir were written by a model with a different shape ("
+      + "; ".join(diffs)
+      + "). Use a new --workdir for the new model, or restore the saved values "
       "(e.g. --config.model.<field>=<saved value>)."
+    )
+
+
+def _describe(identity: Mapping) -> str:
+  return (
+    f"{identity.get('name')} tokenizer, vocab {identity.get('vocab_size')}, separator id "
+    f"{identity.get('eos_id')}, sha256 {str(identity.get('sha256'))[:12]}"
+  )
+
+
+def check_tokenizer(saved: Mapping | None, current: Mapping, where) -> None:
+  """Raises ValueError when the tokenizer recorded in the checkpoint `where` differs from
+  this run's (`Tokenizer.identity()`): the same ids would stand for other text. A
+  checkpoint without a record (older versions) is accepted with a warning."""
+  if not saved:
+    logging.warning(
+      "%s records no tokenizer (saved by an older version); not checked that this run's "
+      "tokenizer (%s) is the one it was trained with.",
+      where,
+      _describe(current),
+    )
+    return
+  if saved.get("sha256") != current.get("sha256"):
+    raise ValueError(
+      f"The checkpoint {where} was trained with another tokenizer (saved: "
+      f"{_describe(saved)}; now: {_describe(current)}), so its token ids would stand for "
+      "other text. Use the tokenizer it was trained with (the same data.tokenizer, "
+      "data.tokenizer_path, and for a trained BPE the same training text: data.path, "
+      "data.bpe_train_bytes, data.bpe_vocab_size), or a new --workdir."
     )

@@ -1,7 +1,10 @@
-"""Shared base for every experiment: one ConfigDict, presets by name.
+"""The experiments' shared base: one ConfigDict, presets by name.
 
-Experiment files call `make(variant, loops, preset)`; the preset comes from the
-command line as `--config=experiments/flt_12loop.py:paper`.
+Experiment files (`experiments/*.py`) call `make(variant, loops, preset)`; the preset
+comes from the command line as `--config=experiments/flt_12loop.py:paper`. It lives in
+the package (not next to the experiment files) so that an experiment file loads from
+any working directory: ml_collections loads it by path, and `from flt_jax import
+presets` works wherever flt_jax is importable.
 
 Presets
   cpu       (default) the paper's recipe scaled down: pretrains on the embedded

@@ -1,0 +1,71 @@
+r"""Export a checkpoint's params as the official implementation's state dict (.npz).
+
+  python -m flt_jax.export --workdir=DIR --out=model.npz            # the latest step
+  python -m flt_jax.export --workdir=DIR --step=300 --out=model.npz
+
+Restores the params of a checkpoint of DIR with the config saved in it (as
+`--mode=eval` does) and writes them with `interop.save_reference_npz`: the reference's
+names and torch layouts (`transformer.wte.weight`, `transformer.h.{l}.attn.c_q.weight`,
+..., Linear weights [out, in]), float32. In PyTorch:
+
+  torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in np.load("model.npz").items()})
+
+`interop.load_reference_npz(path, model_cfg)` reads it back into flt_jax params.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from flt_jax import interop, run
+from flt_jax.errors import ConfigError
+from flt_jax.train.checkpoint import CheckpointError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory whose checkpoint to export.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_OUT = flags.DEFINE_string("out", None, "The .npz file to write.")
+
+
+def export_npz(workdir: str, out: str, step: int | None = None) -> dict:
+  """Writes the params of `workdir`'s checkpoint `step` (default: the latest) to `out` as
+  the reference's state dict. Returns {'step', 'path', 'model_cfg', 'names'}."""
+  run_setup, params, step = run.restore_params(workdir, None, step)
+  if jax.process_count() > 1:  # every host holds part of each array: gather them
+    params = multihost_utils.process_allgather(params, tiled=True)
+  else:
+    params = jax.device_get(params)
+  state_dict = interop.to_reference(params, run_setup.model_cfg)
+  if jax.process_index() == 0:
+    path = epath.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+      np.savez(f, **state_dict)
+  return {"step": step, "path": out, "model_cfg": run_setup.model_cfg, "names": sorted(state_dict)}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  if not _WORKDIR.value or not _OUT.value:
+    raise SystemExit("error: --workdir and --out are required, e.g. --workdir=DIR --out=model.npz")
+  try:
+    result = export_npz(_WORKDIR.value, _OUT.value, _STEP.value)
+  except (ConfigError, ValueError, CheckpointError) as e:
+    raise SystemExit(f"error: {e}") from None
+  cfg = result["model_cfg"]
+  if jax.process_index() == 0:
+    print(
+      f"wrote {result['path']}: step {result['step']} of {_WORKDIR.value} as the reference "
+      f"state dict ({len(result['names'])} arrays; {cfg.variant} K={cfg.loops} "
+      f"L={cfg.n_layer} d={cfg.d_model} vocab={cfg.vocab_size} padded to "
+      f"{cfg.padded_vocab_size})"
+    )
+
+
+if __name__ == "__main__":
+  app.run(main)
