@@ -402,18 +402,23 @@ def format_report(report: CompileReport, title: str = "") -> str:
 # Command line.
 # ----------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Experiment config file, optionally with a preset: file.py:preset."
-)
-_TOPOLOGY_FLAG = flags.DEFINE_string(
-  "topology", None, "TPU topology, e.g. v5e:16x16, v4:4x4x4, v6e:8x8, 2xv5e:16x16."
-)
-_VOCAB = flags.DEFINE_integer(
-  "vocab_size",
-  0,
-  "Vocabulary size when config.model.vocab_size is 0 (the tokenizer's, unknown without "
-  f"data); 0 = {DEFAULT_VOCAB_SIZE}, the paper preset's tokenizer.",
-)
+
+def define_flags() -> None:
+  """Defines the command's flags. Called only when the module runs as a program: absl
+  flags are global, so this module imports beside the other commands (flt_jax.main)."""
+  config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally with a preset: file.py:preset."
+  )
+  flags.DEFINE_string(
+    "topology", None, "TPU topology, e.g. v5e:16x16, v4:4x4x4, v6e:8x8, 2xv5e:16x16."
+  )
+  flags.DEFINE_integer(
+    "vocab_size",
+    0,
+    "Vocabulary size when config.model.vocab_size is 0 (the tokenizer's, unknown without "
+    f"data); 0 = {DEFAULT_VOCAB_SIZE}, the paper preset's tokenizer.",
+  )
+  flags.mark_flags_as_required(["config"])
 
 
 def run(config, topology_text: str, vocab_size: int = 0) -> CompileReport:
@@ -431,12 +436,12 @@ def run(config, topology_text: str, vocab_size: int = 0) -> CompileReport:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _TOPOLOGY_FLAG.value:
+  if not flags.FLAGS.topology:
     raise app.UsageError("--topology is required, e.g. --topology=v5e:16x16")
   use_compile_only_tpu()
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   try:
-    report = run(config, _TOPOLOGY_FLAG.value, _VOCAB.value)
+    report = run(config, flags.FLAGS.topology, flags.FLAGS.vocab_size)
   except ConfigError as e:
     raise SystemExit(f"error: {e}") from None
   name = config.get("experiment", "") or config.model.variant
@@ -444,5 +449,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  define_flags()
   app.run(main)

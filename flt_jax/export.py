@@ -25,10 +25,6 @@ from flt_jax import interop, run
 from flt_jax.errors import ConfigError
 from flt_jax.train.checkpoint import CheckpointError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory whose checkpoint to export.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_OUT = flags.DEFINE_string("out", None, "The .npz file to write.")
-
 
 def export_npz(workdir: str, out: str, step: int | None = None) -> dict:
   """Writes the params of `workdir`'s checkpoint `step` (default: the latest) to `out` as
@@ -47,20 +43,28 @@ def export_npz(workdir: str, out: str, step: int | None = None) -> dict:
   return {"step": step, "path": out, "model_cfg": run_setup.model_cfg, "names": sorted(state_dict)}
 
 
+def define_flags() -> None:
+  """Defines the command's flags. Called only when the module runs as a program: absl
+  flags are global, so the commands' functions can be imported side by side."""
+  flags.DEFINE_string("workdir", None, "The run directory whose checkpoint to export.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("out", None, "The .npz file to write.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  if not _WORKDIR.value or not _OUT.value:
+  if not flags.FLAGS.workdir or not flags.FLAGS.out:
     raise SystemExit("error: --workdir and --out are required, e.g. --workdir=DIR --out=model.npz")
   try:
-    result = export_npz(_WORKDIR.value, _OUT.value, _STEP.value)
+    result = export_npz(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
   except (ConfigError, ValueError, CheckpointError) as e:
     raise SystemExit(f"error: {e}") from None
   cfg = result["model_cfg"]
   if jax.process_index() == 0:
     print(
-      f"wrote {result['path']}: step {result['step']} of {_WORKDIR.value} as the reference "
+      f"wrote {result['path']}: step {result['step']} of {flags.FLAGS.workdir} as the reference "
       f"state dict ({len(result['names'])} arrays; {cfg.variant} K={cfg.loops} "
       f"L={cfg.n_layer} d={cfg.d_model} vocab={cfg.vocab_size} padded to "
       f"{cfg.padded_vocab_size})"
@@ -68,4 +72,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

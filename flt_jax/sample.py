@@ -23,19 +23,6 @@ from flt_jax.errors import ConfigError
 from flt_jax.eval.generate import Generator
 from flt_jax.train.checkpoint import CheckpointError, read_saved_config
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory whose checkpoint to sample from.")
-_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (may be empty).")
-_LOOPS = flags.DEFINE_integer("loops", None, "Loop count K' (default: the trained K).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = off.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_STOP = flags.DEFINE_integer(
-  "stop_token", None, "Stop after this token id (default: the tokenizer's eos; -1: never)."
-)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-
 
 class _TextStream:
   """Writes the decoded text of the new tokens as they come: the decode of everything
@@ -110,32 +97,49 @@ def generate_text(
   return stream.close()
 
 
+def define_flags() -> None:
+  """Defines the command's flags. Called only when the module runs as a program: absl
+  flags are global, so the commands' functions can be imported side by side."""
+  flags.DEFINE_string("workdir", None, "Run directory whose checkpoint to sample from.")
+  flags.DEFINE_string("prompt", "", "Text to continue (may be empty).")
+  flags.DEFINE_integer("loops", None, "Loop count K' (default: the trained K).")
+  flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate at most.")
+  flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = off.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer(
+    "stop_token", None, "Stop after this token id (default: the tokenizer's eos; -1: never)."
+  )
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise SystemExit("error: --workdir is required (the run directory to sample from)")
   shown = []
 
   def write(text: str) -> None:  # the prompt first, once generation has started
     if not shown:
       shown.append(True)
-      print(_PROMPT.value, end="", flush=True)
+      print(flags.FLAGS.prompt, end="", flush=True)
     print(text, end="", flush=True)
 
   try:
     generate_text(
-      _WORKDIR.value,
-      _PROMPT.value,
-      loops=_LOOPS.value,
-      max_new_tokens=_MAX_NEW.value,
-      temperature=_TEMPERATURE.value,
-      top_k=_TOP_K.value,
-      top_p=_TOP_P.value,
-      seed=_SEED.value,
-      stop_token=_STOP.value,
-      step=_STEP.value,
+      flags.FLAGS.workdir,
+      flags.FLAGS.prompt,
+      loops=flags.FLAGS.loops,
+      max_new_tokens=flags.FLAGS.max_new_tokens,
+      temperature=flags.FLAGS.temperature,
+      top_k=flags.FLAGS.top_k,
+      top_p=flags.FLAGS.top_p,
+      seed=flags.FLAGS.seed,
+      stop_token=flags.FLAGS.stop_token,
+      step=flags.FLAGS.step,
       write=write,
     )
   except (ConfigError, ValueError, CheckpointError) as e:
@@ -145,4 +149,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -26,19 +26,6 @@ from etils import epath
 
 from flt_jax import run
 
-_EXPERIMENTS = flags.DEFINE_list(
-  "experiments", None, "Experiment names (files in --experiments_dir)."
-)
-_EXPERIMENTS_DIR = flags.DEFINE_string("experiments_dir", "experiments", "Where the files are.")
-_PRESET = flags.DEFINE_string("preset", "cpu", "Preset of every experiment.")
-_STEPS = flags.DEFINE_integer("steps", 150, "Training steps of each run.")
-_LOG_EVERY = flags.DEFINE_integer("log_every", 5, "Diagnostics (norms, gradients) interval.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (local or gs://).")
-_SET = flags.DEFINE_multi_string(
-  "set", [], "Extra override for every run, as section.field=value (e.g. model.d_model=64)."
-)
-flags.mark_flags_as_required(["experiments", "out"])
-
 
 def load_experiment(experiments_dir: str, name: str, preset: str):
   path = epath.Path(experiments_dir) / f"{name}.py"
@@ -203,21 +190,37 @@ def run_study(
   return write_summary(out, rows)
 
 
+def define_flags() -> None:
+  """Defines the command's flags. Called only when the module runs as a program: absl
+  flags are global, so the commands' functions can be imported side by side."""
+  flags.DEFINE_list("experiments", None, "Experiment names (files in --experiments_dir).")
+  flags.DEFINE_string("experiments_dir", "experiments", "Where the files are.")
+  flags.DEFINE_string("preset", "cpu", "Preset of every experiment.")
+  flags.DEFINE_integer("steps", 150, "Training steps of each run.")
+  flags.DEFINE_integer("log_every", 5, "Diagnostics (norms, gradients) interval.")
+  flags.DEFINE_string("out", None, "Output directory (local or gs://).")
+  flags.DEFINE_multi_string(
+    "set", [], "Extra override for every run, as section.field=value (e.g. model.d_model=64)."
+  )
+  flags.mark_flags_as_required(["experiments", "out"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   table = run_study(
-    _EXPERIMENTS.value,
-    out=_OUT.value,
-    steps=_STEPS.value,
-    log_every=_LOG_EVERY.value,
-    preset=_PRESET.value,
-    experiments_dir=_EXPERIMENTS_DIR.value,
-    overrides=_SET.value,
+    flags.FLAGS.experiments,
+    out=flags.FLAGS.out,
+    steps=flags.FLAGS.steps,
+    log_every=flags.FLAGS.log_every,
+    preset=flags.FLAGS.preset,
+    experiments_dir=flags.FLAGS.experiments_dir,
+    overrides=flags.FLAGS.set,
   )
   print(table)
-  print(f"figure: {epath.Path(_OUT.value) / 'study.png'}")
+  print(f"figure: {epath.Path(flags.FLAGS.out) / 'study.png'}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
