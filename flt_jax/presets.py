@@ -74,7 +74,12 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
     c.checkpoint.every_steps = 500
   else:
     c.model.update(shape_for(2))  # d_model 128, one head of 128
-    c.model.remat = "loop"  # measured faster than "none" on 2 CPU cores at K=12
+    # Recompute each block in the backward pass, keeping only its input: on 2 CPU cores
+    # at K=12 this measured fastest (grad 0.85x the time of "none", loop 0.94x), as every
+    # stacked byte costs more there than recomputing it (benchmarks/train_bench.py
+    # --compare_remat).
+    c.model.remat = "block"
+    c.model.remat_policy = "nothing"
     c.optim.muon_momentum_warmup_steps = 30
     c.train.log_every = 10
     c.checkpoint.every_steps = 100

@@ -33,6 +33,61 @@ def causal_window_mask(q_positions_T, k_positions_S, window_left):
   return (delta >= 0) & in_window
 
 
+def _xla_logits(q_BxTxHxD, k_BxSxHkvxD, mask_BxTxS):
+  """Masked float32 scores [B, Hkv, G, T, S] (G = H // Hkv), scaled by 1/sqrt(head_dim)."""
+  B, T, H, D = q_BxTxHxD.shape
+  Hkv = k_BxSxHkvxD.shape[2]
+  q_BxTxHkvxGxD = q_BxTxHxD.reshape(B, T, Hkv, H // Hkv, D)
+  logits = jnp.einsum(
+    "btkgd,bskd->bkgts", q_BxTxHkvxGxD, k_BxSxHkvxD, preferred_element_type=jnp.float32
+  ) / math.sqrt(D)
+  return jnp.where(mask_BxTxS[:, None, None], logits, -jnp.inf)
+
+
+def _xla_probs(logits, row_max, row_sum, dtype):
+  # jax.nn.softmax's arithmetic: exp(x - max) / sum, so forward and backward agree.
+  return (jnp.exp(logits - row_max) / row_sum).astype(dtype)
+
+
+def _xla_attend_fwd(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS):
+  logits = _xla_logits(q_BxTxHxD, k_BxSxHkvxD, mask_BxTxS)
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  row_sum = jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True)
+  probs = _xla_probs(logits, row_max, row_sum, v_BxSxHkvxD.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxHkvxD, preferred_element_type=jnp.float32)
+  out = out.reshape(q_BxTxHxD.shape).astype(q_BxTxHxD.dtype)
+  # Kept for the backward pass: the inputs as given (the tensors the projections' and
+  # norms' backward passes keep too) and the [..., T, 1] softmax statistics; the [T, S]
+  # probabilities are recomputed there (one score matmul) instead of being stored per
+  # layer and loop.
+  return out, (q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS, row_max, row_sum)
+
+
+@jax.custom_vjp
+def _xla_attend(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS):
+  return _xla_attend_fwd(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS)[0]
+
+
+def _xla_attend_bwd(res, g_BxTxHxD):
+  q, k, v, mask, row_max, row_sum = res
+  f32 = jnp.float32
+  B, T, H, D = q.shape
+  Hkv = k.shape[2]
+  probs = _xla_probs(_xla_logits(q, k, mask), row_max, row_sum, v.dtype)
+  g = g_BxTxHxD.astype(v.dtype).reshape(B, T, Hkv, H // Hkv, D)
+  dv = jnp.einsum("bkgts,btkgd->bskd", probs, g, preferred_element_type=f32)
+  dp = jnp.einsum("btkgd,bskd->bkgts", g, v, preferred_element_type=f32)
+  p32 = probs.astype(f32)
+  ds = p32 * (dp - jnp.sum(p32 * dp, axis=-1, keepdims=True)) / math.sqrt(D)
+  ds = ds.astype(q.dtype)
+  dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=f32)
+  dk = jnp.einsum("bkgts,btkgd->bskd", ds, q.reshape(g.shape), preferred_element_type=f32)
+  return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_xla_attend.defvjp(_xla_attend_fwd, _xla_attend_bwd)
+
+
 def xla_attention(
   q_BxTxHxD,
   k_BxSxHkvxD,
@@ -50,25 +105,16 @@ def xla_attention(
   q_offset is the absolute position of the first query (for cached decoding).
   With segment ids, a query sees only keys of its own segment (packed documents).
   `options` (block sizes, windows) only concern kernels; XLA ignores them.
+  The gradient (custom VJP) recomputes the probabilities from the saved softmax
+  statistics rather than keeping them.
   """
   del options
-  B, T, H, D = q_BxTxHxD.shape
-  S, Hkv = k_BxSxHkvxD.shape[1], k_BxSxHkvxD.shape[2]
-  G = H // Hkv
-  q_BxTxHkvxGxD = q_BxTxHxD.reshape(B, T, Hkv, G, D)
-  logits_BxHkvxGxTxS = jnp.einsum(
-    "btkgd,bskd->bkgts", q_BxTxHkvxGxD, k_BxSxHkvxD, preferred_element_type=jnp.float32
-  ) / math.sqrt(D)
+  T, S = q_BxTxHxD.shape[1], k_BxSxHkvxD.shape[1]
   mask_BxTxS = causal_window_mask(jnp.arange(T) + q_offset, jnp.arange(S), window_left)[None]
   if q_segment_ids_BxT is not None:
     same_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
     mask_BxTxS = mask_BxTxS & same_BxTxS
-  logits_BxHkvxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxHkvxGxTxS, -jnp.inf)
-  probs = jax.nn.softmax(logits_BxHkvxGxTxS, axis=-1).astype(v_BxSxHkvxD.dtype)
-  out_BxTxHkvxGxD = jnp.einsum(
-    "bkgts,bskd->btkgd", probs, v_BxSxHkvxD, preferred_element_type=jnp.float32
-  )
-  return out_BxTxHkvxGxD.reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
+  return _xla_attend(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS)
 
 
 @dataclasses.dataclass(frozen=True)

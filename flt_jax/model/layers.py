@@ -165,7 +165,9 @@ def _relu2_matmul_bwd(res, g):
   h, w = res
   r = jax.nn.relu(h)
   lead = tuple(range(h.ndim - 1))
-  dw = jax.lax.dot_general(jnp.square(r), g, ((lead, lead), ((), ())))
+  # dw^T = g^T relu(h)^2, transposed afterwards: the backend lays out the [.., D] operand
+  # g for this product, not the four times larger relu(h)^2.
+  dw = jax.lax.dot_general(g, jnp.square(r), ((lead, lead), ((), ()))).T
   da = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
   return da * (2 * r), dw
 
