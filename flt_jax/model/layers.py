@@ -130,18 +130,15 @@ class Attention(nn.Module):
     q_BxTxHxD = rms_norm(apply_rope(q.reshape(B, T, H, hd), cos, sin))
     k_BxTxHkvxD = rms_norm(apply_rope(k.reshape(B, T, Hkv, hd), cos, sin))
     compute = jnp.dtype(cfg.dtype)
-    # jax.nn.softmax's custom JVP keeps only its output for the backward pass (the
-    # default rule also keeps the masked logits and their exponentials).
-    with jax.softmax_custom_jvp(True):
-      y_BxTxHxD = attention.attend(
-        q_BxTxHxD.astype(compute),
-        k_BxTxHkvxD.astype(compute),
-        v.reshape(B, T, Hkv, hd).astype(compute),
-        window_left=window_left,
-        impl=cfg.attention_impl,
-        q_segment_ids_BxT=segment_ids_BxT,
-        kv_segment_ids_BxS=segment_ids_BxT,
-      )
+    y_BxTxHxD = attention.attend(
+      q_BxTxHxD.astype(compute),
+      k_BxTxHkvxD.astype(compute),
+      v.reshape(B, T, Hkv, hd).astype(compute),
+      window_left=window_left,
+      impl=cfg.attention_impl,
+      q_segment_ids_BxT=segment_ids_BxT,
+      kv_segment_ids_BxS=segment_ids_BxT,
+    )
     y_BxTxHxD = checkpoint_name(y_BxTxHxD, "attn_out")
     return dense(D, ("heads", "embed"), zeros, cfg, "c_proj")(y_BxTxHxD.reshape(B, T, H * hd))
 
