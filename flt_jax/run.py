@@ -184,11 +184,12 @@ class RunSetup:
       f"of {self.model_cfg.seq_len} tokens | {self.n_params['total']:,} params"
     )
 
-  def eval_batches(self) -> data_pipeline.Pipeline:
-    """A fresh pass over this host's validation batches. A fixed batch count keeps every
-    host in step (padding batches carry no targets)."""
+  def eval_batches(self, data_config=None) -> data_pipeline.Pipeline:
+    """A fresh pass over this host's validation batches (of `data_config`, default
+    config.data). A fixed batch count keeps every host in step (padding batches carry no
+    targets)."""
     return data_pipeline.make_pipeline(
-      self.config.data,
+      self.config.data if data_config is None else data_config,
       split="validation",
       seq_len=self.model_cfg.seq_len,
       batch_size=self.config.train.micro_batch_size // jax.process_count(),
@@ -677,6 +678,32 @@ def _h_change_batch(run_setup: RunSetup):
   return batch["inputs"], batch["targets"] != IGNORE_LABEL
 
 
+HOP_METRIC = "answer_accuracy_hops"  # + hop count: the multihop sweep's per-hop accuracy
+
+
+def hop_data_config(data_config, hops: int) -> ml_collections.ConfigDict:
+  """config.data restricted to `hops` hops (hops_min = hops_max = hops), same task seed."""
+  data = ml_collections.ConfigDict(data_config.to_dict())
+  data.multihop.hops_min = data.multihop.hops_max = int(hops)
+  return data
+
+
+def _hop_sweep(run_setup: RunSetup, eval_fn, params, loops_list) -> dict[int, dict[str, float]]:
+  """{K': {answer_accuracy_hops<h>: accuracy}} for every hop count h the run trained on,
+  each on its own validation set (hop_data_config)."""
+  m = run_setup.config.data.multihop
+  out = {int(k): {} for k in loops_list}
+  for hops in range(int(m.hops_min), int(m.hops_max) + 1):
+    batches = functools.partial(
+      run_setup.eval_batches, hop_data_config(run_setup.config.data, hops)
+    )
+    for k, metrics in eval_lib.loop_sweep(
+      eval_fn, params, batches, run_setup.token_bytes_V, loops_list
+    ).items():
+      out[k][f"{HOP_METRIC}{hops}"] = metrics["answer_accuracy"]
+  return out
+
+
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict | None,
   workdir: str,
@@ -689,7 +716,9 @@ def evaluate_checkpoint(
 
   Process 0 writes `<workdir>/eval_step<N>.json` (each K' added to what an earlier
   sweep of the same step wrote), `loop_sweep_step<N>.csv`/`.png`, and TensorBoard
-  scalars under `tb/loop_sweep_step<N>` with K' as the x axis."""
+  scalars under `tb/loop_sweep_step<N>` with K' as the x axis. On multihop data each
+  trained hop count is also evaluated alone (`answer_accuracy_hops<h>`), written as the
+  hops x K' table and heat map `hops_by_loops_step<N>.csv`/`.png`."""
   bad = [k for k in loops_list or [] if k < 1]
   if bad:
     raise config_error("--eval_loops", bad, "every loop count must be >= 1", "e.g. 1,2,4,12")
@@ -699,9 +728,13 @@ def evaluate_checkpoint(
   model_cfg = run_setup.model_cfg
   trained_loops = trained_loops or model_cfg.loops
   loops_list = sorted(set(loops_list or [trained_loops]))
+  eval_fn = run_setup.make_eval_fn()
   results = eval_lib.loop_sweep(
-    run_setup.make_eval_fn(), params, run_setup.eval_batches, run_setup.token_bytes_V, loops_list
+    eval_fn, params, run_setup.eval_batches, run_setup.token_bytes_V, loops_list
   )
+  if run_setup.config.data.source == "multihop":
+    for k, per_hop in _hop_sweep(run_setup, eval_fn, params, loops_list).items():
+      results[k].update(per_hop)
   tokens_BxT, mask_BxT = _h_change_batch(run_setup)
   for k, change in sweep_report.sweep_h_change(
     run_setup.model, params, tokens_BxT, loops_list, mask_BxT
@@ -733,6 +766,20 @@ def _write_sweep(workdir: str, step: int, trained_loops: int, results: dict, tb:
   files = sweep_report.write_sweep_report(
     every_k, trained_loops, workdir, name=f"loop_sweep_step{step}", title=f"step {step}"
   )
+  hop_accuracy = {}  # hops x K', from every K' swept at this step
+  for k, metrics in every_k.items():
+    for name, v in metrics.items():
+      if name.startswith(HOP_METRIC):
+        hop_accuracy.setdefault(int(name.removeprefix(HOP_METRIC)), {})[k] = v
+  if hop_accuracy:
+    hop_files = sweep_report.write_hop_report(
+      hop_accuracy,
+      trained_loops,
+      workdir,
+      name=f"hops_by_loops_step{step}",
+      title=f"answer accuracy by hops, step {step}",
+    )
+    _say(f"wrote {hop_files['csv']} and {hop_files['png']}")
   writer = metrics_lib.MetricsWriter(workdir, enabled=tb, tb_subdir=f"tb/loop_sweep_step{step}")
   for k, metrics in sorted(results.items()):
     finite = {f"loop_sweep/{n}": v for n, v in metrics.items() if np.isfinite(v)}

@@ -7,6 +7,7 @@ import pytest
 
 from flt_jax import config as flt_config
 from flt_jax import run
+from flt_jax.data import synthetic
 
 EXPERIMENTS = sorted(
   p
@@ -48,6 +49,14 @@ def test_experiment_presets_are_valid(path, preset):
     assert c.train.total_batch_tokens == 524_288
     c.data.path, c.data.tokenizer_path = "/data/*.parquet", "/data/tokenizer.json"
   run.resolve_config(c)  # every section, as a run checks it (vocab 0 = the tokenizer's)
+
+
+def test_multihop_preset_trains_on_answers_of_one_to_three_hops():
+  c = load(next(p for p in EXPERIMENTS if p.stem == "flt_12loop")).get_config("multihop")
+  assert c.data.source == "multihop" and c.data.loss_on_answer_only
+  assert (c.data.multihop.hops_min, c.data.multihop.hops_max) == (1, 3)
+  # The longest example fills a row exactly (seq_len + 1 tokens): no padding is trained on.
+  assert synthetic.max_example_length(c.data) == c.model.seq_len + 1
 
 
 def test_unknown_preset_is_a_clear_error():

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from flt_jax import presets, run
+from flt_jax.data import pipeline as data_pipeline
+from flt_jax.eval import sweep_report
 from flt_jax.train import step as step_lib
 from flt_jax.train.checkpoint import Checkpointer
 from flt_jax.workdir_lock import WorkdirLockedError
@@ -258,6 +260,33 @@ def test_eval_from_the_workdir_alone_adds_to_the_results(uninterrupted, capsys):
   assert older[2]["loss"] != first[2]["loss"]
   assert json.loads((workdir / "eval_step3.json").read_text())["step"] == 3
   assert "model:" in (workdir / "config.txt").read_text()
+
+
+def test_hop_data_config_holds_only_that_hop_count():
+  c = tiny_config()
+  data = run.hop_data_config(c.data, 2)
+  assert (data.multihop.hops_min, data.multihop.hops_max) == (2, 2)
+  assert (c.data.multihop.hops_min, c.data.multihop.hops_max) == (1, 2)  # not changed
+  pipeline = data_pipeline.make_pipeline(
+    data, split="validation", seq_len=c.model.seq_len, batch_size=8, num_epochs=1
+  )
+  texts = [pipeline.tokenizer.decode(row) for batch in pipeline for row in batch["inputs"]]
+  assert len(texts) == 8 and all(" hops 2 ? " in t for t in texts)
+
+
+def test_multihop_eval_writes_the_hops_by_loops_table(uninterrupted):
+  """--mode=eval on multihop data: each hop count alone at each K', as a CSV (a row per
+  hop count, a column per K') and a heat-map PNG."""
+  workdir, _ = uninterrupted
+  results = run.evaluate_checkpoint(None, str(workdir), [1, 3])
+  table = sweep_report.read_hop_table(workdir / "hops_by_loops_step6.csv")
+  assert sorted(table) == [1, 2]  # data.multihop.hops_min..hops_max of tiny_config
+  assert {1, 3} <= set(table[1]) and {1, 3} <= set(table[2])
+  for hops, row in table.items():
+    for k in (1, 3):
+      assert row[k] == results[k][f"answer_accuracy_hops{hops}"]
+      assert 0.0 <= row[k] <= 1.0
+  assert (workdir / "hops_by_loops_step6.png").stat().st_size > 1000
 
 
 def test_eval_on_an_empty_workdir_creates_nothing(uninterrupted, tmp_path):
