@@ -64,7 +64,9 @@ def _xla_attend_fwd(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS):
 
 
 @jax.custom_vjp
-def _xla_attend(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS):
+def masked_attention(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS):
+  """Softmax attention under an explicit [B, T, S] mask (float32 scores, scale
+  1/sqrt(head_dim)); the XLA path and cached decoding share it."""
   return _xla_attend_fwd(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS)[0]
 
 
@@ -85,7 +87,7 @@ def _xla_attend_bwd(res, g_BxTxHxD):
   return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_xla_attend.defvjp(_xla_attend_fwd, _xla_attend_bwd)
+masked_attention.defvjp(_xla_attend_fwd, _xla_attend_bwd)
 
 
 def xla_attention(
@@ -114,7 +116,7 @@ def xla_attention(
   if q_segment_ids_BxT is not None:
     same_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
     mask_BxTxS = mask_BxTxS & same_BxTxS
-  return _xla_attend(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS)
+  return masked_attention(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS)
 
 
 @dataclasses.dataclass(frozen=True)

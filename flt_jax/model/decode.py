@@ -30,7 +30,6 @@ for every variant). The training path is untouched.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -65,23 +64,6 @@ class DecodeCache(NamedTuple):
   full: GroupCache | None
   window: GroupCache | None
   length: jax.Array  # int32 []
-
-
-def _attend_slots(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, visible_BxTxS):
-  """Attention over cache slots with an explicit visibility mask; the numerics of
-  attention.xla_attention (float32 scores and softmax, scale 1/sqrt(head_dim))."""
-  B, T, H, D = q_BxTxHxD.shape
-  Hkv = k_BxSxHkvxD.shape[2]
-  q_BxTxHkvxGxD = q_BxTxHxD.reshape(B, T, Hkv, H // Hkv, D)
-  logits_BxHkvxGxTxS = jnp.einsum(
-    "btkgd,bskd->bkgts", q_BxTxHkvxGxD, k_BxSxHkvxD, preferred_element_type=jnp.float32
-  ) / math.sqrt(D)
-  logits_BxHkvxGxTxS = jnp.where(visible_BxTxS[:, None, None], logits_BxHkvxGxTxS, -jnp.inf)
-  probs = jax.nn.softmax(logits_BxHkvxGxTxS, axis=-1).astype(v_BxSxHkvxD.dtype)
-  out_BxTxHkvxGxD = jnp.einsum(
-    "bkgts,bskd->btkgd", probs, v_BxSxHkvxD, preferred_element_type=jnp.float32
-  )
-  return out_BxTxHkvxGxD.reshape(B, T, H, D).astype(q_BxTxHxD.dtype)
 
 
 def slot_positions(position, slots: int, ring: bool):
@@ -152,7 +134,7 @@ class _CachedAttention(nn.Module):
       else:
         k_BxSxHkvxD, v_BxSxHkvxD = slots["k"], slots["v"]
       visible_BxTxS = jnp.broadcast_to(positions_S >= 0, (B, T, positions_S.shape[0]))
-      y_BxTxHxD = _attend_slots(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, visible_BxTxS)
+      y_BxTxHxD = attention.masked_attention(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, visible_BxTxS)
     out = dense(D, ("heads", "embed"), nn.initializers.zeros, cfg, "c_proj")(
       y_BxTxHxD.reshape(B, T, H * hd)
     )
