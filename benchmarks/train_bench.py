@@ -74,6 +74,21 @@ def _remat_overrides(remat: str) -> dict:
   return {"model.remat": place, **({"model.remat_policy": policy} if policy else {})}
 
 
+def _tree_presets(tree: str):
+  """The tree's own preset module, by file path: flt_jax/presets.py, or experiments/base.py
+  in trees older than it (a7440c2). Importing `flt_jax.presets` by name would find an
+  installed (editable) flt_jax's copy in a tree that has none."""
+  import importlib.util
+
+  path = os.path.join(tree, "flt_jax", "presets.py")
+  if not os.path.exists(path):
+    path = os.path.join(tree, "experiments", "base.py")
+  spec = importlib.util.spec_from_file_location("_bench_presets", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def _worker(cases: list[dict], remat: str, reps: int) -> None:
   import functools
 
@@ -89,7 +104,7 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
   from flt_jax.train import step as step_lib
 
   sys.path.insert(0, os.getcwd())
-  from flt_jax import presets
+  presets = _tree_presets(os.getcwd())
 
   built = []
   for case in cases:
