@@ -101,7 +101,7 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
       c.data.loss_on_answer_only = True  # the default for synthetic sources; said here
       # 4 nodes: at 5 the pointer lookup took 1,000-2,250 steps to appear even at K=1 and
       # had not appeared by step 1,250 at K=12; 3 nodes leave many copy shortcuts
-      # (f^2(x) = x for 2/3 of the queries).
+      # (f^2(x) = x for 2/3 of the 2-hop queries).
       c.data.multihop.num_nodes = 4
       c.data.multihop.hops_min = 1
       c.data.multihop.hops_max = 3
@@ -110,7 +110,7 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
       # A small AdamW lr for the embedding: the default is 0.2 x (64/768)**-0.5 = 0.69 per
       # step on entries of std 1 (a choice by reasoning; no full run compared the two).
       c.optim.embedding_lr = 0.02
-      # Muon at its default 0.02 oscillated between 0.41 and 0.66 accuracy for 1,100 steps
+      # Muon at its default 0.02 oscillated between 0.34 and 0.66 accuracy for 1,100 steps
       # (3 nodes, K=12); at 0.005 it passed 0.9 by step 600 (4 nodes). A likely reason: the
       # shared weights are applied twelve times, so each update acts twelve times.
       c.optim.matrix_lr = 0.005
