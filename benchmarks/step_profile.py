@@ -88,9 +88,7 @@ def fused_ops(hlo_text: str) -> dict[str, str]:
   out = {}
   for block in re.split(r"\n(?=%?[\w.\-]+ \()", hlo_text):
     header = block.split(" ", 1)[0].lstrip("%")
-    ops = collections.Counter(
-      op.split("(")[0] for op in re.findall(r"= \S+ ([a-z][\w\-]*)\(", block)
-    )
+    ops = collections.Counter(re.findall(r"= \S+ ([a-z][\w\-]*)\(", block))
     for skip in ("parameter", "bitcast", "constant", "get-tuple-element"):
       ops.pop(skip, None)
     out[header] = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops.most_common(6))
@@ -113,7 +111,8 @@ def op_times(trace_dir: str, names: set[str]) -> tuple[collections.Counter, coll
 def main(argv=None) -> None:
   args = parse_args(argv)
   step, state, batch, tokens, flops = build_step(args.variant, args.loops, args.layers, args.remat)
-  hlo = step.lower(state, batch).compile().as_text()
+  step = step.lower(state, batch).compile()  # one compilation, for the HLO and the runs
+  hlo = step.as_text()
   state, _ = jax.block_until_ready(step(state, batch))
   trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="step_profile_")
   jax.profiler.start_trace(trace_dir)
