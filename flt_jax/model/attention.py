@@ -33,13 +33,25 @@ def causal_window_mask(q_positions_T, k_positions_S, window_left):
   return (delta >= 0) & in_window
 
 
-def _xla_logits(q_BxTxHxD, k_BxSxHkvxD, mask_BxTxS):
-  """Masked float32 scores [B, Hkv, G, T, S] (G = H // Hkv), scaled by 1/sqrt(head_dim)."""
-  B, T, H, D = q_BxTxHxD.shape
-  Hkv = k_BxSxHkvxD.shape[2]
-  q_BxTxHkvxGxD = q_BxTxHxD.reshape(B, T, Hkv, H // Hkv, D)
+def _heads_major(x_BxTxHxD, n_kv_heads: int):
+  """[B, T, H, D] -> [B, Hkv, G, T, D] (G = H // Hkv): the layout of the batched score and
+  value matmuls, so each is one plain batched matmul and XLA adds no transposes around
+  them (a reshape only when H = 1)."""
+  B, T, H, D = x_BxTxHxD.shape
+  return x_BxTxHxD.reshape(B, T, n_kv_heads, H // n_kv_heads, D).transpose(0, 2, 3, 1, 4)
+
+
+def _tokens_major(x_BxHkvxGxTxD):
+  """The inverse of _heads_major: [B, Hkv, G, T, D] -> [B, T, H, D]."""
+  B, Hkv, G, T, D = x_BxHkvxGxTxD.shape
+  return x_BxHkvxGxTxD.transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, D)
+
+
+def _xla_logits(q_BxHkvxGxTxD, k_BxHkvxSxD, mask_BxTxS):
+  """Masked float32 scores [B, Hkv, G, T, S], scaled by 1/sqrt(head_dim)."""
+  D = q_BxHkvxGxTxD.shape[-1]
   logits = jnp.einsum(
-    "btkgd,bskd->bkgts", q_BxTxHkvxGxD, k_BxSxHkvxD, preferred_element_type=jnp.float32
+    "bkgtd,bksd->bkgts", q_BxHkvxGxTxD, k_BxHkvxSxD, preferred_element_type=jnp.float32
   ) / math.sqrt(D)
   return jnp.where(mask_BxTxS[:, None, None], logits, -jnp.inf)
 
@@ -50,17 +62,19 @@ def _xla_probs(logits, row_max, row_sum, dtype):
 
 
 def _xla_attend_fwd(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS):
-  logits = _xla_logits(q_BxTxHxD, k_BxSxHkvxD, mask_BxTxS)
+  Hkv = k_BxSxHkvxD.shape[2]
+  q = _heads_major(q_BxTxHxD, Hkv)
+  k, v = k_BxSxHkvxD.transpose(0, 2, 1, 3), v_BxSxHkvxD.transpose(0, 2, 1, 3)
+  logits = _xla_logits(q, k, mask_BxTxS)
   row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   row_sum = jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True)
-  probs = _xla_probs(logits, row_max, row_sum, v_BxSxHkvxD.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxHkvxD, preferred_element_type=jnp.float32)
-  out = out.reshape(q_BxTxHxD.shape).astype(q_BxTxHxD.dtype)
-  # Kept for the backward pass: the inputs as given (the tensors the projections' and
-  # norms' backward passes keep too) and the [..., T, 1] softmax statistics; the [T, S]
-  # probabilities are recomputed there (one score matmul) instead of being stored per
-  # layer and loop.
-  return out, (q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS, row_max, row_sum)
+  probs = _xla_probs(logits, row_max, row_sum, v.dtype)
+  out = jnp.einsum("bkgts,bksd->bkgtd", probs, v, preferred_element_type=jnp.float32)
+  out = _tokens_major(out).astype(q_BxTxHxD.dtype)
+  # Kept for the backward pass: the inputs in heads-major layout and the [..., T, 1]
+  # softmax statistics; the [T, S] probabilities are recomputed there (one score
+  # matmul) instead of being stored per layer and loop.
+  return out, (q, k, v, mask_BxTxS, row_max, row_sum)
 
 
 @jax.custom_vjp
@@ -71,20 +85,25 @@ def masked_attention(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS):
 
 
 def _xla_attend_bwd(res, g_BxTxHxD):
-  q, k, v, mask, row_max, row_sum = res
+  q, k, v, mask, row_max, row_sum = res  # q [B, Hkv, G, T, D]; k, v [B, Hkv, S, D]
   f32 = jnp.float32
-  B, T, H, D = q.shape
-  Hkv = k.shape[2]
+  D = q.shape[-1]
   probs = _xla_probs(_xla_logits(q, k, mask), row_max, row_sum, v.dtype)
-  g = g_BxTxHxD.astype(v.dtype).reshape(B, T, Hkv, H // Hkv, D)
-  dv = jnp.einsum("bkgts,btkgd->bskd", probs, g, preferred_element_type=f32)
-  dp = jnp.einsum("btkgd,bskd->bkgts", g, v, preferred_element_type=f32)
+  g = _heads_major(g_BxTxHxD.astype(v.dtype), k.shape[1])
+  dv = jnp.einsum("bkgts,bkgtd->bksd", probs, g, preferred_element_type=f32)
+  dp = jnp.einsum("bkgtd,bksd->bkgts", g, v, preferred_element_type=f32)
   p32 = probs.astype(f32)
   ds = p32 * (dp - jnp.sum(p32 * dp, axis=-1, keepdims=True)) / math.sqrt(D)
   ds = ds.astype(q.dtype)
-  dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=f32)
-  dk = jnp.einsum("bkgts,btkgd->bskd", ds, q.reshape(g.shape), preferred_element_type=f32)
-  return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  dq = jnp.einsum("bkgts,bksd->bkgtd", ds, k, preferred_element_type=f32)
+  dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q, preferred_element_type=f32)
+  tokens_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, Hkv, S, D] -> [B, S, Hkv, D]
+  return (
+    _tokens_major(dq).astype(q.dtype),
+    tokens_major(dk).astype(k.dtype),
+    tokens_major(dv).astype(v.dtype),
+    None,
+  )
 
 
 masked_attention.defvjp(_xla_attend_fwd, _xla_attend_bwd)
