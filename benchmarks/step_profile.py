@@ -9,12 +9,15 @@ The case is train_bench.py's (cpu preset, L=2: d_model 128, T=256, B=16; L=4: d_
   - the step's wall time and the model GFLOP/s it reaches (train.metrics.flops_per_token,
     the figure MFU uses; compiled.cost_analysis() counts a scan's body only once);
   - op time summed by kind (the instruction's name without its number: on CPU
-    `ynn_fusion` is a YNNPACK dot with whatever XLA fused around it, `wrapped_broadcast`
+    `ynn_fusion` is a YNNPACK subgraph: dots, reductions and the elementwise ops XLA
+    fused with them, sometimes several dots in one; `wrapped_broadcast`
     a buffer fill, `dynamic-update-slice` fusions the scans' stacked residuals, ...);
   - the costliest instructions: calls per step, time per call, shape, and the ops fused
     into them (e.g. `dot x2, multiply x5`).
 Op times are summed over the runtime's threads, so on a multi-core CPU they can add up
-to more than the wall time when independent ops run at once. The trace stays in
+to more than the wall time when independent ops run at once. Tracing slows the step and
+overlapping ops inflate each other's durations, so the table says where to look; decide
+a change by timing it untraced. The trace stays in
 --trace_dir; TensorBoard's profile plugin (xprof) opens it.
 """
 
@@ -33,15 +36,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.train_bench import SEQ, VOCAB, _set_remat, case_shape  # noqa: E402
+from benchmarks.train_bench import build_case  # noqa: E402
 from flt_jax import presets  # noqa: E402
-from flt_jax.model import config as model_config  # noqa: E402
-from flt_jax.model.looped import LoopedTransformer  # noqa: E402
 from flt_jax.train import metrics  # noqa: E402
-from flt_jax.train import optimizer as optim_lib  # noqa: E402
-from flt_jax.train import state as state_lib  # noqa: E402
 from flt_jax.train import step as step_lib  # noqa: E402
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+?\[[^\]]*\][^ ]*|\([^)]*\)) ", re.M)
@@ -61,26 +59,13 @@ def parse_args(argv=None):
 
 
 def build_step(variant: str, loops: int, layers: int, remat: str):
-  """(jitted train_step, state, batch, tokens and model FLOPs per step), built as the run code builds them."""
-  shape = case_shape(layers)
-  config = presets.make(variant, loops, "cpu")
-  config.model.update({k: v for k, v in shape.items() if k != "batch"})
-  config.model.seq_len, config.model.vocab_size = SEQ, VOCAB
-  _set_remat(config, remat)
-  model = LoopedTransformer(model_config.ModelConfig.from_config(config.model))
-  optimizer = optim_lib.make_optimizer(config.optim, d_model=shape["d_model"], total_steps=1000)
-  state = state_lib.create_train_state(model, optimizer, jax.random.PRNGKey(0), SEQ)
-  # Non-zero projections, so that no multiplication by zero is special.
-  state = state.replace(
-    params=jax.tree_util.tree_map(lambda p: p + 0.01 * jnp.sign(p + 0.5), state.params)
-  )
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (shape["batch"], SEQ + 1), 0, VOCAB)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  """(jitted train_step, state, batch, tokens and model FLOPs per step): train_bench's case."""
+  model, optimizer, state, batch = build_case(presets, variant, loops, layers, remat)
   step = jax.jit(
     functools.partial(step_lib.train_step, model=model, optimizer=optimizer, num_micro=1)
   )
-  flops = metrics.flops_per_token(model.cfg) * shape["batch"] * SEQ
-  return step, state, batch, shape["batch"] * SEQ, flops
+  tokens = batch["inputs"].size
+  return step, state, batch, tokens, metrics.flops_per_token(model.cfg) * tokens
 
 
 def fused_ops(hlo_text: str) -> dict[str, str]:

@@ -89,18 +89,43 @@ def _tree_presets(tree: str):
   return module
 
 
+def build_case(presets, variant: str, loops: int, layers: int, remat: str):
+  """(model, optimizer, train state, batch) of one case, built the way the run code builds
+  them; `presets` is the measured tree's preset module (step_profile.py shares this)."""
+  import jax
+  import jax.numpy as jnp
+
+  from flt_jax.model import config as model_config
+  from flt_jax.model.looped import LoopedTransformer
+  from flt_jax.train import optimizer as optim_lib
+  from flt_jax.train import state as state_lib
+
+  shape = case_shape(layers)
+  config = presets.make(variant, loops, "cpu")
+  config.model.update({k: v for k, v in shape.items() if k != "batch"})
+  config.model.seq_len = SEQ
+  config.model.vocab_size = VOCAB
+  _set_remat(config, remat)
+  cfg = model_config.ModelConfig.from_config(config.model)
+  model = LoopedTransformer(cfg)
+  optimizer = optim_lib.make_optimizer(config.optim, d_model=cfg.d_model, total_steps=1000)
+  state = state_lib.create_train_state(model, optimizer, jax.random.PRNGKey(0), SEQ)
+  # Non-zero projections, so that no multiplication by zero is special.
+  state = state.replace(
+    params=jax.tree_util.tree_map(lambda p: p + 0.01 * jnp.sign(p + 0.5), state.params)
+  )
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (shape["batch"], SEQ + 1), 0, VOCAB)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  return model, optimizer, state, batch
+
+
 def _worker(cases: list[dict], remat: str, reps: int) -> None:
   import functools
 
   import jax
-  import jax.numpy as jnp
   import optax
 
-  from flt_jax.model import config as model_config
-  from flt_jax.model.looped import LoopedTransformer
   from flt_jax.model.loss import loss_fn
-  from flt_jax.train import optimizer as optim_lib
-  from flt_jax.train import state as state_lib
   from flt_jax.train import step as step_lib
 
   sys.path.insert(0, os.getcwd())
@@ -109,22 +134,9 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
   built = []
   for case in cases:
     shape = case_shape(case["layers"])
-    config = presets.make(case["variant"], case["loops"], "cpu")
-    config.model.update({k: v for k, v in shape.items() if k != "batch"})
-    config.model.seq_len = SEQ
-    config.model.vocab_size = VOCAB
-    _set_remat(config, remat)
-    cfg = model_config.ModelConfig.from_config(config.model)
-    model = LoopedTransformer(cfg)
-    optimizer = optim_lib.make_optimizer(config.optim, d_model=cfg.d_model, total_steps=1000)
-    rng = jax.random.PRNGKey(0)
-    state = state_lib.create_train_state(model, optimizer, rng, SEQ)
-    # Non-zero projections, so that no multiplication by zero is special.
-    state = state.replace(
-      params=jax.tree_util.tree_map(lambda p: p + 0.01 * jnp.sign(p + 0.5), state.params)
+    model, optimizer, state, batch = build_case(
+      presets, case["variant"], case["loops"], case["layers"], remat
     )
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (shape["batch"], SEQ + 1), 0, VOCAB)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     step = jax.jit(
       functools.partial(step_lib.train_step, model=model, optimizer=optimizer, num_micro=1),
       donate_argnums=0,

@@ -97,11 +97,11 @@ def _xla_attend_bwd(res, g_BxTxHxD):
   ds = ds.astype(q.dtype)
   dq = jnp.einsum("bkgts,bksd->bkgtd", ds, k, preferred_element_type=f32)
   dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q, preferred_element_type=f32)
-  tokens_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, Hkv, S, D] -> [B, S, Hkv, D]
+  kv_tokens_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, Hkv, S, D] -> [B, S, Hkv, D]
   return (
     _tokens_major(dq).astype(q.dtype),
-    tokens_major(dk).astype(k.dtype),
-    tokens_major(dv).astype(v.dtype),
+    kv_tokens_major(dk).astype(k.dtype),
+    kv_tokens_major(dv).astype(v.dtype),
     None,
   )
 
