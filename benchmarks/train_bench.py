@@ -10,7 +10,9 @@ Shapes: L=2 is the cpu preset's model (d_model 128, one head) at T=256, B=16; L=
 d_model 256 (two heads) at T=256, B=8; vocabulary 257 (the byte tokenizer's), float32.
 
 For every case (variant, K, L) a worker subprocess builds the train step the way the run
-code does (flt_jax.train.state / optimizer / step, jit with a donated state) and times:
+code does (flt_jax.train.state / optimizer / step, jit with a donated state; on the CPU
+devices of the tree's cpu preset, config.mesh.cpu_devices, with the batch split over
+them, column `dev`) and times:
   step   the jitted train_step on a fixed batch (steady state, compile excluded),
   fwd    jit(loss_fn) forward only,
   grad   jit(value_and_grad(loss_fn)),
@@ -130,6 +132,15 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
 
   sys.path.insert(0, os.getcwd())
   presets = _tree_presets(os.getcwd())
+  # The tree's cpu preset may split the host into CPU devices with the batch over them
+  # (config.mesh.cpu_devices, data-parallel); measure the step the way its run does.
+  preset = presets.make("FLT", 1, "cpu")
+  cpu_devices = int(preset.mesh.get("cpu_devices", 0)) if "mesh" in preset else 0
+  if cpu_devices > 1:
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
+  mesh = jax.sharding.Mesh(jax.devices()[: max(1, cpu_devices)], ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
   built = []
   for case in cases:
@@ -137,12 +148,17 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
     model, optimizer, state, batch = build_case(
       presets, case["variant"], case["loops"], case["layers"], remat
     )
+    state, batch = jax.device_put(state, replicated), jax.device_put(batch, rows)
     step = jax.jit(
       functools.partial(step_lib.train_step, model=model, optimizer=optimizer, num_micro=1),
       donate_argnums=0,
+      out_shardings=replicated,
     )
     fwd = jax.jit(lambda p, x, y, model=model: loss_fn(p, model, x, y)[0])
-    grad = jax.jit(jax.value_and_grad(lambda p, x, y, model=model: loss_fn(p, model, x, y)[0]))
+    grad = jax.jit(
+      jax.value_and_grad(lambda p, x, y, model=model: loss_fn(p, model, x, y)[0]),
+      out_shardings=replicated,
+    )
 
     def update(grads, opt_state, params, optimizer=optimizer):
       updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -193,7 +209,7 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
       jax.block_until_ready(b["state"])
       times["step"].append(time.perf_counter() - t0)
     out = {k: min(v) for k, v in times.items()}
-    out.update(tokens=b["tokens"], compile_s=b["compile_s"], remat=remat)
+    out.update(tokens=b["tokens"], compile_s=b["compile_s"], remat=remat, devices=mesh.size)
     print(json.dumps(out), flush=True)
 
 
@@ -389,7 +405,7 @@ def _measure(args, cases, trees) -> None:
 
   med = lambda rows, key: statistics.median(row[key] for row in rows)
   header = (
-    f"{'tree':18} {'case':14} {'remat':22} {'step tok/s':>10} {'step s':>7} {'fwd s':>7} "
+    f"{'tree':18} {'case':14} {'remat':22} {'dev':>3} {'step tok/s':>10} {'step s':>7} {'fwd s':>7} "
     f"{'grad s':>7} {'update s':>8} {'grad/fwd':>8} {'compile s':>9}"
   )
   print("\nTrain step (min over reps, median over rounds)\n" + header)
@@ -399,7 +415,8 @@ def _measure(args, cases, trees) -> None:
       rows = results[n][i]
       step_s = med(rows, "step")
       print(
-        f"{n:18} {label:14} {rows[0]['remat']:22} {rows[0]['tokens'] / step_s:10,.0f} "
+        f"{n:18} {label:14} {rows[0]['remat']:22} {rows[0].get('devices', 1):3} "
+        f"{rows[0]['tokens'] / step_s:10,.0f} "
         f"{step_s:7.3f} {med(rows, 'fwd'):7.3f} {med(rows, 'grad'):7.3f} "
         f"{med(rows, 'update'):8.4f} {med(rows, 'grad') / med(rows, 'fwd'):8.2f} "
         f"{rows[0]['compile_s']:9.1f}"

@@ -351,7 +351,10 @@ class _Reporter:
     self._total_steps, self._tokens_per_step = run_setup.total_steps, run_setup.tokens_per_step
     device = jax.devices()[0]
     self._peak = metrics_lib.peak_flops_per_device(
-      device.platform, device.device_kind, config.metrics.peak_flops_per_device
+      device.platform,
+      device.device_kind,
+      config.metrics.peak_flops_per_device,
+      local_devices=jax.local_device_count(),
     )
     self._flops_per_token = metrics_lib.flops_per_token(self._model_cfg)
     self._writer = metrics_lib.MetricsWriter(workdir, config.metrics.tensorboard, jsonl=True)
@@ -656,9 +659,10 @@ def restore_params(
   if config is None:
     config = ml_collections.ConfigDict(saved)
     # The mesh describes the machine it ran on, not the model: lay the saved run's state
-    # over this machine's devices (all on fsdp), whatever mesh wrote it.
+    # over this machine's devices (all on fsdp, JAX's CPU device count), whatever mesh
+    # wrote it.
     defaults = parallel_config.get_config()
-    for field in parallel_config.MESH_AXES + parallel_config.DCN_FIELDS:
+    for field in parallel_config.MESH_AXES + parallel_config.DCN_FIELDS + ("cpu_devices",):
       config.mesh[field] = defaults[field]
   run_setup = setup(config, workdir, training=False)
   checkpointer = run_setup.checkpointer

@@ -13,3 +13,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Start JAX's backends now, with the devices the environment gives (one CPU device, or
+# the devices8 child's eight): a run's config.mesh.cpu_devices (the cpu preset's 2) then
+# cannot change the device count for the tests that follow in this process.
+jax.devices()

@@ -41,13 +41,16 @@ def tiny_config(**model):
     )
   )
   c.checkpoint.update(dict(every_steps=3, keep=3))
+  # One CPU device, as in this test process (conftest), so that its subprocesses train
+  # bit for bit like it (test_parallel covers the preset's two devices).
+  c.mesh.cpu_devices = 0
   return c
 
 
 def overrides(c):
   """The tiny config as --config.x.y=v flags for a subprocess."""
   flat = []
-  for section in ("model", "data", "train", "checkpoint"):
+  for section in ("model", "data", "train", "checkpoint", "mesh"):
     for k, v in c[section].items():
       if not hasattr(v, "items"):
         flat.append(f"--config.{section}.{k}={v}")
@@ -134,6 +137,29 @@ def test_resume_after_sigkill_equals_uninterrupted_run(uninterrupted, tmp_path):
   want, got = losses(uninterrupted[0]), losses(workdir)
   for step in range(4, STEPS + 1):
     np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-6)
+
+
+def test_two_cpu_devices_train_like_one(uninterrupted, tmp_path):
+  """The cpu preset's mesh (config.mesh.cpu_devices=2, batch over `data`) through the
+  main command: the same losses as the one-device run in this process."""
+  workdir = tmp_path / "two_devices"
+  cmd = [
+    sys.executable,
+    "-m",
+    "flt_jax.main",
+    "--config=experiments/flt_12loop.py",
+    f"--workdir={workdir}",
+    "--config.model.loops=2",
+    *overrides(tiny_config()),
+    "--config.mesh.cpu_devices=2",
+  ]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "devices: data=2 fsdp=1 tensor=1 (2 devices, cpu)" in proc.stdout, proc.stdout
+  want, got = losses(uninterrupted[0]), losses(workdir)
+  assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+  for step in want:
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -13,6 +13,10 @@ Mesh axes, in order of increasing communication (the order `create_device_mesh` 
 slices (multi-slice TPU over the data-centre network) or across hosts of a GPU cluster;
 the global size of an axis is `<axis> * dcn_<axis>`.
 
+`cpu_devices` splits a CPU-only host into several XLA devices before JAX starts: XLA:CPU
+runs batched matmuls and most elementwise fusions on one thread each, so a data-parallel
+mesh over one device per core uses the cores that a single device leaves idle.
+
 `rules.<logical name>` maps a logical axis name carried by the params (Flax
 `nn.with_logical_partitioning`) or by an activation constraint
 (`nn.with_logical_constraint`) to a tuple of mesh axes (MaxText style); an empty tuple
@@ -72,6 +76,13 @@ def get_config() -> ml_collections.ConfigDict:
   # storage every host sees: gs://..., or a local path on a shared filesystem (NFS,
   # Lustre on a GPU cluster) when this is True.
   c.shared_filesystem = False
+  # CPU only: split this host into this many XLA CPU devices (jax_num_cpu_devices) before
+  # JAX starts; 0 keeps JAX's default (one device). XLA:CPU runs each batched matmul and
+  # most elementwise fusions on one thread, so with the batch split over `data` one device
+  # per core keeps the cores busy (the cpu preset: 2). JAX_NUM_CPU_DEVICES or
+  # --xla_force_host_platform_device_count in XLA_FLAGS, when set, win. No effect on the
+  # GPU and TPU devices.
+  c.cpu_devices = 0
   return c
 
 
@@ -128,3 +139,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
   if not isinstance(c.shared_filesystem, bool):
     raise config_error("mesh.shared_filesystem", c.shared_filesystem, "must be True or False")
+  if not _is_int(c.cpu_devices) or c.cpu_devices < 0:
+    raise config_error(
+      "mesh.cpu_devices",
+      c.cpu_devices,
+      "must be a non-negative integer (0 = JAX's default of one CPU device)",
+    )

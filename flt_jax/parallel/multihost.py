@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+from absl import logging
 from jax.experimental import multihost_utils
 
 from flt_jax.errors import ConfigError, config_error
@@ -84,11 +85,47 @@ def should_initialize(
   raise config_error("mesh.distributed", mode, "choose one of ('auto', 'on', 'off')")
 
 
+def cpu_devices_to_set(mesh_config, environ: Mapping[str, str] | None = None) -> int | None:
+  """The CPU device count to give JAX (config.mesh.cpu_devices), or None: the config keeps
+  JAX's default (0), or the environment already chooses (JAX_NUM_CPU_DEVICES, or
+  --xla_force_host_platform_device_count in XLA_FLAGS, as the 8-device tests set it)."""
+  environ = os.environ if environ is None else environ
+  count = int(mesh_config.get("cpu_devices", 0))
+  if count <= 0 or environ.get("JAX_NUM_CPU_DEVICES"):
+    return None
+  if "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", ""):
+    return None
+  return count
+
+
+def configure_cpu_devices(mesh_config, environ: Mapping[str, str] | None = None) -> None:
+  """Applies cpu_devices_to_set before JAX's backends start. Once they have started (an
+  earlier JAX operation in this process, e.g. a caller's own), the count can no longer
+  change: the run goes on with the devices there are and says so."""
+  count = cpu_devices_to_set(mesh_config, environ)
+  if count is None:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    have = len(jax.local_devices(backend="cpu"))
+    if have != count:
+      logging.warning(
+        "config.mesh.cpu_devices=%d not applied: JAX's CPU backend already started with "
+        "%d device(s) in this process; the run uses those. It applies when nothing in the "
+        "process has used JAX before the run starts (as with python -m flt_jax.main).",
+        count,
+        have,
+      )
+
+
 def initialize(
   mesh_config, environ: Mapping[str, str] | None = None, tpu_vm: bool | None = None
 ) -> bool:
-  """Starts jax.distributed when `config.mesh.distributed` asks for it (see
-  should_initialize); returns whether it did. Safe to call twice."""
+  """Sets the CPU device count (configure_cpu_devices), then starts jax.distributed when
+  `config.mesh.distributed` asks for it (see should_initialize); returns whether it did.
+  Safe to call twice."""
+  configure_cpu_devices(mesh_config, environ)
   if not should_initialize(mesh_config.distributed, environ, tpu_vm):
     return False
   if jax.distributed.is_initialized():

@@ -83,12 +83,16 @@ CPU_NOMINAL_PEAK_FLOPS = CPU_NOMINAL_PEAK_FLOPS_PER_CORE * (os.cpu_count() or 1)
 
 
 def peak_flops_per_device(
-  platform: str | None = None, device_kind: str | None = None, override: float = 0.0
+  platform: str | None = None,
+  device_kind: str | None = None,
+  override: float = 0.0,
+  local_devices: int = 1,
 ) -> float | None:
   """Peak bf16 FLOP/s of one device; `override` > 0 wins.
 
   Defaults to jax.devices()[0]. Returns None for an unknown accelerator (MFU
-  is then not reported; set metrics.peak_flops_per_device).
+  is then not reported; set metrics.peak_flops_per_device). On CPU the host's nominal
+  peak is shared by its `local_devices` XLA CPU devices (config.mesh.cpu_devices).
   """
   if override and override > 0:
     return float(override)
@@ -101,7 +105,7 @@ def peak_flops_per_device(
     platform = "gpu"
   kind = (device_kind or "").lower()
   if platform == "cpu":
-    return CPU_NOMINAL_PEAK_FLOPS
+    return CPU_NOMINAL_PEAK_FLOPS / max(1, local_devices)
   for plat, keys, flops in _PEAK_FLOPS:
     if plat == platform and any(key in kind for key in keys):
       return flops

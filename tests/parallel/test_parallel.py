@@ -43,6 +43,7 @@ def test_mesh_section_is_in_the_defaults_and_valid():
     ("tensor", -1, r"config.mesh.tensor=-1 is invalid: only one mesh axis may be -1"),
     ("dcn_fsdp", 0, r"config.mesh.dcn_fsdp=0 is invalid"),
     ("distributed", "yes", r"config.mesh.distributed='yes' is invalid: choose one of"),
+    ("cpu_devices", -1, r"config.mesh.cpu_devices=-1 is invalid: must be a non-negative"),
   ],
 )
 def test_bad_mesh_values_are_named(field, value, message):
@@ -184,6 +185,33 @@ def test_distributed_args_from_the_environment():
   # One process: nothing to start.
   assert not multihost.initialize(parallel_config.get_config(), {}, tpu_vm=False)
   assert multihost.is_main_process()
+
+
+def test_cpu_device_count_comes_from_the_config_unless_the_environment_sets_it():
+  mesh = parallel_config.get_config()
+  assert multihost.cpu_devices_to_set(mesh, {}) is None  # 0: JAX's default
+  mesh.cpu_devices = 2
+  assert multihost.cpu_devices_to_set(mesh, {}) == 2
+  assert multihost.cpu_devices_to_set(mesh, {"XLA_FLAGS": "--xla_cpu_use_thunk_runtime"}) == 2
+  forced = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert multihost.cpu_devices_to_set(mesh, forced) is None
+  assert multihost.cpu_devices_to_set(mesh, {"JAX_NUM_CPU_DEVICES": "4"}) is None
+
+
+def test_cpu_device_count_after_jax_started_is_reported_not_applied(caplog):
+  # conftest started the backends with the environment's device count.
+  have = len(jax.local_devices(backend="cpu"))
+  mesh = parallel_config.get_config()
+  mesh.cpu_devices = have + 2
+  with caplog.at_level("WARNING"):
+    multihost.configure_cpu_devices(mesh, {})
+  assert f"config.mesh.cpu_devices={have + 2} not applied" in caplog.text
+  assert f"already started with {have} device(s)" in caplog.text
+  assert len(jax.local_devices(backend="cpu")) == have
+  caplog.clear()
+  mesh.cpu_devices = have  # what there already is: nothing to say
+  multihost.configure_cpu_devices(mesh, {})
+  assert "not applied" not in caplog.text
 
 
 def test_multi_host_workdir_must_be_shared():

@@ -84,6 +84,9 @@ def test_peak_flops():
   assert m.peak_flops_per_device("cuda", "NVIDIA H200") == 989e12
   assert m.peak_flops_per_device("gpu", "NVIDIA A100-SXM4-40GB") == 312e12
   assert m.peak_flops_per_device("cpu", "cpu") == m.CPU_NOMINAL_PEAK_FLOPS
+  # A host split into CPU devices (config.mesh.cpu_devices) shares its cores among them.
+  assert m.peak_flops_per_device("cpu", "cpu", local_devices=2) == m.CPU_NOMINAL_PEAK_FLOPS / 2
+  assert m.peak_flops_per_device("tpu", "TPU v4", local_devices=4) == 275e12
   assert m.peak_flops_per_device("gpu", "Mystery GPU") is None
   assert m.peak_flops_per_device("gpu", "Mystery GPU", override=5e14) == 5e14
   assert m.peak_flops_per_device() == m.CPU_NOMINAL_PEAK_FLOPS  # Tests: CPU.
