@@ -43,9 +43,7 @@ def main() -> None:
   model, optimizer, state, batch = train_bench.build_case(
     presets, "FLT", args.loops, args.layers, "preset"
   )
-  train_step = functools.partial(
-    step_lib.train_step, model=model, optimizer=optimizer, num_micro=1
-  )
+  train_step = functools.partial(step_lib.train_step, model=model, optimizer=optimizer, num_micro=1)
   devices = jax.devices()
   mesh = jax.sharding.Mesh(devices, ("data",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

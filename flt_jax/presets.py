@@ -8,7 +8,8 @@ presets` works wherever flt_jax is importable.
 
 Presets
   cpu       (default) the paper's recipe scaled down: pretrains on the embedded
-            Python-stdlib text corpus and finishes within minutes on 2 CPU cores.
+            Python-stdlib text corpus and finishes within minutes on 2 CPU cores
+            (two XLA CPU devices, the batch split over them).
   multihop  trains on the embedded multi-hop pointer-chasing task (4 nodes,
             1-3 hops, loss on the answer only; d_model 64, 4 heads, Muon lr
             0.005) for 1,000 steps of 128 examples, about 11 minutes on 2 CPU
@@ -89,8 +90,8 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
     if preset == "cpu":
       # Two XLA CPU devices with the batch split over them: XLA:CPU runs batched matmuls
       # (attention) and elementwise fusions on one thread each, so one device leaves a
-      # core idle. Measured on 2 cores (FLT K=12, benchmarks/train_bench.py): the step
-      # 1.14x at L=2 and 1.20x at L=4 against one device, the same loss.
+      # core idle. Measured on 2 cores (FLT K=12, benchmarks/cpu_devices_bench.py): the
+      # step 1.13-1.22x at L=2 and 1.20x at L=4 against one device, the same loss.
       c.mesh.cpu_devices = 2
       c.mesh.data = -1
       c.mesh.fsdp = 1

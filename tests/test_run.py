@@ -42,7 +42,7 @@ def tiny_config(**model):
   )
   c.checkpoint.update(dict(every_steps=3, keep=3))
   # One CPU device, as in this test process (conftest), so that its subprocesses train
-  # bit for bit like it (test_parallel covers the preset's two devices).
+  # bit for bit like it (test_two_cpu_devices_train_like_one runs the preset's two).
   c.mesh.cpu_devices = 0
   return c
 
