@@ -59,6 +59,20 @@ def overrides(c):
   return flat
 
 
+def main_command(workdir, *extra):
+  """The main command on the tiny config (K=2) in workdir, `extra` flags last."""
+  return [
+    sys.executable,
+    "-m",
+    "flt_jax.main",
+    "--config=experiments/flt_12loop.py",
+    f"--workdir={workdir}",
+    "--config.model.loops=2",
+    *overrides(tiny_config()),
+    *extra,
+  ]
+
+
 def losses(workdir):
   """step -> train loss, the last record of each step winning (a resumed run appends)."""
   out = {}
@@ -143,16 +157,7 @@ def test_two_cpu_devices_train_like_one(uninterrupted, tmp_path):
   """The cpu preset's mesh (config.mesh.cpu_devices=2, batch over `data`) through the
   main command: the same losses as the one-device run in this process."""
   workdir = tmp_path / "two_devices"
-  cmd = [
-    sys.executable,
-    "-m",
-    "flt_jax.main",
-    "--config=experiments/flt_12loop.py",
-    f"--workdir={workdir}",
-    "--config.model.loops=2",
-    *overrides(tiny_config()),
-    "--config.mesh.cpu_devices=2",
-  ]
+  cmd = main_command(workdir, "--config.mesh.cpu_devices=2")
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "devices: data=2 fsdp=1 tensor=1 (2 devices, cpu)" in proc.stdout, proc.stdout
@@ -166,21 +171,11 @@ def test_two_cpu_devices_train_like_one(uninterrupted, tmp_path):
 def test_sigterm_or_ctrl_c_saves_the_step_it_reached(tmp_path, signum):
   workdir = tmp_path / "preempted"
   c = tiny_config()
-  cmd = (
-    [
-      sys.executable,
-      "-m",
-      "flt_jax.main",
-      "--config=experiments/flt_12loop.py",
-      f"--workdir={workdir}",
-      "--config.model.loops=2",
-    ]
-    + overrides(c)
-    + [
-      "--config.train.steps=100000",
-      "--config.checkpoint.every_steps=100000",
-      "--config.train.eval_every=0",
-    ]
+  cmd = main_command(
+    workdir,
+    "--config.train.steps=100000",
+    "--config.checkpoint.every_steps=100000",
+    "--config.train.eval_every=0",
   )
   proc = subprocess.Popen(
     cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
