@@ -91,7 +91,7 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
       # Two XLA CPU devices with the batch split over them: XLA:CPU runs batched matmuls
       # (attention) and elementwise fusions on one thread each, so one device leaves a
       # core idle. Measured on 2 cores (FLT K=12, benchmarks/cpu_devices_bench.py): the
-      # step 1.13-1.22x at L=2 and 1.20x at L=4 against one device, the same loss.
+      # step 1.13-1.22x at L=2 and 1.20-1.21x at L=4 against one device, the same loss.
       c.mesh.cpu_devices = 2
       c.mesh.data = -1
       c.mesh.fsdp = 1
