@@ -45,9 +45,7 @@ def main() -> None:
   )
   train_step = functools.partial(step_lib.train_step, model=model, optimizer=optimizer, num_micro=1)
   devices = jax.devices()
-  mesh = jax.sharding.Mesh(devices, ("data",))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated, rows = train_bench.data_parallel(devices)
   one = (jax.jit(train_step), *jax.device_put((state, batch), devices[0]))
   parallel = (
     jax.jit(train_step, out_shardings=replicated),

@@ -121,6 +121,16 @@ def build_case(presets, variant: str, loops: int, layers: int, remat: str):
   return model, optimizer, state, batch
 
 
+def data_parallel(devices):
+  """(replicated, rows): shardings over a 1-D `data` mesh of `devices` for the state and
+  for the batch split by rows (cpu_devices_bench.py shares this)."""
+  import jax
+
+  mesh = jax.sharding.Mesh(devices, ("data",))
+  P = jax.sharding.PartitionSpec
+  return jax.sharding.NamedSharding(mesh, P()), jax.sharding.NamedSharding(mesh, P("data"))
+
+
 def _worker(cases: list[dict], remat: str, reps: int) -> None:
   import functools
 
@@ -138,9 +148,8 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
   cpu_devices = int(preset.mesh.get("cpu_devices", 0)) if "mesh" in preset else 0
   if cpu_devices > 1:
     jax.config.update("jax_num_cpu_devices", cpu_devices)
-  mesh = jax.sharding.Mesh(jax.devices()[: max(1, cpu_devices)], ("data",))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  devices = jax.devices()[: max(1, cpu_devices)]
+  replicated, rows = data_parallel(devices)
 
   built = []
   for case in cases:
@@ -209,7 +218,7 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
       jax.block_until_ready(b["state"])
       times["step"].append(time.perf_counter() - t0)
     out = {k: min(v) for k, v in times.items()}
-    out.update(tokens=b["tokens"], compile_s=b["compile_s"], remat=remat, devices=mesh.size)
+    out.update(tokens=b["tokens"], compile_s=b["compile_s"], remat=remat, devices=len(devices))
     print(json.dumps(out), flush=True)
 
 

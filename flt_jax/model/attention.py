@@ -47,6 +47,11 @@ def _tokens_major(x_BxHkvxGxTxD):
   return x_BxHkvxGxTxD.transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, D)
 
 
+def _swap_tokens_and_heads(x):
+  """Keys and values: [B, S, Hkv, D] <-> [B, Hkv, S, D]."""
+  return jnp.swapaxes(x, 1, 2)
+
+
 def _xla_logits(q_BxHkvxGxTxD, k_BxHkvxSxD, mask_BxTxS):
   """Masked float32 scores [B, Hkv, G, T, S], scaled by 1/sqrt(head_dim)."""
   D = q_BxHkvxGxTxD.shape[-1]
@@ -64,7 +69,7 @@ def _xla_probs(logits, row_max, row_sum, dtype):
 def _xla_attend_fwd(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, mask_BxTxS):
   Hkv = k_BxSxHkvxD.shape[2]
   q = _heads_major(q_BxTxHxD, Hkv)
-  k, v = k_BxSxHkvxD.transpose(0, 2, 1, 3), v_BxSxHkvxD.transpose(0, 2, 1, 3)
+  k, v = _swap_tokens_and_heads(k_BxSxHkvxD), _swap_tokens_and_heads(v_BxSxHkvxD)
   logits = _xla_logits(q, k, mask_BxTxS)
   row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   row_sum = jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True)
@@ -97,11 +102,10 @@ def _xla_attend_bwd(res, g_BxTxHxD):
   ds = ds.astype(q.dtype)
   dq = jnp.einsum("bkgts,bksd->bkgtd", ds, k, preferred_element_type=f32)
   dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q, preferred_element_type=f32)
-  kv_tokens_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, Hkv, S, D] -> [B, S, Hkv, D]
   return (
     _tokens_major(dq).astype(q.dtype),
-    kv_tokens_major(dk).astype(k.dtype),
-    kv_tokens_major(dv).astype(v.dtype),
+    _swap_tokens_and_heads(dk).astype(k.dtype),
+    _swap_tokens_and_heads(dv).astype(v.dtype),
     None,
   )
 
