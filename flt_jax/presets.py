@@ -93,6 +93,9 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
       # core idle. Measured on 2 cores (FLT K=12, benchmarks/cpu_devices_bench.py): the
       # step 1.13-1.22x at L=2 and 1.20-1.21x at L=4 against one device, the same loss.
       c.mesh.cpu_devices = 2
+      # XLA:CPU's per-step buffers reuse the process's pages instead of faulting fresh ones
+      # in every step (45k page faults a step at the benchmark's K=12 L=2; host_memory.py).
+      c.mesh.cpu_reuse_memory = True
       c.mesh.data = -1
       c.mesh.fsdp = 1
       c.model.seq_len = 128

@@ -662,7 +662,9 @@ def restore_params(
     # over this machine's devices (all on fsdp, JAX's CPU device count), whatever mesh
     # wrote it.
     defaults = parallel_config.get_config()
-    for field in parallel_config.MESH_AXES + parallel_config.DCN_FIELDS + ("cpu_devices",):
+    for field in (
+      parallel_config.MESH_AXES + parallel_config.DCN_FIELDS + ("cpu_devices", "cpu_reuse_memory")
+    ):
       config.mesh[field] = defaults[field]
   run_setup = setup(config, workdir, training=False)
   checkpointer = run_setup.checkpointer

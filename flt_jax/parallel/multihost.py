@@ -18,6 +18,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from flt_jax.errors import ConfigError, config_error
+from flt_jax.parallel import host_memory
 
 # Set by hand (or by launch/gpu_slurm.sbatch) on clusters JAX does not detect itself.
 _COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
@@ -122,9 +123,11 @@ def configure_cpu_devices(mesh_config, environ: Mapping[str, str] | None = None)
 def initialize(
   mesh_config, environ: Mapping[str, str] | None = None, tpu_vm: bool | None = None
 ) -> bool:
-  """Sets the CPU device count (configure_cpu_devices), then starts jax.distributed when
-  `config.mesh.distributed` asks for it (see should_initialize); returns whether it did.
-  Safe to call twice."""
+  """Sets the host allocator (config.mesh.cpu_reuse_memory) and the CPU device count
+  (configure_cpu_devices), then starts jax.distributed when `config.mesh.distributed` asks
+  for it (see should_initialize); returns whether it did. Safe to call twice."""
+  if mesh_config.get("cpu_reuse_memory", False):
+    host_memory.reuse_freed_memory()
   configure_cpu_devices(mesh_config, environ)
   if not should_initialize(mesh_config.distributed, environ, tpu_vm):
     return False
