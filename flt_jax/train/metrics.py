@@ -76,7 +76,7 @@ _PEAK_FLOPS = (
   ("gpu", ("a100",), 312e12),
 )
 # Nominal CPU figure so that MFU prints something on laptops/CI: per core, two
-# 8-lane float32 FMA units at 2.5 GHz (AVX2), 40 GFLOP/s. An estimate, not a
+# 8-lane float32 FMA units at 2.5 GHz (AVX2), 80 GFLOP/s. An estimate, not a
 # measurement of any particular CPU; set metrics.peak_flops_per_device to override.
 CPU_NOMINAL_PEAK_FLOPS_PER_CORE = 2 * 8 * 2 * 2.5e9
 CPU_NOMINAL_PEAK_FLOPS = CPU_NOMINAL_PEAK_FLOPS_PER_CORE * (os.cpu_count() or 1)
