@@ -145,11 +145,11 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
   # The tree's cpu preset may split the host into CPU devices with the batch over them
   # (config.mesh.cpu_devices, data-parallel) and keep freed host memory for reuse
   # (cpu_reuse_memory); measure the step the way its run does.
-  preset = presets.make("FLT", 1, "cpu")
-  cpu_devices = int(preset.mesh.get("cpu_devices", 0)) if "mesh" in preset else 0
+  mesh = presets.make("FLT", 1, "cpu").get("mesh") or {}
+  cpu_devices = int(mesh.get("cpu_devices", 0))
   if cpu_devices > 1:
     jax.config.update("jax_num_cpu_devices", cpu_devices)
-  if "mesh" in preset and preset.mesh.get("cpu_reuse_memory", False):
+  if mesh.get("cpu_reuse_memory", False):
     from flt_jax.parallel import host_memory  # the tree has it when its preset sets it
 
     host_memory.reuse_freed_memory()

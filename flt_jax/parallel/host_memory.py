@@ -33,7 +33,8 @@ _M_ARENA_MAX = -8
 _NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes: about 2 GiB of free top kept
 
 
-def _glibc():
+def glibc_library():
+  """This process's glibc through ctypes, or None elsewhere (macOS, musl)."""
   if not sys.platform.startswith("linux"):
     return None
   try:
@@ -47,7 +48,7 @@ def _glibc():
 
 def reuse_freed_memory() -> bool:
   """Sets glibc's allocator to keep and reuse freed memory; returns whether it could."""
-  libc = _glibc()
+  libc = glibc_library()
   if libc is None:
     logging.info("config.mesh.cpu_reuse_memory: not glibc, the allocator is left as it is")
     return False

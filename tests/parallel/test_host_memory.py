@@ -48,7 +48,7 @@ def _touch_faults(mode: str) -> list[int]:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc (Linux): mallopt")
+@pytest.mark.skipif(host_memory.glibc_library() is None, reason="needs glibc (Linux): mallopt")
 def test_freed_blocks_are_reused_without_page_faults():
   default = _touch_faults("off")
   reused = _touch_faults("on")
