@@ -131,6 +131,23 @@ def data_parallel(devices):
   return jax.sharding.NamedSharding(mesh, P()), jax.sharding.NamedSharding(mesh, P("data"))
 
 
+def preset_cpu_devices(presets):
+  """The CPU devices a run of the tree's cpu preset uses, set up the way its run does: the
+  host split into config.mesh.cpu_devices devices (data-parallel) and freed host memory
+  kept for reuse (cpu_reuse_memory). Call before anything touches a JAX backend."""
+  import jax
+
+  mesh = presets.make("FLT", 1, "cpu").get("mesh") or {}
+  cpu_devices = int(mesh.get("cpu_devices", 0))
+  if cpu_devices > 1:
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
+  if mesh.get("cpu_reuse_memory", False):
+    from flt_jax.parallel import host_memory  # the tree has it when its preset sets it
+
+    host_memory.reuse_freed_memory()
+  return jax.devices()[: max(1, cpu_devices)]
+
+
 def _worker(cases: list[dict], remat: str, reps: int) -> None:
   import functools
 
@@ -142,18 +159,7 @@ def _worker(cases: list[dict], remat: str, reps: int) -> None:
 
   sys.path.insert(0, os.getcwd())
   presets = _tree_presets(os.getcwd())
-  # The tree's cpu preset may split the host into CPU devices with the batch over them
-  # (config.mesh.cpu_devices, data-parallel) and keep freed host memory for reuse
-  # (cpu_reuse_memory); measure the step the way its run does.
-  mesh = presets.make("FLT", 1, "cpu").get("mesh") or {}
-  cpu_devices = int(mesh.get("cpu_devices", 0))
-  if cpu_devices > 1:
-    jax.config.update("jax_num_cpu_devices", cpu_devices)
-  if mesh.get("cpu_reuse_memory", False):
-    from flt_jax.parallel import host_memory  # the tree has it when its preset sets it
-
-    host_memory.reuse_freed_memory()
-  devices = jax.devices()[: max(1, cpu_devices)]
+  devices = preset_cpu_devices(presets)
   replicated, rows = data_parallel(devices)
 
   built = []

@@ -83,6 +83,9 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
     # --compare_remat).
     c.model.remat = "block"
     c.model.remat_policy = "nothing"
+    # The forward ran 1.05-1.2x faster with the layer scan unrolled (four side-by-side
+    # runs at K=12 L=2 and L=4); the train step's time did not change measurably.
+    c.model.unroll_layers = True
     c.optim.muon_momentum_warmup_steps = 30
     c.train.log_every = 10
     c.checkpoint.every_steps = 100

@@ -66,6 +66,10 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; params and loss stay float32
   remat: str = "none"  # where: one of REMAT_PLACES
   remat_policy: str = "nothing"  # what is saved: REMAT_POLICIES key or CHECKPOINT_NAMES list
+  # Run the layer scan fully unrolled (lax.scan unroll=n_layer): the same params and math,
+  # with each layer's static settings (window, query injection) known to the compiler and
+  # no per-layer slicing of the stacked params; compile time grows with n_layer.
+  unroll_layers: bool = False
   attention_impl: str = "xla"
   # Kernel tiles for pallas/splash (0 = the kernel's default for the platform; TPU needs
   # multiples of 128, Triton powers of two >= 16).
@@ -79,7 +83,12 @@ class ModelConfig:
   def from_config(
     cls, c: ml_collections.ConfigDict, tokenizer_vocab_size: int | None = None
   ) -> ModelConfig:
-    """Validates `c` and freezes it; `c.vocab_size=0` takes `tokenizer_vocab_size`."""
+    """Validates `c` and freezes it; `c.vocab_size=0` takes `tokenizer_vocab_size`. A field
+    that `c` lacks (a config saved with a checkpoint before the field existed) takes its
+    default."""
+    missing = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in c}
+    if missing:
+      c = ml_collections.ConfigDict({**c.to_dict(), **missing})
     validate(c)
     values = {f.name: c[f.name] for f in dataclasses.fields(cls)}
     values["vocab_size"] = resolve_vocab_size(c.vocab_size, tokenizer_vocab_size)
@@ -216,6 +225,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field in ("attention_block_q", "attention_block_kv"):
     if not (_positive_int(c[field]) or c[field] == 0):
       fail(field, "must be 0 (the kernel's default) or a positive block size")
-  for field in ("rope_bf16", "separate_documents"):
+  for field in ("rope_bf16", "separate_documents", "unroll_layers"):
     if not isinstance(c[field], bool):
       fail(field, "must be True or False")

@@ -50,6 +50,7 @@ class _LayerStack(nn.Module):
       variable_axes={"params": 0},
       split_rngs={"params": True},
       length=cfg.n_layer,
+      unroll=cfg.n_layer if cfg.unroll_layers else 1,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
     layer_xs = (jnp.asarray(cfg.window_sizes, jnp.int32), jnp.arange(cfg.n_layer))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax._src.ad_checkpoint import saved_residuals  # public only as print_saved_residuals
+from jax.extend import core as jax_core
 
 from flt_jax.model.config import CHECKPOINT_NAMES, ModelConfig, get_config, remat_policy
 from flt_jax.model.layers import Block, rope_tables
@@ -423,6 +424,39 @@ def test_remat_does_not_change_loss_or_gradients(remat, policy):
   loss1, g1 = _value_and_grad(_key(case), 3)(params, toks, targets)
   np.testing.assert_allclose(float(loss1), float(loss0), atol=1e-5, rtol=0)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves(g1)):
+    np.testing.assert_allclose(
+      np.asarray(b), np.asarray(a), atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path)
+    )
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_unrolled_layers_match_the_layer_scan(remat):
+  """unroll_layers changes only how the layer scan is compiled: same params, loss, grads."""
+  scanned = {**REMAT_CASE, "remat": remat}
+  unrolled = {**scanned, "unroll_layers": True}
+  params = noisy_params(_key(scanned))
+  params_shape = lambda key: jax.tree.map(jnp.shape, noisy_params(_key(key)))
+  assert params_shape(unrolled) == params_shape(scanned)
+  toks = tokens()
+
+  def layer_scan_unroll(key):  # the `unroll` of the scans over the n_layer=2 layers
+    model = LoopedTransformer(make_cfg(**key))
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, toks, 3))(params).jaxpr
+    found, todo = set(), [jaxpr]
+    while todo:
+      for eqn in todo.pop().eqns:
+        if eqn.primitive.name == "scan" and eqn.params["length"] == 2:
+          found.add(eqn.params["unroll"])
+        todo += [v.jaxpr for v in eqn.params.values() if isinstance(v, jax_core.ClosedJaxpr)]
+    return found
+
+  assert layer_scan_unroll(scanned) == {1} and layer_scan_unroll(unrolled) == {2}
+  targets = jnp.roll(toks, -1, 1)
+  loss0, g0 = _value_and_grad(_key(scanned), 3)(params, toks, targets)
+  loss1, g1 = _value_and_grad(_key(unrolled), 3)(params, toks, targets)
+  np.testing.assert_allclose(float(loss1), float(loss0), atol=1e-5, rtol=0)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves(g1)):
+    assert float(jnp.abs(a).max()) > 0, jax.tree_util.keystr(path)
     np.testing.assert_allclose(
       np.asarray(b), np.asarray(a), atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path)
     )
