@@ -34,6 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import train_bench  # noqa: E402
+from flt_jax import aot  # noqa: E402
 
 VARIANT, LOOPS = "FLT", 12
 
@@ -48,37 +49,6 @@ def parse_args(argv=None):
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement")
   return p.parse_args(argv)
-
-
-def product_counts(jaxpr, times: int = 1, counts=None) -> collections.Counter:
-  """(lhs shape, rhs shape, dimension numbers) -> how often the jaxpr runs that dot_general,
-  with scan bodies counted once per iteration."""
-  from jax.extend import core
-
-  counts = collections.Counter() if counts is None else counts
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      lhs, rhs = (v.aval for v in eqn.invars)
-      numbers = tuple(tuple(tuple(d) for d in pair) for pair in eqn.params["dimension_numbers"])
-      counts[(lhs.shape, rhs.shape, numbers)] += times
-      continue
-    if name in ("while", "cond"):  # trip counts and taken branches are not static
-      raise ValueError(f"cannot count the products inside a {name} statically")
-    inner = times * (eqn.params["length"] if name == "scan" else 1)
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(sub, core.ClosedJaxpr):
-          product_counts(sub.jaxpr, inner, counts)
-        elif isinstance(sub, core.Jaxpr):
-          product_counts(sub, inner, counts)
-  return counts
-
-
-def product_flops(key) -> float:
-  lhs, rhs, ((lhs_contract, _), (lhs_batch, _)) = key
-  shared = math.prod(lhs[i] for i in lhs_contract) * math.prod(lhs[i] for i in lhs_batch)
-  return 2.0 * math.prod(lhs) * math.prod(rhs) / shared
 
 
 def time_products(keys, devices, reps: int, calls: int = 10) -> dict:
@@ -123,8 +93,8 @@ def count_case(presets, layers: int, remat: str, devices):
   loss = lambda p: loss_fn(p, model, x, y)[0]
   counted = {}
   for part, fn in (("fwd", loss), ("grad", jax.value_and_grad(loss))):
-    counts = product_counts(jax.make_jaxpr(fn)(state.params).jaxpr)
-    gflop = len(devices) * sum(product_flops(k) * n for k, n in counts.items()) / 1e9
+    counts = aot.jaxpr_matmuls(jax.make_jaxpr(fn)(state.params).jaxpr)
+    gflop = len(devices) * sum(aot.matmul_flops(k) * n for k, n in counts.items()) / 1e9
     counted[part] = (counts, gflop)
   return counted, batch["inputs"].size
 

@@ -21,6 +21,7 @@ v6e:8x8), with an `Nx` prefix for N slices (2xv5e:16x16).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -254,28 +255,39 @@ def _sub_jaxprs(params) -> list:
   return found
 
 
-def jaxpr_matmul_flops(jaxpr) -> float:
-  """FLOPs of every dot_general in a jaxpr, sub-jaxprs included: a scan body counts
-  `length` times, a cond its most expensive branch, a while body once (its trip count
-  is not static). The backward pass of a rematerialised function re-runs its forward
-  inside, so recompute is counted."""
-  total = 0.0
+def matmul_flops(key) -> float:
+  """FLOPs of one dot_general given as (lhs shape, rhs shape, dimension numbers)."""
+  lhs_shape, rhs_shape, ((lhs_contract, _), (lhs_batch, _)) = key
+  shared = math.prod(lhs_shape[d] for d in lhs_contract + lhs_batch)
+  return 2.0 * math.prod(lhs_shape) * math.prod(rhs_shape) / shared
+
+
+def jaxpr_matmuls(jaxpr) -> collections.Counter:
+  """How often a jaxpr runs each dot_general, keyed (lhs shape, rhs shape, dimension
+  numbers), sub-jaxprs included: a scan body counts `length` times, a cond its most
+  expensive branch, a while body once (its trip count is not static). The backward pass
+  of a rematerialised function re-runs its forward inside, so recompute is counted."""
+  counts = collections.Counter()
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == "dot_general":
-      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-      lhs_shape = eqn.invars[0].aval.shape
-      out_size = math.prod(eqn.outvars[0].aval.shape)
-      total += 2.0 * out_size * math.prod(lhs_shape[d] for d in lhs_contract)
+      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      numbers = tuple(tuple(tuple(d) for d in pair) for pair in eqn.params["dimension_numbers"])
+      counts[(tuple(lhs), tuple(rhs), numbers)] += 1
       continue
-    inner = [jaxpr_matmul_flops(sub) for sub in _sub_jaxprs(eqn.params)]
-    if not inner:
-      continue
-    if name == "cond":
-      total += max(inner)
-    else:
-      total += eqn.params.get("length", 1) * sum(inner) if name == "scan" else sum(inner)
-  return total
+    inner = [jaxpr_matmuls(sub) for sub in _sub_jaxprs(eqn.params)]
+    if name == "cond" and inner:
+      inner = [max(inner, key=lambda c: sum(matmul_flops(k) * n for k, n in c.items()))]
+    times = eqn.params.get("length", 1) if name == "scan" else 1
+    for sub in inner:
+      for key, n in sub.items():
+        counts[key] += times * n
+  return counts
+
+
+def jaxpr_matmul_flops(jaxpr) -> float:
+  """FLOPs of every dot_general in a jaxpr, counted as `jaxpr_matmuls` counts them."""
+  return sum(matmul_flops(key) * n for key, n in jaxpr_matmuls(jaxpr).items())
 
 
 _HBM_OOM = re.compile(r"RESOURCE_EXHAUSTED: .*HLO temporaries \(([\d.]+)G\)")

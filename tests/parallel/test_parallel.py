@@ -251,3 +251,17 @@ def test_matmul_flops_count_scan_lengths_and_remat():
   assert aot.jaxpr_matmul_flops(jax.make_jaxpr(grad)(x).jaxpr) == 3 * 3 * matmul  # fwd + 2 bwd
   grad_remat = jax.grad(lambda x: forward(x, True))
   assert aot.jaxpr_matmul_flops(jax.make_jaxpr(grad_remat)(x).jaxpr) == 3 * 4 * matmul
+
+
+def test_matmul_counts_key_each_product_by_shapes_and_dimensions():
+  a, w = jnp.ones((4, 6, 8)), jnp.ones((8, 5))
+
+  def f(a, w):
+    y = jax.lax.scan(lambda c, _: (c, jnp.einsum("btd,de->bte", a, w)), 0, None, length=3)[1]
+    return jax.lax.cond(a.sum() > 0, lambda: y @ w.T, lambda: y[..., :1] @ jnp.ones((1, 8)))
+
+  counts = aot.jaxpr_matmuls(jax.make_jaxpr(f)(a, w).jaxpr)
+  plain = ((4, 6, 8), (8, 5), (((2,), (0,)), ((), ())))
+  back = ((3, 4, 6, 5), (5, 8), (((3,), (0,)), ((), ())))  # the costlier branch only
+  assert counts == {plain: 3, back: 1}
+  assert aot.matmul_flops(plain) == 2 * 4 * 6 * 8 * 5
