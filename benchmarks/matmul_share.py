@@ -96,7 +96,7 @@ def count_case(presets, layers: int, remat: str, devices):
     counts = aot.jaxpr_matmuls(jax.make_jaxpr(fn)(state.params).jaxpr)
     gflop = len(devices) * sum(aot.matmul_flops(k) * n for k, n in counts.items()) / 1e9
     counted[part] = (counts, gflop)
-  return counted, batch["inputs"].size
+  return counted
 
 
 def main(argv=None) -> None:
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
   for layers in args.layers:
     for remat in remats:
       counted[layers, remat] = count_case(presets, layers, remat, devices)
-  keys = sorted({k for c, _ in counted.values() for part in c.values() for k in part[0]})
+  keys = sorted({k for c in counted.values() for part in c.values() for k in part[0]})
   print(
     f"{len(keys)} distinct products on {len(devices)} CPU device(s); remats {remats}; "
     f"rounds={args.rounds}, reps={args.reps}",
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     "\ncase           remat        products  GFLOP  mm GFLOP/s  mm fwd s  mm grad s"
     "   fwd s  grad s  step s  real/mm fwd  real/mm grad  grad/fwd: FLOPs  mm  real"
   )
-  for (layers, remat), (counted_parts, _) in counted.items():
+  for (layers, remat), counted_parts in counted.items():
     mm = {
       part: sum(median_s[k] * n for k, n in counts.items())
       for part, (counts, _) in counted_parts.items()

@@ -25,6 +25,24 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
+def with_defaults(saved: dict, reference=None) -> ml_collections.ConfigDict:
+  """A config saved with a checkpoint, with each key it lacks (a field added since it was
+  saved) taken from the defaults; its own values and any unknown keys are kept, so
+  check_keys still refuses what the defaults do not know."""
+  reference = default_config() if reference is None else reference
+
+  def fill(values: dict, defaults) -> dict:
+    out = dict(values)
+    for key, default in defaults.items():
+      if key not in out:
+        out[key] = default.to_dict() if isinstance(default, ml_collections.ConfigDict) else default
+      elif isinstance(default, ml_collections.ConfigDict) and isinstance(out[key], dict):
+        out[key] = fill(out[key], default)
+    return out
+
+  return ml_collections.ConfigDict(fill(saved, reference))
+
+
 def check_keys(config, reference=None, path: str = "") -> None:
   """Raises ConfigError for keys missing from `config` or unknown to the defaults."""
   reference = default_config() if reference is None else reference

@@ -657,7 +657,7 @@ def restore_params(
   is used, so a workdir alone is enough. Nothing is created in the workdir."""
   saved, step = read_saved_config(workdir, step)
   if config is None:
-    config = ml_collections.ConfigDict(saved)
+    config = flt_config.with_defaults(saved)
     # The mesh describes the machine it ran on, not the model: lay the saved run's state
     # over this machine's devices (all on fsdp, JAX's CPU device count), whatever mesh
     # wrote it.

@@ -310,6 +310,24 @@ def test_multihop_eval_writes_the_hops_by_loops_table(uninterrupted):
   assert (workdir / "hops_by_loops_step6.png").stat().st_size > 1000
 
 
+def test_a_checkpoint_saved_before_a_field_existed_restores(uninterrupted, tmp_path):
+  """A saved config without fields added since (here model.unroll_layers and
+  train.log_every) restores from the workdir alone, those fields at their defaults."""
+  workdir, _ = uninterrupted
+  old = tmp_path / "old"
+  shutil.copytree(workdir, old)
+  saved_path = old / "checkpoints" / "6" / "config" / "metadata"
+  saved = json.loads(saved_path.read_text())
+  del saved["model"]["unroll_layers"], saved["train"]["log_every"]
+  saved_path.write_text(json.dumps(saved))
+  run_setup, params, step = run.restore_params(str(old))
+  _, want, _ = run.restore_params(str(workdir))
+  assert step == 6 and run_setup.model_cfg.unroll_layers is False
+  assert run_setup.config.train.log_every == presets.get_base_config().train.log_every
+  for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
 def test_eval_on_an_empty_workdir_creates_nothing(uninterrupted, tmp_path):
   with pytest.raises(ValueError, match="no checkpoints"):
     run.evaluate_checkpoint(None, str(tmp_path / "empty"), [1])

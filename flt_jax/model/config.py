@@ -83,12 +83,7 @@ class ModelConfig:
   def from_config(
     cls, c: ml_collections.ConfigDict, tokenizer_vocab_size: int | None = None
   ) -> ModelConfig:
-    """Validates `c` and freezes it; `c.vocab_size=0` takes `tokenizer_vocab_size`. A field
-    that `c` lacks (a config saved with a checkpoint before the field existed) takes its
-    default."""
-    missing = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in c}
-    if missing:
-      c = ml_collections.ConfigDict({**c.to_dict(), **missing})
+    """Validates `c` and freezes it; `c.vocab_size=0` takes `tokenizer_vocab_size`."""
     validate(c)
     values = {f.name: c[f.name] for f in dataclasses.fields(cls)}
     values["vocab_size"] = resolve_vocab_size(c.vocab_size, tokenizer_vocab_size)

@@ -3,7 +3,6 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import pytest
 
 from flt_jax.model.config import ModelConfig, get_config
@@ -103,10 +102,3 @@ def test_zero_loops_at_call_raises():
   model, params = _model_and_params()
   with pytest.raises(ValueError, match="loops"):
     model.apply({"params": params}, jnp.zeros((1, 8), jnp.int32), 0)
-
-
-def test_a_section_saved_before_a_field_existed_takes_its_default():
-  saved = _config().to_dict()
-  del saved["unroll_layers"]
-  cfg = ModelConfig.from_config(ml_collections.ConfigDict(saved))
-  assert cfg.unroll_layers is False and cfg.d_model == SMALL["d_model"]
