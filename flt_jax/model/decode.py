@@ -123,7 +123,12 @@ class _CachedAttention(nn.Module):
       else:
         k_BxTxHkvxD, v_BxTxHkvxD = entry["k"], entry["v"]
       y_BxTxHxD = attention.attend(
-        q_BxTxHxD, k_BxTxHkvxD, v_BxTxHkvxD, window_left=window_left, impl=cfg.attention_impl
+        q_BxTxHxD,
+        k_BxTxHkvxD,
+        v_BxTxHkvxD,
+        window_left=window_left,
+        impl=cfg.attention_impl,
+        options=cfg.attention_options,
       )
     else:
       read_entries, positions_S = step

@@ -136,6 +136,7 @@ class Attention(nn.Module):
       v.reshape(B, T, Hkv, hd).astype(compute),
       window_left=window_left,
       impl=cfg.attention_impl,
+      options=cfg.attention_options,
       q_segment_ids_BxT=segment_ids_BxT,
       kv_segment_ids_BxS=segment_ids_BxT,
     )
