@@ -109,7 +109,6 @@ class RunSetup:
   rules: tuple  # logical axis name -> mesh axes (config.mesh.rules)
   state_shardings: state_lib.TrainState  # a NamedSharding per leaf of the unboxed state
   batch_sharding: jax.sharding.NamedSharding  # [B, T] batches: B over data x fsdp
-  checkpointer: Checkpointer
   tokenizer: Tokenizer
   token_bytes_V: np.ndarray  # int32 [V]: UTF-8 bytes of each token, for bits per byte
   train_pipeline: data_pipeline.Pipeline | None  # None when only evaluating
@@ -249,8 +248,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
     )
   if training and config.train.eval_every:
     _check_validation_data(config, model_cfg.seq_len, tokenizer)
-  # Refuses an unwritable workdir, or one whose saved model shape differs.
-  checkpointer = Checkpointer.from_config(workdir, config, tokenizer=tokenizer.identity())
   return RunSetup(
     config=config,
     model_cfg=model_cfg,
@@ -261,13 +258,23 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
     rules=rules,
     state_shardings=state_shardings,
     batch_sharding=sharding_lib.batch_sharding(mesh, rules),
-    checkpointer=checkpointer,
     tokenizer=tokenizer,
     token_bytes_V=np.asarray(tokenizer.token_bytes, np.int32),
     train_pipeline=train_pipeline,
     num_micro=num_micro,
     total_steps=total_steps,
     n_params=n_params,
+  )
+
+
+def open_checkpointer(run_setup: RunSetup, workdir: str, *, read_only: bool) -> Checkpointer:
+  """The workdir's checkpoints: writable for the run that holds the workdir lock (it
+  alone may clean up unfinished saves), read-only for every reader (eval, sample,
+  export), which never writes, deletes or cleans anything, so it can run beside a live
+  run. Refuses an unwritable workdir (writable only), or one whose saved model shape or
+  tokenizer differs."""
+  return Checkpointer.from_config(
+    workdir, run_setup.config, tokenizer=run_setup.tokenizer.identity(), read_only=read_only
   )
 
 
@@ -424,9 +431,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   run_setup = setup(config, workdir, training=True)
   # One run per workdir (process 0 holds it); a stale lock from a killed run is taken over.
+  # Taken before the checkpointer opens: opening it writable cleans up unfinished saves,
+  # which would delete a live run's in-flight save if a second run got that far.
   lock = WorkdirLock(workdir, enabled=jax.process_index() == 0).acquire()
   try:
-    return _train(run_setup, workdir)
+    checkpointer = open_checkpointer(run_setup, workdir, read_only=False)
+    return _train(run_setup, checkpointer, workdir)
   finally:
     lock.release()
 
@@ -513,8 +523,8 @@ def _profile_window(profile_steps: str) -> tuple[int, int] | None:
   return start, stop
 
 
-def _train(run_setup: RunSetup, workdir: str) -> dict:
-  config, checkpointer = run_setup.config, run_setup.checkpointer
+def _train(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str) -> dict:
+  config = run_setup.config
   total_steps, train = run_setup.total_steps, config.train
   train_iter = iter(run_setup.train_pipeline)
   latest = checkpointer.latest_step()
@@ -667,7 +677,7 @@ def restore_params(
     ):
       config.mesh[field] = defaults[field]
   run_setup = setup(config, workdir, training=False)
-  checkpointer = run_setup.checkpointer
+  checkpointer = open_checkpointer(run_setup, workdir, read_only=True)
   try:
     checkpointer.check_param_shapes(step, run_setup.abstract_state.params)
     params = checkpointer.restore(step, run_setup.restore_target)["state"].params

@@ -107,7 +107,7 @@ def lr_multiplier(step, total_steps: int, warmup_steps: int = 0, warmdown_frac: 
   elif s <= total_steps - warmdown:
     m = 1.0
   else:
-    m = (total_steps - s) / warmdown
+    m = (total_steps - s) / max(warmdown, 1)
   return float(min(max(m, 0.0), 1.0))
 
 

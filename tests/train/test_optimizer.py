@@ -83,6 +83,11 @@ def test_lr_multiplier_values():
       f(s, 10), abs=1e-6
     )
   assert opt_lib.lr_multiplier(5, 10, 0, 0.0) == 1.0  # No warm-down.
+  # A horizon too short for a warm-down step: past it the multiplier is 0 on both paths
+  # (a resumed run asks for steps beyond a shortened horizon).
+  for s in (2, 40):
+    assert opt_lib.lr_multiplier(s, 1, 0, 0.2) == 0.0
+    assert float(opt_lib.lr_multiplier(jnp.int32(s), 1, 0, 0.2)) == 0.0
 
 
 def test_muon_momentum_values():

@@ -143,6 +143,10 @@ class Checkpointer:
     tokenizer: the tokenizer's identity (`Tokenizer.identity()`), recorded with every
       checkpoint; a workdir whose latest checkpoint recorded another one is refused
       (`guard.check_tokenizer`). None: neither recorded nor checked.
+    read_only: for readers (eval, sample, export) beside a possibly live run: nothing is
+      created, written, deleted or cleaned up (Orbax's read_only manager), and `save`
+      is refused. Only the run holding the workdir lock opens it writable: a writable
+      manager removes unfinished saves, which would delete a live run's in-flight save.
 
   Every save also records checksums of the state's arrays (`integrity`); `restore`
   verifies them and raises CorruptCheckpointError on a mismatch.
@@ -157,26 +161,42 @@ class Checkpointer:
     keep: int,
     async_save: bool,
     tokenizer: Mapping[str, Any] | None = None,
+    read_only: bool = False,
   ):
-    self._directory = ensure_writable_dir(epath.Path(workdir) / "checkpoints")
+    self._read_only = bool(read_only)
+    if self._read_only:
+      self._directory = epath.Path(workdir) / "checkpoints"
+      if not self._directory.is_dir():
+        raise ValueError(
+          f"no checkpoints in {workdir} ({self._directory} does not exist); check --workdir, "
+          "or train first with --mode=train"
+        )
+    else:
+      self._directory = ensure_writable_dir(epath.Path(workdir) / "checkpoints")
     self._config = guard.config_json(config)
     self._tokenizer = dict(tokenizer) if tokenizer is not None else None
     self._pending: int | None = None  # step of an asynchronous save not yet confirmed
     self._failed = False
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=int(keep) or None,
-      enable_async_checkpointing=bool(async_save),
-      create=True,
-      # Unfinished saves (`<step>.orbax-checkpoint-tmp*`, e.g. left by a full disk) are
-      # removed at start; finished checkpoints are never touched by this.
-      cleanup_tmp_directories=True,
-      # The interval alone: not Orbax's default extra save at the first step of a fresh
-      # run; preemption saves are forced by the loop (PreemptionHandler).
-      save_decision_policy=checkpoint_managers.FixedIntervalPolicy(int(every_steps)),
-    )
+    if self._read_only:
+      with _quiet_absl():  # Orbax warns which options read_only turns off
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(keep) or None,
+        enable_async_checkpointing=bool(async_save),
+        create=True,
+        # Unfinished saves (`<step>.orbax-checkpoint-tmp*`, e.g. left by a full disk or a
+        # killed run) are removed at start; finished checkpoints are never touched by
+        # this. Only the lock holder gets here (read_only above for everyone else).
+        cleanup_tmp_directories=True,
+        # The interval alone: not Orbax's default extra save at the first step of a fresh
+        # run; preemption saves are forced by the loop (PreemptionHandler).
+        save_decision_policy=checkpoint_managers.FixedIntervalPolicy(int(every_steps)),
+      )
     self._log_filter = _HeldOrbaxErrors()
     logging.getLogger("absl").addFilter(self._log_filter)
-    self._manager = ocp.CheckpointManager(self._directory, options=options)
+    with _quiet_absl() if self._read_only else contextlib.nullcontext():
+      self._manager = ocp.CheckpointManager(self._directory, options=options)
     latest = self.latest_step()
     if latest is not None:
       saved = self.restore_config(latest)
@@ -189,7 +209,9 @@ class Checkpointer:
         )
 
   @classmethod
-  def from_config(cls, workdir, config, tokenizer: Mapping[str, Any] | None = None) -> Checkpointer:
+  def from_config(
+    cls, workdir, config, tokenizer: Mapping[str, Any] | None = None, read_only: bool = False
+  ) -> Checkpointer:
     """Built from `config.checkpoint` (every_steps, keep, async_save)."""
     c = config.checkpoint
     return cls(
@@ -199,6 +221,7 @@ class Checkpointer:
       keep=c.keep,
       async_save=c.async_save,
       tokenizer=tokenizer,
+      read_only=read_only,
     )
 
   @property
@@ -300,6 +323,8 @@ class Checkpointer:
     directory's filesystem has less free space than the state needs (checked before
     anything is written)."""
     step = int(step)
+    if self._read_only:
+      raise CheckpointError(f"{self._directory} was opened read-only; not saving step {step}.")
     if step in self._manager.all_steps():
       logging.info("Checkpoint for step %d already exists; not saving.", step)
       return False

@@ -20,8 +20,9 @@ def test_run_layer_trains_and_checkpoints_on_the_mesh(capsys):
   printed = capsys.readouterr().out
   assert "data=2 fsdp=4 tensor=1 (8 devices" in printed  # the startup line
   run_setup = run.setup(run_config.config(steps=2, data=2, fsdp=4), workdir, training=False)
-  state = run_setup.checkpointer.restore(2, run_setup.restore_target)["state"]
-  run_setup.checkpointer.close()
+  checkpointer = run.open_checkpointer(run_setup, workdir, read_only=True)
+  state = checkpointer.restore(2, run_setup.restore_target)["state"]
+  checkpointer.close()
   kernel = state.params["blocks"]["layers"]["block"]["mlp"]["c_fc"]["kernel"]
   assert len(kernel.sharding.device_set) == 8
   assert jax.device_count() == 8
