@@ -15,13 +15,14 @@ names and torch layouts (`transformer.wte.weight`, `transformer.h.{l}.attn.c_q.w
 
 from __future__ import annotations
 
+import io
+
 import jax
 import numpy as np
 from absl import app, flags, logging
-from etils import epath
 from jax.experimental import multihost_utils
 
-from flt_jax import interop, run
+from flt_jax import files, interop, run
 from flt_jax.errors import ConfigError
 from flt_jax.train.checkpoint import CheckpointError
 
@@ -29,6 +30,7 @@ from flt_jax.train.checkpoint import CheckpointError
 def export_npz(workdir: str, out: str, step: int | None = None) -> dict:
   """Writes the params of `workdir`'s checkpoint `step` (default: the latest) to `out` as
   the reference's state dict. Returns {'step', 'path', 'model_cfg', 'names'}."""
+  files.check_writable_file(out)  # a bad --out is named before the restore's work
   run_setup, params, step = run.restore_params(workdir, None, step)
   if jax.process_count() > 1:  # every host holds part of each array: gather them
     params = multihost_utils.process_allgather(params, tiled=True)
@@ -36,10 +38,10 @@ def export_npz(workdir: str, out: str, step: int | None = None) -> dict:
     params = jax.device_get(params)
   state_dict = interop.to_reference(params, run_setup.model_cfg)
   if jax.process_index() == 0:
-    path = epath.Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-      np.savez(f, **state_dict)
+    buffer = io.BytesIO()
+    np.savez(buffer, **state_dict)
+    # Whole or not at all: a kill or a full disk mid-write leaves the previous file.
+    files.write_atomic(out, buffer.getvalue())
   return {"step": step, "path": out, "model_cfg": run_setup.model_cfg, "names": sorted(state_dict)}
 
 
@@ -59,7 +61,7 @@ def main(argv):
     raise SystemExit("error: --workdir and --out are required, e.g. --workdir=DIR --out=model.npz")
   try:
     result = export_npz(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
-  except (ConfigError, ValueError, CheckpointError) as e:
+  except (ConfigError, ValueError, CheckpointError, files.FileWriteError) as e:
     raise SystemExit(f"error: {e}") from None
   cfg = result["model_cfg"]
   if jax.process_index() == 0:

@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from flt_jax import run
 from flt_jax.errors import ConfigError
+from flt_jax.files import FileWriteError
 from flt_jax.train.checkpoint import CheckpointError
 from flt_jax.workdir_lock import WorkdirLockedError
 
@@ -121,7 +122,14 @@ def main(argv):
     else:
       loops = parse_loops(_EVAL_LOOPS.value)
       run.evaluate_checkpoint(config, _WORKDIR.value, loops, _EVAL_STEP.value)
-  except (ConfigError, ValueError, CheckpointError, run.NonFiniteError, WorkdirLockedError) as e:
+  except (
+    ConfigError,
+    ValueError,
+    CheckpointError,
+    run.NonFiniteError,
+    WorkdirLockedError,
+    FileWriteError,
+  ) as e:
     raise SystemExit(f"error: {e}") from None
 
 

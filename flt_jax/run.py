@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import signal
 import time
@@ -38,6 +39,7 @@ from flt_jax.errors import config_error
 from flt_jax.eval import evaluate as eval_lib
 from flt_jax.eval import step as eval_step_lib
 from flt_jax.eval import sweep_report
+from flt_jax.files import write_atomic
 from flt_jax.model import config as model_config_lib
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.parallel import config as parallel_config
@@ -53,6 +55,7 @@ from flt_jax.train.checkpoint import (
   Checkpointer,
   CheckpointSaveError,
   PreemptionHandler,
+  ensure_writable_dir,
   read_saved_config,
 )
 from flt_jax.workdir_lock import WorkdirLock
@@ -364,7 +367,9 @@ class _Reporter:
       local_devices=jax.local_device_count(),
     )
     self._flops_per_token = metrics_lib.flops_per_token(self._model_cfg)
-    self._writer = metrics_lib.MetricsWriter(workdir, config.metrics.tensorboard, jsonl=True)
+    self._writer = metrics_lib.MetricsWriter(
+      workdir, config.metrics.tensorboard, jsonl=True, warn=_say
+    )
     self._console = metrics_lib.ConsoleLogger(self._total_steps, print_fn=_say)
     self._start = start
     self._t_last, self._step_last = time.time(), start
@@ -433,6 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # One run per workdir (process 0 holds it); a stale lock from a killed run is taken over.
   # Taken before the checkpointer opens: opening it writable cleans up unfinished saves,
   # which would delete a live run's in-flight save if a second run got that far.
+  ensure_writable_dir(workdir)  # a clear error for a workdir under a file or read-only
   lock = WorkdirLock(workdir, enabled=jax.process_index() == 0).acquire()
   try:
     checkpointer = open_checkpointer(run_setup, workdir, read_only=False)
@@ -447,7 +453,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   text = str(config)
-  (epath.Path(workdir) / "config.txt").write_text(text)
+  write_atomic(epath.Path(workdir) / "config.txt", text)
   if config.metrics.tensorboard:
     writer = metrics_lib.MetricsWriter(workdir, enabled=True)
     writer.write_text("config", "```\n" + text + "\n```")
@@ -536,11 +542,12 @@ def _train(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str) -> dic
   else:
     saved = checkpointer.restore_config(latest)
     _warn_if_schedule_changed(run_setup, saved, latest)
-    data_item = {}
+    data_item, verify = {}, {}
     if config.checkpoint.restore_data:
       _check_data_stream(run_setup, saved, checkpointer.directory / str(latest))
       data_item = {"data": data_pipeline.checkpoint_args_restore(train_iter)}
-    state = checkpointer.restore(latest, run_setup.restore_target, data_item)["state"]
+      verify = {"data": train_iter.get_state}  # the position as restored, checksummed
+    state = checkpointer.restore(latest, run_setup.restore_target, data_item, verify)["state"]
     fresh = "" if data_item else " (data stream restarted: checkpoint.restore_data=False)"
     _say(f"resumed from {checkpointer.directory} at step {latest}{fresh}")
   _write_config(run_setup.config, workdir)
@@ -637,7 +644,13 @@ def _train(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str) -> dic
         if save_now or preempted:
           # Orbax decides interval saves; the last step and a preemption are forced.
           data_item = {"data": data_pipeline.checkpoint_args_save(train_iter)}
-          checkpointer.save(step, state, data_item, force=step == total_steps or preempted)
+          checkpointer.save(
+            step,
+            state,
+            data_item,
+            force=step == total_steps or preempted,
+            extra_states={"data": train_iter.get_state()},
+          )
         if preempted:
           checkpointer.wait_until_finished()
           _say(
@@ -720,6 +733,42 @@ def _hop_sweep(run_setup: RunSetup, eval_fn, params, loops_list) -> dict[int, di
   return out
 
 
+def _eval_data(run_setup: RunSetup, saved: dict) -> tuple[str, dict]:
+  """(file-name suffix, record) of the data a sweep evaluates on: '' for the run's own
+  validation data, '_data-<hash>' for other data, so a sweep on another corpus writes
+  under its own name instead of over the run's rows."""
+  data = run_setup.config.data.to_dict()
+  record = {
+    "source": data["source"],
+    "path": data["path"],
+    "eval_steps": int(run_setup.config.train.eval_steps),
+    "micro_batch_size": int(run_setup.config.train.micro_batch_size),
+  }
+  own = flt_config.with_defaults(saved).data.to_dict()
+  if data == own:
+    return "", record
+  digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+  return f"_data-{digest[:8]}", record
+
+
+def _read_sweep_table(path: epath.Path) -> dict:
+  """The loops already written to `path` by earlier sweeps of the same step and data, read
+  before any work; ValueError naming the file if it is not a sweep table."""
+  if not path.exists():
+    return {}
+  try:
+    table = json.loads(path.read_text())
+    loops = table["loops"]
+    if not isinstance(loops, dict):
+      raise TypeError("'loops' is not an object")
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+      f"{path} is not a loop-sweep table ({type(e).__name__}: {e}); move it aside (mv {path} "
+      f"{path}.bad) to start a new table for this step"
+    ) from None
+  return loops
+
+
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict | None,
   workdir: str,
@@ -734,13 +783,18 @@ def evaluate_checkpoint(
   sweep of the same step wrote), `loop_sweep_step<N>.csv`/`.png`, and TensorBoard
   scalars under `tb/loop_sweep_step<N>` with K' as the x axis. On multihop data each
   trained hop count is also evaluated alone (`answer_accuracy_hops<h>`), written as the
-  hops x K' table and heat map `hops_by_loops_step<N>.csv`/`.png`."""
+  hops x K' table and heat map `hops_by_loops_step<N>.csv`/`.png`. Data other than the
+  run's own validation data writes under `..._step<N>_data-<hash>` names, and every
+  table records its data. Each file is written whole (a kill leaves the previous one)."""
   bad = [k for k in loops_list or [] if k < 1]
   if bad:
     raise config_error("--eval_loops", bad, "every loop count must be >= 1", "e.g. 1,2,4,12")
   saved, step = read_saved_config(workdir, step)
   trained_loops = int(saved.get("model", {}).get("loops", 0)) or None
   run_setup, params, step = restore_params(workdir, config, step)
+  suffix, data_record = _eval_data(run_setup, saved)
+  table_path = epath.Path(workdir) / f"eval_step{step}{suffix}.json"
+  earlier = _read_sweep_table(table_path)  # a damaged table stops the sweep before its work
   model_cfg = run_setup.model_cfg
   trained_loops = trained_loops or model_cfg.loops
   loops_list = sorted(set(loops_list or [trained_loops]))
@@ -761,42 +815,48 @@ def evaluate_checkpoint(
     shown = " | ".join(f"{name} {v:.4f}" for name, v in m.items() if name != "tokens")
     _say(f"  loops {k:3d}: {shown}")
   if jax.process_index() == 0:
-    _write_sweep(workdir, step, trained_loops, results, run_setup.config.metrics.tensorboard)
+    table = {
+      "step": step,
+      "trained_loops": trained_loops,
+      "data": data_record,
+      "loops": earlier,
+    }
+    _write_sweep(workdir, table_path, f"step{step}{suffix}", table, results, run_setup.config)
   return results
 
 
-def _write_sweep(workdir: str, step: int, trained_loops: int, results: dict, tb: bool) -> None:
-  table_path = epath.Path(workdir) / f"eval_step{step}.json"
-  table = {"step": step, "trained_loops": trained_loops, "loops": {}}
-  if table_path.exists():
-    table["loops"] = json.loads(table_path.read_text()).get("loops", {})
+def _write_sweep(
+  workdir: str, table_path: epath.Path, name: str, table: dict, results: dict, config
+) -> None:
+  step, trained_loops = table["step"], table["trained_loops"]
   # JSON has no NaN (h_change at K'=1): non-finite values are written as null.
   table["loops"].update(
     {str(k): {n: (v if np.isfinite(v) else None) for n, v in m.items()} for k, m in results.items()}
   )
-  table_path.write_text(json.dumps(table, indent=1))
+  write_atomic(table_path, json.dumps(table, indent=1))
   every_k = {
     int(k): {n: (np.nan if v is None else v) for n, v in m.items()}
     for k, m in table["loops"].items()
   }
   files = sweep_report.write_sweep_report(
-    every_k, trained_loops, workdir, name=f"loop_sweep_step{step}", title=f"step {step}"
+    every_k, trained_loops, workdir, name=f"loop_sweep_{name}", title=f"step {step}"
   )
   hop_accuracy = {}  # hops x K', from every K' swept at this step
   for k, metrics in every_k.items():
-    for name, v in metrics.items():
-      if name.startswith(HOP_METRIC):
-        hop_accuracy.setdefault(int(name.removeprefix(HOP_METRIC)), {})[k] = v
+    for metric, v in metrics.items():
+      if metric.startswith(HOP_METRIC):
+        hop_accuracy.setdefault(int(metric.removeprefix(HOP_METRIC)), {})[k] = v
   if hop_accuracy:
     hop_files = sweep_report.write_hop_report(
       hop_accuracy,
       trained_loops,
       workdir,
-      name=f"hops_by_loops_step{step}",
+      name=f"hops_by_loops_{name}",
       title=f"answer accuracy by hops, step {step}",
     )
     _say(f"wrote {hop_files['csv']} and {hop_files['png']}")
-  writer = metrics_lib.MetricsWriter(workdir, enabled=tb, tb_subdir=f"tb/loop_sweep_step{step}")
+  tb = config.metrics.tensorboard
+  writer = metrics_lib.MetricsWriter(workdir, enabled=tb, tb_subdir=f"tb/loop_sweep_{name}")
   for k, metrics in sorted(results.items()):
     finite = {f"loop_sweep/{n}": v for n, v in metrics.items() if np.isfinite(v)}
     writer.write_scalars(k, finite)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import math
 import re
@@ -24,7 +25,7 @@ import re
 from absl import app, flags
 from etils import epath
 
-from flt_jax import run
+from flt_jax import files, run
 
 
 def load_experiment(experiments_dir: str, name: str, preset: str):
@@ -52,14 +53,24 @@ def apply_override(config, assignment: str) -> None:
 
 
 def read_metrics(workdir: epath.Path) -> dict[int, dict[str, float]]:
-  """step -> the last record of that step's scalars (a resumed run appends)."""
+  """step -> the last record of that step's scalars (a resumed run appends). A line that
+  is not a record (a partial line written before lines were appended whole) is skipped
+  with a warning naming the file."""
   out: dict[int, dict[str, float]] = {}
   path = workdir / "metrics.jsonl"
   if not path.exists():
     return out
+  skipped = 0
   for line in path.read_text().splitlines():
-    rec = json.loads(line)
-    out.setdefault(int(rec["step"]), {}).update(rec)
+    try:
+      rec = json.loads(line)
+      step = int(rec["step"])
+    except (ValueError, KeyError, TypeError):
+      skipped += 1
+      continue
+    out.setdefault(step, {}).update(rec)
+  if skipped:
+    print(f"warning: {path}: skipped {skipped} line(s) that are not metric records")
   return out
 
 
@@ -125,15 +136,16 @@ def summarize(name: str, metrics: dict[int, dict[str, float]]) -> dict:
 
 def write_summary(out: epath.Path, rows: list[dict]) -> str:
   fields = list(rows[0])
-  with (out / "summary.csv").open("w") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+  writer.writeheader()
+  writer.writerows(rows)
+  files.write_atomic(out / "summary.csv", text.getvalue())
   fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
   lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
   lines += ["| " + " | ".join(fmt(r[k]) for k in fields) + " |" for r in rows]
   table = "\n".join(lines) + "\n"
-  (out / "summary.md").write_text(table)
+  files.write_atomic(out / "summary.md", table)
   return table
 
 
@@ -163,8 +175,9 @@ def plot(out: epath.Path, runs: dict[str, dict[str, list]]) -> None:
   axes[3].set_yscale("log")
   axes[0].legend()
   fig.tight_layout()
-  with (out / "study.png").open("wb") as f:
-    fig.savefig(f, format="png", dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  files.write_atomic(out / "study.png", png.getvalue())
   plt.close(fig)
 
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from flt_jax import export, run, sample
 from flt_jax.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError

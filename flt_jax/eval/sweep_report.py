@@ -2,7 +2,8 @@
 loop count K' (trained K marked), the accuracy-by-hop-count x K' table and heat map of
 the multi-hop task, and how much the last loop still changes h.
 
-Files go through etils.epath, so `out_dir` may be a local path or a gs:// URL. Figures are
+Files are written whole (`files.write_atomic`: a kill mid-write leaves the previous
+version) through etils.epath, so `out_dir` may be a local path or a gs:// URL. Figures are
 drawn on a bare matplotlib Figure (Agg canvas, no pyplot state), so plotting works on
 machines with no display and from any thread.
 """
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+
+from flt_jax.files import write_atomic
 
 # Plotted (and written first) in this order when present.
 METRICS = ("loss", "bpb", "answer_accuracy", "h_change")
@@ -62,10 +65,7 @@ def write_sweep_csv(
   for loops in sorted(results):
     row = results[loops]
     writer.writerow([int(loops), int(trained_loops), *(_format(row.get(c)) for c in columns)])
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(out.getvalue())
-  return path
+  return write_atomic(path, out.getvalue())
 
 
 def read_sweep_csv(path) -> tuple[dict[int, dict[str, float]], int]:
@@ -139,10 +139,7 @@ def write_hop_table(accuracy: Mapping[int, Mapping[int, float]], path) -> epath.
   writer.writerow(["hops", *(f"loops={k}" for k in loops)])
   for hops in sorted(accuracy):
     writer.writerow([int(hops), *(_format(accuracy[hops].get(k)) for k in loops)])
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(out.getvalue())
-  return path
+  return write_atomic(path, out.getvalue())
 
 
 def read_hop_table(path) -> dict[int, dict[int, float]]:
@@ -215,10 +212,7 @@ def _figure(figsize):
 def _save_png(fig, path) -> epath.Path:
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=120)
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(buffer.getvalue())
-  return path
+  return write_atomic(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------- h change

@@ -20,7 +20,7 @@ FLOPs per trained token (forward + backward, `flops_per_token`)::
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
 import time
@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from flt_jax import files
 from flt_jax.model.config import ModelConfig
 
 # ----------------------------------------------------------------------------
@@ -143,17 +144,28 @@ def step_scalars(metrics) -> dict[str, float]:
 class MetricsWriter:
   """Scalars to TensorBoard under `<workdir>/tb` (if enabled) and, with `jsonl`, one
   JSON object per write to `<workdir>/metrics.jsonl` for scripts and notebooks
-  (process 0 only; the file is appended to, so a resumed run continues it). The JSONL
-  file goes through etils.epath, so the workdir may be a local path or a remote URL
-  (gs://...) whose filesystem supports appending."""
+  (process 0 only; the file is appended to, so a resumed run continues it). Each line is
+  appended whole (`files.JsonlAppender`): a partial line left by a killed run is cut off
+  on reopening, and a line that cannot be written (a full disk) is cut back off and
+  reported once through `warn`, while training goes on (the next checkpoint's free-space
+  check stops a run whose disk stays full). A remote workdir (gs://...) needs a
+  filesystem that supports appending."""
 
-  def __init__(self, workdir, enabled: bool = True, jsonl: bool = False, tb_subdir: str = "tb"):
+  def __init__(
+    self,
+    workdir,
+    enabled: bool = True,
+    jsonl: bool = False,
+    tb_subdir: str = "tb",
+    warn: Callable[[str], Any] = logging.warning,
+  ):
     self._writer = None
     self._jsonl = None
+    self._warn = warn
+    self._failing = False  # the last jsonl write failed (warned once until one succeeds)
     workdir = epath.Path(workdir)
     if jsonl and jax.process_index() == 0:
-      workdir.mkdir(parents=True, exist_ok=True)
-      self._jsonl = (workdir / "metrics.jsonl").open("a")  # noqa: SIM115 (closed in close())
+      self._jsonl = files.JsonlAppender(workdir / "metrics.jsonl")
     if enabled and jax.process_index() == 0:
       import tensorboardX  # pylint: disable=g-import-not-at-top
 
@@ -164,8 +176,13 @@ class MetricsWriter:
     if self._jsonl is not None:
       # JSON has no NaN or Infinity: a non-finite value is written as null.
       finite = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
-      self._jsonl.write(json.dumps({"step": int(step), **finite}) + "\n")
-      self._jsonl.flush()
+      try:
+        self._jsonl.append({"step": int(step), **finite})
+        self._failing = False
+      except files.FileWriteError as e:
+        if not self._failing:
+          self._warn(f"warning: metrics of step {int(step)} not saved: {e}; training goes on")
+        self._failing = True
     if self._writer is None:
       return
     for name, v in values.items():

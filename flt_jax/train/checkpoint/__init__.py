@@ -20,6 +20,7 @@ from flt_jax.train.checkpoint.manager import (
   CheckpointError,
   CheckpointSaveError,
   CorruptCheckpointError,
+  ensure_writable_dir,
   read_saved_config,
 )
 from flt_jax.train.checkpoint.preemption import PreemptionHandler
@@ -32,5 +33,6 @@ __all__ = [
   "PreemptionHandler",
   "check_compatible",
   "check_tokenizer",
+  "ensure_writable_dir",
   "read_saved_config",
 ]

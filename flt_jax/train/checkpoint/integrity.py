@@ -17,9 +17,15 @@ whatever mesh or sharding the state is saved from or restored onto, and on every
 of a multi-host run (the result is a replicated scalar). Any change of a single word
 changes `plain`; `weighted` also catches words swapped between positions. This finds
 damage, not tampering.
+
+JSON items saved beside the state (the data iterator's position) get a SHA-256 of
+their canonical JSON (`json_checksum`), compared with the state restored from them.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +89,10 @@ def checksums(tree) -> dict[str, list[int]]:
 def mismatches(saved: dict, restored: dict) -> list[str]:
   """Key paths whose sums differ (paths present in both)."""
   return [p for p, v in saved.items() if p in restored and list(v) != list(restored[p])]
+
+
+def json_checksum(value) -> str:
+  """SHA-256 of `value` as canonical JSON (sorted keys): the same for a state and its
+  round trip through a JSON file."""
+  text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+  return hashlib.sha256(text.encode()).hexdigest()

@@ -99,7 +99,7 @@ def ensure_writable_dir(path) -> epath.Path:
     probe.unlink()
   except Exception as e:  # OSError locally, various for remote filesystems.
     raise ValueError(
-      f"Cannot write checkpoints to {path}: {type(e).__name__}: {e}. Choose a writable "
+      f"Cannot write to {path}: {type(e).__name__}: {e}. Choose a writable "
       "--workdir (check that the path is not under a file, that the permissions allow "
       "writing and the disk is not full)."
     ) from e
@@ -203,7 +203,7 @@ class Checkpointer:
       if saved is not None:
         guard.check_compatible(saved, self._config)
       if self._tokenizer is not None:
-        record = self.restore_record(latest)
+        record = self.restore_record(latest, required=True)
         guard.check_tokenizer(
           (record or {}).get("tokenizer"), self._tokenizer, self._step_dir(latest)
         )
@@ -312,12 +312,21 @@ class Checkpointer:
       )
 
   def save(
-    self, step: int, state, extra_save_args: Mapping[str, Any] | None = None, force: bool = False
+    self,
+    step: int,
+    state,
+    extra_save_args: Mapping[str, Any] | None = None,
+    force: bool = False,
+    extra_states: Mapping[str, Any] | None = None,
   ) -> bool:
     """Saves `state`, the config, the record (tokenizer, checksums) and the extra items
     at `step` if Orbax's interval says so, or always with `force`; a step that already
     has a checkpoint is never overwritten. Returns whether a save was started
     (asynchronous with async_save).
+
+    `extra_states` ({item name: JSON-able state}, e.g. the data iterator's `get_state()`)
+    gives the content of extra items as saved, so their checksums go into the record
+    too and `restore(..., verify_extra=...)` can check them.
 
     Raises CheckpointSaveError when the previous asynchronous save failed, or when the
     directory's filesystem has less free space than the state needs (checked before
@@ -336,6 +345,9 @@ class Checkpointer:
       "tokenizer": self._tokenizer,
       "checksum_format": integrity.FORMAT,
       "checksums": integrity.checksums(state),
+      "item_checksums": {
+        name: integrity.json_checksum(value) for name, value in (extra_states or {}).items()
+      },
     }
     items = {
       STATE_ITEM: ocp.args.StandardSave(state),
@@ -368,21 +380,58 @@ class Checkpointer:
     """The config dict saved with `step`, or None if that step has none."""
     return self._restore_json(step, CONFIG_ITEM)
 
-  def restore_record(self, step: int) -> dict | None:
-    """The record saved with `step` (tokenizer, checksums), or None (older checkpoints)."""
-    return self._restore_json(step, RECORD_ITEM)
+  def _saved_items(self, step: int) -> set[str]:
+    """The items Orbax recorded as saved in `step` (its step metadata)."""
+    with _quiet_absl():
+      try:
+        handlers = self._manager.metadata(step).item_handlers or {}
+      except Exception:  # no or unreadable step metadata: nothing is known
+        return set()
+    return set(handlers)
+
+  def restore_record(self, step: int, required: bool = False) -> dict | None:
+    """The record saved with `step` (tokenizer, checksums), or None for a checkpoint saved
+    before records existed. With `required`, a record that Orbax's step metadata lists
+    but whose files are gone is CorruptCheckpointError (its checks cannot be made)."""
+    record = self._restore_json(step, RECORD_ITEM)
+    if record is None and required and RECORD_ITEM in self._saved_items(step):
+      raise CorruptCheckpointError(
+        f"The checkpoint {self._step_dir(step)} is damaged: its {RECORD_ITEM!r} item (the "
+        "tokenizer's identity and the checksums of everything saved) was saved but is "
+        f"missing, so it cannot be verified. {self._way_out(step)}"
+      )
+    return record
+
+  def _way_out(self, step: int) -> str:
+    others = [s for s in self.all_steps() if s < step]
+    if others:
+      return (
+        f"Move it aside (mv {self._step_dir(step)} {self._step_dir(step)}.bad) and rerun "
+        f"the same command to resume from step {others[-1]}, the previous checkpoint."
+      )
+    return (
+      f"It is the only checkpoint: move it aside (mv {self._step_dir(step)} ...) to start again."
+    )
 
   def restore(
-    self, step: int, abstract_state, extra_restore_args: Mapping[str, Any] | None = None
+    self,
+    step: int,
+    abstract_state,
+    extra_restore_args: Mapping[str, Any] | None = None,
+    verify_extra: Mapping[str, Any] | None = None,
   ) -> dict[str, Any]:
     """Restores `step` as `{'state': ..., <extra names>: ...}` and verifies the state
-    against the checksums recorded when it was saved.
+    (and the extra items named in `verify_extra`) against the checksums recorded when it
+    was saved.
 
     Args:
       step: a step in `all_steps()`.
       abstract_state: pytree of `jax.ShapeDtypeStruct` (with shardings where the state
         is sharded) giving the structure, dtypes and placement of the result.
       extra_restore_args: `{name: orbax restore args}` for extra items.
+      verify_extra: `{name: () -> state}`: after the restore, the content of an extra
+        item as restored (e.g. the data iterator's `get_state()`), checked against the
+        checksum `save(..., extra_states=...)` recorded.
 
     Raises:
       CheckpointError: an unknown step, or one that cannot be read.
@@ -399,14 +448,38 @@ class Checkpointer:
       if name in _RESERVED_ITEMS:
         raise ValueError(f"Extra checkpoint item name {name!r} is reserved.")
       items[name] = args
-    record = self.restore_record(step)
+    record = self.restore_record(step, required=True)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
       raise self._restore_error(step, e) from e
     out = {name: restored[name] for name in items}
     self._verify(step, out[STATE_ITEM], record)
+    for name, get_state in (verify_extra or {}).items():
+      self._verify_item(step, name, get_state(), record)
     return out
+
+  def _verify_item(self, step: int, name: str, restored, record: dict | None) -> None:
+    saved = ((record or {}).get("item_checksums") or {}).get(name)
+    if saved is None:
+      if record is not None and record.get("checksums"):
+        logging.warning(
+          "%s: item %r has no checksum (older version); not verified.", self._step_dir(step), name
+        )
+      return
+    if saved != integrity.json_checksum(restored):
+      raise CorruptCheckpointError(
+        f"The checkpoint {self._step_dir(step)} is corrupt: its {name!r} item "
+        f"({self._step_dir(step) / name}) does not match the checksum written when it was "
+        "saved. "
+        + (
+          "Resume with --config.checkpoint.restore_data=False to keep the trained state and "
+          "start the data stream afresh, or: "
+          if name == "data"
+          else ""
+        )
+        + self._way_out(step)
+      )
 
   def check_param_shapes(self, step: int, abstract_params) -> None:
     """ValueError (one line) unless the params stored at `step` have the shapes of
