@@ -20,26 +20,26 @@ donation and its in-place updates explicit.
                   MLA: the latent norm(c_kv_down(x)) [r], re-expanded by c_k_up/c_v_up
                   (RoPE at the slot's position, then the key norm) at every step
 
-`CachedDecoder` runs on the params of `LoopedTransformer` unchanged: the embedding and the
-head through the model's own modules, the blocks through `_CachedBlock`, whose submodules
-carry the training block's names (attn/c_q, ..., mlp reuses layers.MLP) and which is
-applied to one layer's slice of the stacked params. Its math mirrors `layers.Block` and
-`looped._Loop` (tests/model/test_decode.py checks the logits against the training model
-for every variant). The training path is untouched.
+`CachedDecoder` drives the model's own modules on the params of `LoopedTransformer`
+unchanged: the embedding, the head and each layer's `Block.decode` (on its slice of the
+stacked params) through `apply(..., method=...)`, the variants' rules through
+model/variants.py. Here live only the cache and the loops over it; the attention reads
+and writes its (loop, layer) slots through `layers.CacheSlots`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flt_jax.model import attention
+from flt_jax.model import variants
 from flt_jax.model.config import ModelConfig
-from flt_jax.model.layers import MLP, apply_rope, dense, rms_norm, rope_tables, uniform_init
-from flt_jax.model.looped import LoopedTransformer
+from flt_jax.model.layers import Block, CacheSlots, rope_tables
+from flt_jax.model.looped import LoopedTransformer, layer_params, loop_output
 
 
 class GroupCache(NamedTuple):
@@ -76,114 +76,60 @@ def slot_positions(position, slots: int, ring: bool):
   return position - jnp.mod(position - j_S, slots)
 
 
-class _CachedAttention(nn.Module):
-  """layers.Attention (same parameter names) that reads and writes a cache.
-
-  Prefill (`step` None): attends over its own T tokens as training does and returns the
-  entries to cache ([B, T, ...]). Step (T = 1, `step` = (read_entries, positions_S)):
-  `read_entries(entry)` writes the new token's entry into this (loop, layer)'s slots and
-  returns them; the query attends over the slots whose position is >= 0.
-  """
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, q_in_BxTxD, kv_in_BxTxD, rope, window_left: int, step=None):
-    cfg = self.cfg
-    B, T, _ = q_in_BxTxD.shape
-    H, Hkv, hd, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model
-    compute = jnp.dtype(cfg.dtype)
-    cos_1xTxD2, sin_1xTxD2, table_cos, table_sin = rope
-    q = dense(H * hd, ("embed", "heads"), uniform_init(D), cfg, "c_q")(q_in_BxTxD)
-    q_BxTxHxD = rms_norm(apply_rope(q.reshape(B, T, H, hd), cos_1xTxD2, sin_1xTxD2))
-    q_BxTxHxD = q_BxTxHxD.astype(compute)
-    if cfg.kv_lora_rank:
-      r = cfg.kv_lora_rank
-      down = dense(r, ("embed", "kv_lora"), uniform_init(D), cfg, "c_kv_down")
-      k_up = dense(Hkv * hd, ("kv_lora", "kv_heads"), uniform_init(r), cfg, "c_k_up")
-      v_up = dense(Hkv * hd, ("kv_lora", "kv_heads"), uniform_init(r), cfg, "c_v_up")
-      c_kv_BxTxR = rms_norm(down(kv_in_BxTxD))
-      entry = {"c_kv": c_kv_BxTxR}
-
-      def expand(c_kv_BxSxR, cos, sin):
-        S = c_kv_BxSxR.shape[1]
-        k = rms_norm(apply_rope(k_up(c_kv_BxSxR).reshape(B, S, Hkv, hd), cos, sin))
-        return k.astype(compute), v_up(c_kv_BxSxR).reshape(B, S, Hkv, hd).astype(compute)
-    else:
-      k = dense(Hkv * hd, ("embed", "kv_heads"), uniform_init(D), cfg, "c_k")(kv_in_BxTxD)
-      v = dense(Hkv * hd, ("embed", "kv_heads"), uniform_init(D), cfg, "c_v")(kv_in_BxTxD)
-      k_BxTxHkvxD = rms_norm(apply_rope(k.reshape(B, T, Hkv, hd), cos_1xTxD2, sin_1xTxD2))
-      entry = {
-        "k": k_BxTxHkvxD.astype(compute),
-        "v": v.reshape(B, T, Hkv, hd).astype(compute),
-      }
-    if step is None:  # prefill: the training computation on the prompt
-      if cfg.kv_lora_rank:
-        k_BxTxHkvxD, v_BxTxHkvxD = expand(c_kv_BxTxR, cos_1xTxD2, sin_1xTxD2)
-      else:
-        k_BxTxHkvxD, v_BxTxHkvxD = entry["k"], entry["v"]
-      y_BxTxHxD = attention.attend(
-        q_BxTxHxD,
-        k_BxTxHkvxD,
-        v_BxTxHkvxD,
-        window_left=window_left,
-        impl=cfg.attention_impl,
-        options=cfg.attention_options,
-      )
-    else:
-      read_entries, positions_S = step
-      slots = read_entries(entry)  # the group's slots of this (loop, layer), entry written
-      if cfg.kv_lora_rank:
-        at = jnp.maximum(positions_S, 0)
-        k_BxSxHkvxD, v_BxSxHkvxD = expand(slots["c_kv"], table_cos[at][None], table_sin[at][None])
-      else:
-        k_BxSxHkvxD, v_BxSxHkvxD = slots["k"], slots["v"]
-      visible_BxTxS = jnp.broadcast_to(positions_S >= 0, (B, T, positions_S.shape[0]))
-      y_BxTxHxD = attention.masked_attention(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, visible_BxTxS)
-    out = dense(D, ("heads", "embed"), nn.initializers.zeros, cfg, "c_proj")(
-      y_BxTxHxD.reshape(B, T, H * hd)
-    )
-    return out, entry
-
-
-class _CachedBlock(nn.Module):
-  """layers.Block with the cached attention (same submodule names: attn, mlp)."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BxTxD, h_BxTxD, h_query_BxTxD, inject_query, has_h, rope, window, step):
-    if self.cfg.variant == "FLT_res":
-      x_BxTxD = jnp.where(has_h, rms_norm(x_BxTxD + h_BxTxD), x_BxTxD)
-    x_normed = rms_norm(x_BxTxD)
-    q_in = x_normed
-    if self.cfg.variant in ("FLT", "LT_ia"):
-      q_in = jnp.where(inject_query, h_query_BxTxD, x_normed)
-    attn_out, entry = _CachedAttention(self.cfg, name="attn")(q_in, x_normed, rope, window, step)
-    x_BxTxD = x_BxTxD + attn_out
-    x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(x_BxTxD)
-    return x_BxTxD, entry
-
-
-def _entry_names(cfg: ModelConfig) -> tuple[str, ...]:
-  return ("c_kv",) if cfg.kv_lora_rank else ("k", "v")
-
-
 _FIELD = {"k": "k_KxLxBxSxHkvxD", "v": "v_KxLxBxSxHkvxD", "c_kv": "c_kv_KxLxBxSxR"}
-
-
-def _get(group: GroupCache, name: str):
-  return getattr(group, _FIELD[name])
-
-
-def _set(group: GroupCache, name: str, value) -> GroupCache:
-  return group._replace(**{_FIELD[name]: value})
 
 
 def _write(cache_KxLxBxSx, entry_BxTx, loop_index, layer_in_group: int, slot):
   """cache[loop, layer, :, slot : slot + T] = entry, in place."""
   start = (loop_index, layer_in_group, 0, slot) + (0,) * (entry_BxTx.ndim - 2)
   return jax.lax.dynamic_update_slice(cache_KxLxBxSx, entry_BxTx[None, None], start)
+
+
+class _LayerCache:
+  """One (loop, layer)'s part of its group's cache: `write` puts the layer's entry
+  where the pass keeps it; `store` (layers.CacheSlots.store, a step) also returns the
+  layer's slots with it written. `group` is the updated GroupCache."""
+
+  def __init__(self, group: GroupCache, put, loop_index, layer_in_group: int, kind: str):
+    self.group = group
+    self._at = (loop_index, layer_in_group, kind)
+    self._put = put
+
+  def write(self, entry: dict) -> None:
+    fields = {
+      _FIELD[name]: self._put(getattr(self.group, _FIELD[name]), value, *self._at)
+      for name, value in entry.items()
+    }
+    self.group = self.group._replace(**fields)
+
+  def store(self, entry: dict) -> dict:
+    self.write(entry)
+    loop_index, layer_in_group, _ = self._at
+
+    def layer_slots(cache_KxLxBxSx):
+      return jax.lax.dynamic_index_in_dim(cache_KxLxBxSx, loop_index, 0, False)[layer_in_group]
+
+    return {name: layer_slots(getattr(self.group, _FIELD[name])) for name in entry}
+
+
+class NewTokens(NamedTuple):
+  """The new tokens of one pass (a prompt, or one token per row in a step), as every loop
+  sees them.
+
+  put(cache_KxLxBxSx, entry_BxTx, loop_index, layer_in_group, group) writes one field of
+  a layer's cache entry where this pass keeps it (group: "full" or "window"). slots is
+  None for a prompt (its tokens attend over each other, as in training); a step's is
+  {group: (positions_S, cos_1xSxD2, sin_1xSxD2)}, what `layers.CacheSlots` needs besides
+  the store.
+  """
+
+  x0_BxTxD: jax.Array  # the float32 embedding
+  x0_normed: jax.Array
+  cos_1xTxD2: jax.Array  # rotary rows at the tokens' positions
+  sin_1xTxD2: jax.Array
+  layer_params: tuple  # each layer's Block params (its slice of the stack)
+  put: Callable
+  slots: dict | None
 
 
 class CachedDecoder:
@@ -201,6 +147,7 @@ class CachedDecoder:
   def __init__(self, cfg: ModelConfig):
     self.cfg = cfg
     self.model = LoopedTransformer(cfg)
+    self.block = Block(cfg)
     windows = cfg.window_sizes
     self.window = max(windows)  # the one sliding window (cfg.window_sizes has at most one)
     # layer -> (group, index within the group); a group's layers keep their order
@@ -259,20 +206,18 @@ class CachedDecoder:
     if max_len < T:
       raise ValueError(f"the padded prompt ({T} tokens) does not fit the cache ({max_len})")
     table_cos, table_sin = self._rope(max_len)
-    rope = (table_cos[:T][None], table_sin[:T][None], table_cos, table_sin)
     length = jnp.asarray(length, jnp.int32)
     ring = self.ring_size(max_len)
     # The ring's slot j takes the prompt's last position p < length with p % ring == j.
     ring_positions_R = slot_positions(length - 1, ring, ring=True) if ring else None
 
-    def store(group: GroupCache, name, entry_BxTx, loop_index, index, kind):
-      if kind == "full":
-        return _set(group, name, _write(_get(group, name), entry_BxTx, loop_index, index, 0))
-      take_R = jnp.clip(ring_positions_R, 0, T - 1)
-      ring_BxRx = jnp.take(entry_BxTx, take_R, axis=1)
-      return _set(group, name, _write(_get(group, name), ring_BxRx, loop_index, index, 0))
+    def put(cache_KxLxBxSx, entry_BxTx, loop_index, index, kind):
+      if kind == "window":
+        entry_BxTx = jnp.take(entry_BxTx, jnp.clip(ring_positions_R, 0, T - 1), axis=1)
+      return _write(cache_KxLxBxSx, entry_BxTx, loop_index, index, 0)
 
-    h_BxTxD, cache = self._loops(params, tokens_BxT, rope, cache, loops, store, step=None)
+    tokens = self.new_tokens(params, tokens_BxT, table_cos[:T][None], table_sin[:T][None], put)
+    h_BxTxD, cache = self._loops(tokens, cache, loops)
     last_BxD = jnp.take(h_BxTxD, length - 1, axis=1)
     return self._logits(params, last_BxD), cache._replace(length=length)
 
@@ -282,27 +227,79 @@ class CachedDecoder:
     loops, _, max_len = self._dims(cache)
     position = cache.length
     table_cos, table_sin = self._rope(max_len)
-    rope = (
-      jax.lax.dynamic_slice_in_dim(table_cos, position, 1)[None],
-      jax.lax.dynamic_slice_in_dim(table_sin, position, 1)[None],
-      table_cos,
-      table_sin,
-    )
     ring = self.ring_size(max_len)
 
-    def store(group: GroupCache, name, entry_Bx1x, loop_index, index, kind):
+    def put(cache_KxLxBxSx, entry_Bx1x, loop_index, index, kind):
       slot = position if kind == "full" else jnp.mod(position, ring)
-      return _set(group, name, _write(_get(group, name), entry_Bx1x, loop_index, index, slot))
+      return _write(cache_KxLxBxSx, entry_Bx1x, loop_index, index, slot)
 
-    positions = {"full": slot_positions(position, max_len, ring=False)}
-    if ring:
-      positions["window"] = slot_positions(position, ring, ring=True)
-    h_BxTxD, cache = self._loops(
-      params, tokens_B[:, None], rope, cache, loops, store, step=positions
+    slots = {}
+    for kind, size in (("full", max_len), ("window", ring)):
+      if size:
+        positions_S = slot_positions(position, size, ring=kind == "window")
+        at_S = jnp.maximum(positions_S, 0)
+        slots[kind] = (positions_S, table_cos[at_S][None], table_sin[at_S][None])
+    tokens = self.new_tokens(
+      params,
+      tokens_B[:, None],
+      jax.lax.dynamic_slice_in_dim(table_cos, position, 1)[None],
+      jax.lax.dynamic_slice_in_dim(table_sin, position, 1)[None],
+      put,
+      slots,
     )
+    h_BxTxD, cache = self._loops(tokens, cache, loops)
     return self._logits(params, h_BxTxD[:, 0]), cache._replace(length=position + 1)
 
-  # -- internals
+  # -- the loops
+
+  def new_tokens(self, params, tokens_BxT, cos_1xTxD2, sin_1xTxD2, put, slots=None) -> NewTokens:
+    """The model's embedding of the new tokens and each layer's params, for `loop`."""
+    params = nn.meta.unbox(params)
+    x0, x0_normed = self.model.apply({"params": params}, tokens_BxT, method=LoopedTransformer.embed)
+    per_layer = tuple(layer_params(params, layer) for layer in range(self.cfg.n_layer))
+    return NewTokens(x0, x0_normed, cos_1xTxD2, sin_1xTxD2, per_layer, put, slots)
+
+  def loop(self, tokens: NewTokens, h_BxTxD, groups: dict, loop_index):
+    """One loop over the new tokens: the variant's loop input and query source, then
+    each layer's Block.decode, which writes its entry into this (loop, layer)'s slots of
+    `groups` ({"full", "window"}: GroupCache). Returns (h, groups)."""
+    variant = self.cfg.variant
+    has_h = loop_index > 0
+    x_BxTxD = variants.loop_input(variant, h_BxTxD, tokens.x0_BxTxD, tokens.x0_normed, has_h)
+    h_query = variants.query_source(variant, h_BxTxD)
+    for layer, (kind, index) in enumerate(self._layer_group):
+      cache = _LayerCache(groups[kind], tokens.put, loop_index, index, kind)
+      slots = None if tokens.slots is None else CacheSlots(cache.store, *tokens.slots[kind])
+      x_BxTxD, entry = self.block.apply(
+        {"params": tokens.layer_params[layer]},
+        x_BxTxD,
+        h_BxTxD,
+        h_query,
+        variants.injects_query(variant, has_h, layer),
+        has_h,
+        tokens.cos_1xTxD2,
+        tokens.sin_1xTxD2,
+        self.cfg.window_sizes[layer],
+        slots,
+        method=Block.decode,
+      )
+      if slots is None:  # a prompt: its tokens attended over each other, now cache them
+        cache.write(entry)
+      groups = {**groups, kind: cache.group}
+    return loop_output(x_BxTxD), groups
+
+  def _loops(self, tokens: NewTokens, cache: DecodeCache, loops: int):
+    """The K loops in order (a lax.scan over the loop index; params closed over, as
+    the training scan broadcasts them)."""
+
+    def body(carry, loop_index):
+      return self.loop(tokens, *carry, loop_index), None
+
+    groups = {"full": cache.full, "window": cache.window}
+    (h_BxTxD, groups), _ = jax.lax.scan(
+      body, (tokens.x0_normed, groups), jnp.arange(loops, dtype=jnp.int32)
+    )
+    return h_BxTxD, cache._replace(full=groups["full"], window=groups["window"])
 
   def _dims(self, cache: DecodeCache):
     """(loops, batch, max_len) of a cache (the last layer is always full context)."""
@@ -311,72 +308,3 @@ class CachedDecoder:
 
   def _logits(self, params, h_BxD):
     return self.model.apply({"params": params}, h_BxD, method=LoopedTransformer.logits)
-
-  def _loops(self, params, tokens_BxT, rope, cache: DecodeCache, loops: int, store, step):
-    """The K loops of _Loop over the new tokens, each layer reading/writing the cache."""
-    cfg, variant = self.cfg, self.cfg.variant
-    params = nn.meta.unbox(params)
-    x0 = self.model.apply({"params": params}, tokens_BxT, method=_embed).astype(jnp.float32)
-    x0_normed = rms_norm(x0)
-    stacked = params["blocks"]["layers"]["block"]
-    layer_params = [jax.tree.map(lambda a, l=l: a[l], stacked) for l in range(cfg.n_layer)]
-    block = _CachedBlock(cfg)
-    windows = cfg.window_sizes
-
-    def loop_body(carry, loop_index):
-      h_BxTxD, groups = carry
-      has_h = loop_index > 0
-      if variant == "LT":
-        x_BxTxD = h_BxTxD
-      elif variant == "LT_i":
-        x_BxTxD = jnp.where(has_h, rms_norm(x0 + h_BxTxD), x0_normed)
-      else:
-        x_BxTxD = x0_normed
-      h_query = rms_norm(h_BxTxD) if variant in ("FLT", "LT_ia") else h_BxTxD
-      for l in range(cfg.n_layer):
-        kind, index = self._layer_group[l]
-        inject_query = has_h & (l == 0 or variant != "LT_ia")
-        layer_step = None
-        if step is not None:
-          written = {}
-
-          def read_entries(entry, kind=kind, index=index, written=written, groups=groups):
-            group = groups[kind]
-            for name in _entry_names(cfg):
-              group = store(group, name, entry[name], loop_index, index, kind)
-            written["group"] = group
-            return {
-              name: jax.lax.dynamic_index_in_dim(_get(group, name), loop_index, 0, False)[index]
-              for name in _entry_names(cfg)
-            }
-
-          layer_step = (read_entries, step[kind])
-        x_BxTxD, entry = block.apply(
-          {"params": layer_params[l]},
-          x_BxTxD,
-          h_BxTxD,
-          h_query,
-          inject_query,
-          has_h,
-          rope,
-          windows[l],
-          layer_step,
-        )
-        if step is None:
-          group = groups[kind]
-          for name in _entry_names(cfg):
-            group = store(group, name, entry[name], loop_index, index, kind)
-          groups = {**groups, kind: group}
-        else:
-          groups = {**groups, kind: written["group"]}
-      return (rms_norm(x_BxTxD), groups), None
-
-    groups = {"full": cache.full, "window": cache.window}
-    (h_BxTxD, groups), _ = jax.lax.scan(
-      loop_body, (x0_normed, groups), jnp.arange(loops, dtype=jnp.int32)
-    )
-    return h_BxTxD, cache._replace(full=groups["full"], window=groups["window"])
-
-
-def _embed(model: LoopedTransformer, tokens_BxT):
-  return model.wte(tokens_BxT)

@@ -1,6 +1,6 @@
-"""Building blocks of the reference architecture (arXiv:2605.18797, official code): weightless
-RMSNorm, rotary embedding, MHA/GQA and MLA attention, relu² MLP, and the block with the
-three ways the previous loop's output can enter it.
+"""Building blocks of the reference architecture (arXiv:2605.18797, official code): rotary
+embedding, MHA/GQA and MLA attention, relu² MLP, and the block with the ways the previous
+loop's output can enter it; attention and block also run in cached decoding (`decode`).
 
 Tensors that a remat policy may save by name (`config.model.remat_policy`) are tagged
 with `jax.ad_checkpoint.checkpoint_name`: "qkv" (the q, k, v projections), "attn_out"
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -19,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from flt_jax.model import attention
+from flt_jax.model import attention, variants
 from flt_jax.model.config import ModelConfig
+from flt_jax.model.norm import rms_norm
 
-_EPS = float(np.finfo(np.float32).eps)  # the reference's F.rms_norm default for float32
 # Logical axes of an activation [B, T, D]; a no-op until the mesh code installs rules.
 ACTIVATION_AXES = ("batch", "length", "act_embed")
 
@@ -30,32 +31,6 @@ ACTIVATION_AXES = ("batch", "length", "act_embed")
 def constrain_activation(x_BxTxD):
   """Lets a sharding rules table place the [B, T, D] stream (identity without one)."""
   return nn.with_logical_constraint(x_BxTxD, ACTIVATION_AXES)
-
-
-@jax.custom_vjp
-def _rms_norm32(x32):
-  return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _EPS)
-
-
-def _rms_norm32_fwd(x32):
-  r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _EPS)
-  y = x32 * r
-  # Only the output (which the next matmul keeps anyway) and the [..., 1] scale are
-  # kept for the backward pass, not the input: less to store per layer and loop.
-  return y, (y, r)
-
-
-def _rms_norm32_bwd(res, g):
-  y, r = res
-  return (r * (g - y * jnp.mean(g * y, axis=-1, keepdims=True)),)
-
-
-_rms_norm32.defvjp(_rms_norm32_fwd, _rms_norm32_bwd)
-
-
-def rms_norm(x):
-  """RMSNorm without learnable scale, computed in float32, returned in x's dtype."""
-  return _rms_norm32(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_tables(head_dim: int, length: int, base: float, round_to_bf16: bool):
@@ -98,6 +73,22 @@ def dense(features: int, axes: tuple[str, str], init, cfg: ModelConfig, name: st
   )
 
 
+class CacheSlots(NamedTuple):
+  """One (loop, layer)'s key/value cache as `Attention.decode` sees it (model/decode.py
+  builds it; the cache's layout is its business).
+
+  store(entry) writes the new tokens' cache entry (as `Attention.qkv` returns it) into
+  the slots and returns every slot's entry, the new one included; positions_S is the
+  position each slot then holds (negative: empty); cos/sin are the rotary rows at those
+  positions (MLA applies RoPE to the keys it re-expands from its latent).
+  """
+
+  store: Callable[[dict], dict]
+  positions_S: jax.Array
+  cos_1xSxD2: jax.Array
+  sin_1xSxD2: jax.Array
+
+
 class Attention(nn.Module):
   """Causal self-attention whose queries may come from another stream (injection).
 
@@ -105,43 +96,107 @@ class Attention(nn.Module):
   windows apply to MLA as well; the reference's MLA ignores its window (always full
   context), so MLA checkpoints with 'S' layers are not interchangeable with it.
   segment_ids_BxT (packed documents) keeps attention within each document.
+
+  Two modes share `qkv`: `__call__` attends over its own T tokens (training, eval);
+  `decode` also returns what a key/value cache keeps of them, and attends either over
+  its own tokens (a prompt) or over the cache's slots (model/decode.py).
   """
 
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, q_in_BxTxD, kv_in_BxTxD, cos, sin, window_left, segment_ids_BxT=None):
+  def setup(self):
     cfg = self.cfg
-    B, T, _ = q_in_BxTxD.shape
     H, Hkv, hd, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model
-    zeros = nn.initializers.zeros
-    q = dense(H * hd, ("embed", "heads"), uniform_init(D), cfg, "c_q")(q_in_BxTxD)
+    self.c_q = dense(H * hd, ("embed", "heads"), uniform_init(D), cfg, "c_q")
     if cfg.kv_lora_rank:
       r = cfg.kv_lora_rank
-      c_kv = rms_norm(
-        dense(r, ("embed", "kv_lora"), uniform_init(D), cfg, "c_kv_down")(kv_in_BxTxD)
-      )
-      k = dense(Hkv * hd, ("kv_lora", "kv_heads"), uniform_init(r), cfg, "c_k_up")(c_kv)
-      v = dense(Hkv * hd, ("kv_lora", "kv_heads"), uniform_init(r), cfg, "c_v_up")(c_kv)
+      self.c_kv_down = dense(r, ("embed", "kv_lora"), uniform_init(D), cfg, "c_kv_down")
+      self.c_k_up = dense(Hkv * hd, ("kv_lora", "kv_heads"), uniform_init(r), cfg, "c_k_up")
+      self.c_v_up = dense(Hkv * hd, ("kv_lora", "kv_heads"), uniform_init(r), cfg, "c_v_up")
     else:
-      k = dense(Hkv * hd, ("embed", "kv_heads"), uniform_init(D), cfg, "c_k")(kv_in_BxTxD)
-      v = dense(Hkv * hd, ("embed", "kv_heads"), uniform_init(D), cfg, "c_v")(kv_in_BxTxD)
+      self.c_k = dense(Hkv * hd, ("embed", "kv_heads"), uniform_init(D), cfg, "c_k")
+      self.c_v = dense(Hkv * hd, ("embed", "kv_heads"), uniform_init(D), cfg, "c_v")
+    self.c_proj = dense(D, ("heads", "embed"), nn.initializers.zeros, cfg, "c_proj")
+
+  def __call__(self, q_in_BxTxD, kv_in_BxTxD, cos, sin, window_left, segment_ids_BxT=None):
+    q_BxTxHxD, k_BxTxHkvxD, v_BxTxHkvxD, _ = self.qkv(q_in_BxTxD, kv_in_BxTxD, cos, sin)
+    y_BxTxHxD = self._attend(q_BxTxHxD, k_BxTxHkvxD, v_BxTxHkvxD, window_left, segment_ids_BxT)
+    return self._project_out(y_BxTxHxD)
+
+  def qkv(self, q_in_BxTxD, kv_in_BxTxD, cos, sin):
+    """Projections, RoPE and the query/key norms: q [B, T, H, hd], k and v [B, T, Hkv, hd]
+    in the compute dtype, and the cache entry of these T tokens: {"k", "v"} (those k and
+    v), or for MLA {"c_kv"}, the latent norm(c_kv_down(x)) [B, T, kv_lora_rank]."""
+    cfg = self.cfg
+    q = self.c_q(q_in_BxTxD)
+    if cfg.kv_lora_rank:
+      c_kv_BxTxR = rms_norm(self.c_kv_down(kv_in_BxTxD))
+      k, v = self.c_k_up(c_kv_BxTxR), self.c_v_up(c_kv_BxTxR)
+    else:
+      k, v = self.c_k(kv_in_BxTxD), self.c_v(kv_in_BxTxD)
     q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
-    q_BxTxHxD = rms_norm(apply_rope(q.reshape(B, T, H, hd), cos, sin))
-    k_BxTxHkvxD = rms_norm(apply_rope(k.reshape(B, T, Hkv, hd), cos, sin))
+    q_BxTxHxD = self._rotated_heads(q, cfg.n_head, cos, sin)
+    k_BxTxHkvxD = self._rotated_heads(k, cfg.n_kv_head, cos, sin)
     compute = jnp.dtype(cfg.dtype)
-    y_BxTxHxD = attention.attend(
-      q_BxTxHxD.astype(compute),
-      k_BxTxHkvxD.astype(compute),
-      v.reshape(B, T, Hkv, hd).astype(compute),
+    q_BxTxHxD, k_BxTxHkvxD = q_BxTxHxD.astype(compute), k_BxTxHkvxD.astype(compute)
+    v_BxTxHkvxD = self._value_heads(v)
+    if cfg.kv_lora_rank:
+      entry = {"c_kv": c_kv_BxTxR}
+    else:
+      entry = {"k": k_BxTxHkvxD, "v": v_BxTxHkvxD}
+    return q_BxTxHxD, k_BxTxHkvxD, v_BxTxHkvxD, entry
+
+  def decode(self, q_in_BxTxD, kv_in_BxTxD, cos, sin, window_left, slots: CacheSlots | None):
+    """Cached decoding: returns (output [B, T, D], the cache entry of these T tokens).
+
+    slots None (a prompt): attends over its own T tokens as `__call__` does. Otherwise
+    the entry is stored in `slots` and the queries attend over every slot that holds a
+    position (a window's cache keeps only the positions the window sees).
+    """
+    q_BxTxHxD, k_BxTxHkvxD, v_BxTxHkvxD, entry = self.qkv(q_in_BxTxD, kv_in_BxTxD, cos, sin)
+    if slots is None:
+      y_BxTxHxD = self._attend(q_BxTxHxD, k_BxTxHkvxD, v_BxTxHkvxD, window_left, None)
+      return self._project_out(y_BxTxHxD), entry
+    stored = slots.store(entry)
+    if self.cfg.kv_lora_rank:  # the latent re-expanded, RoPE at each slot's position
+      c_kv_BxSxR = stored["c_kv"]
+      k_BxSxHkvxD = self._rotated_heads(
+        self.c_k_up(c_kv_BxSxR), self.cfg.n_kv_head, slots.cos_1xSxD2, slots.sin_1xSxD2
+      ).astype(jnp.dtype(self.cfg.dtype))
+      v_BxSxHkvxD = self._value_heads(self.c_v_up(c_kv_BxSxR))
+    else:
+      k_BxSxHkvxD, v_BxSxHkvxD = stored["k"], stored["v"]
+    B, T = q_BxTxHxD.shape[:2]
+    visible_BxTxS = jnp.broadcast_to(slots.positions_S >= 0, (B, T, slots.positions_S.shape[0]))
+    y_BxTxHxD = attention.masked_attention(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, visible_BxTxS)
+    return self._project_out(y_BxTxHxD), entry
+
+  def _rotated_heads(self, x_BxTxF, heads: int, cos, sin):
+    """Split into heads, rotate (RoPE), norm: the queries and keys."""
+    B, T, _ = x_BxTxF.shape
+    return rms_norm(apply_rope(x_BxTxF.reshape(B, T, heads, self.cfg.head_dim), cos, sin))
+
+  def _value_heads(self, v_BxTxF):
+    B, T, _ = v_BxTxF.shape
+    v_BxTxHkvxD = v_BxTxF.reshape(B, T, self.cfg.n_kv_head, self.cfg.head_dim)
+    return v_BxTxHkvxD.astype(jnp.dtype(self.cfg.dtype))
+
+  def _attend(self, q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, window_left, segment_ids_BxT):
+    return attention.attend(
+      q_BxTxHxD,
+      k_BxSxHkvxD,
+      v_BxSxHkvxD,
       window_left=window_left,
-      impl=cfg.attention_impl,
-      options=cfg.attention_options,
+      impl=self.cfg.attention_impl,
+      options=self.cfg.attention_options,
       q_segment_ids_BxT=segment_ids_BxT,
       kv_segment_ids_BxS=segment_ids_BxT,
     )
+
+  def _project_out(self, y_BxTxHxD):
     y_BxTxHxD = checkpoint_name(y_BxTxHxD, "attn_out")
-    return dense(D, ("heads", "embed"), zeros, cfg, "c_proj")(y_BxTxHxD.reshape(B, T, H * hd))
+    B, T, H, hd = y_BxTxHxD.shape
+    return self.c_proj(y_BxTxHxD.reshape(B, T, H * hd))
 
 
 @jax.custom_vjp
@@ -208,13 +263,17 @@ class Block(nn.Module):
 
   Query injection (FLT; LT_ia at layer 0): the attention query is h_query = norm(h)
   while keys and values come from norm(x). Residual injection (FLT_res):
-  x <- norm(x + h) before the block. The flags are traced booleans, so one compiled
-  body serves loop 0 (no h yet) and every later loop.
+  x <- norm(x + h) before the block (model/variants.py has the rules). The flags are
+  traced booleans, so one compiled body serves loop 0 (no h yet) and every later loop.
+  `decode` is the same block in cached decoding (Attention.decode).
   """
 
   cfg: ModelConfig
 
-  @nn.compact
+  def setup(self):
+    self.attn = Attention(self.cfg)
+    self.mlp = MLP(self.cfg)
+
   def __call__(
     self,
     x_BxTxD,
@@ -227,14 +286,44 @@ class Block(nn.Module):
     window_left,
     segment_ids_BxT=None,
   ):
-    x_BxTxD = constrain_activation(x_BxTxD)
-    if self.cfg.variant == "FLT_res":
-      x_BxTxD = jnp.where(inject_residual, rms_norm(x_BxTxD + h_BxTxD), x_BxTxD)
+    x_BxTxD, x_normed, q_in = self._inputs(
+      x_BxTxD, h_BxTxD, h_query_BxTxD, inject_query, inject_residual
+    )
+    attn_out = self.attn(q_in, x_normed, cos, sin, window_left, segment_ids_BxT)
+    return self._residuals(x_BxTxD, attn_out)
+
+  def decode(
+    self,
+    x_BxTxD,
+    h_BxTxD,
+    h_query_BxTxD,
+    inject_query,
+    inject_residual,
+    cos,
+    sin,
+    window_left,
+    slots: CacheSlots | None = None,
+  ):
+    """The block in cached decoding: (output, this layer's cache entry); `slots` as in
+    Attention.decode (None: a prompt attending over itself)."""
+    x_BxTxD, x_normed, q_in = self._inputs(
+      x_BxTxD, h_BxTxD, h_query_BxTxD, inject_query, inject_residual
+    )
+    attn_out, entry = self.attn.decode(q_in, x_normed, cos, sin, window_left, slots)
+    return self._residuals(x_BxTxD, attn_out), entry
+
+  def _inputs(self, x_BxTxD, h_BxTxD, h_query_BxTxD, inject_query, inject_residual):
+    """(the block's stream, its norm, the attention query input) for this variant."""
+    variant = self.cfg.variant
+    x_BxTxD = variants.block_input(variant, constrain_activation(x_BxTxD), h_BxTxD, inject_residual)
     x_normed = rms_norm(x_BxTxD)
-    q_in = x_normed
-    if self.cfg.variant in ("FLT", "LT_ia"):
-      q_in = jnp.where(inject_query, h_query_BxTxD, x_normed)
-    attn = Attention(self.cfg, name="attn")
-    x_BxTxD = x_BxTxD + attn(q_in, x_normed, cos, sin, window_left, segment_ids_BxT)
-    x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(x_BxTxD)
+    return (
+      x_BxTxD,
+      x_normed,
+      variants.attention_query(variant, x_normed, h_query_BxTxD, inject_query),
+    )
+
+  def _residuals(self, x_BxTxD, attn_out_BxTxD):
+    x_BxTxD = x_BxTxD + attn_out_BxTxD
+    x_BxTxD = x_BxTxD + self.mlp(x_BxTxD)
     return constrain_activation(x_BxTxD)

@@ -1,12 +1,6 @@
 """The looped decoder: an nn.scan over K loops with shared (broadcast) params,
-around an nn.scan over the L distinct layers with stacked params.
-
-Loop i's input and how h = norm(output of loop i-1) enters (arXiv:2605.18797):
-  LT      x = h                        (loop 0: x = norm(x0))
-  LT_i    x = norm(x0 + h)             (loop 0: x = norm(x0))
-  LT_ia   x = norm(x0); layer 0's attention query is norm(h)
-  FLT_res x = norm(x0); every layer first does x = norm(x + h)
-  FLT     x = norm(x0); every layer's attention query is norm(h)
+around an nn.scan over the L distinct layers with stacked params. What enters each loop
+and each layer per variant (LT, LT_i, LT_ia, FLT_res, FLT) is model/variants.py's.
 """
 
 from __future__ import annotations
@@ -14,15 +8,28 @@ from __future__ import annotations
 import inspect
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from flt_jax.model import variants
 from flt_jax.model.config import ModelConfig, remat_policy
-from flt_jax.model.layers import Block, constrain_activation, rms_norm, rope_tables
+from flt_jax.model.layers import Block, constrain_activation, rope_tables
+from flt_jax.model.norm import rms_norm
 
 
 def _argnum(method, name: str) -> int:
   """Position of argument `name` in a module method, counting self as 0 (nn.remat's rule)."""
   return list(inspect.signature(method).parameters).index(name)
+
+
+def loop_output(x_BxTxD):
+  """h, what a loop passes on (to the next loop, or the head): its output, normed."""
+  return constrain_activation(rms_norm(x_BxTxD))
+
+
+def layer_params(params, layer: int):
+  """Layer `layer`'s Block params: its slice of the stack the layer scan keeps."""
+  return jax.tree.map(lambda a: a[layer], params["blocks"]["layers"]["block"])
 
 
 class _LayerStack(nn.Module):
@@ -39,7 +46,7 @@ class _LayerStack(nn.Module):
 
     def body(module, x, layer_xs):
       window_left, layer_index = layer_xs
-      inject_query = has_h & ((layer_index == 0) | (cfg.variant != "LT_ia"))
+      inject_query = variants.injects_query(cfg.variant, has_h, layer_index)
       x = module(
         x, h_BxTxD, h_query_BxTxD, inject_query, has_h, cos, sin, window_left, segment_ids_BxT
       )
@@ -70,19 +77,14 @@ class _Loop(nn.Module):
     has_h = loop_index > 0
     variant = self.cfg.variant
     h_BxTxD = constrain_activation(h_BxTxD)
-    if variant == "LT":
-      x_BxTxD = h_BxTxD  # the carry starts as norm(x0), so loop 0 is covered too
-    elif variant == "LT_i":
-      x_BxTxD = jnp.where(has_h, rms_norm(x0_BxTxD + h_BxTxD), x0_normed)
-    else:
-      x_BxTxD = x0_normed
-    h_query = rms_norm(h_BxTxD) if variant in ("FLT", "LT_ia") else h_BxTxD
+    x_BxTxD = variants.loop_input(variant, h_BxTxD, x0_BxTxD, x0_normed, has_h)
+    h_query = variants.query_source(variant, h_BxTxD)
     x_BxTxD = _LayerStack(self.cfg, name="layers")(
       x_BxTxD, h_BxTxD, h_query, has_h, cos, sin, segment_ids_BxT
     )
     # The paper's residual-explosion signal: mean L2 norm of the stream before norm.
     residual_norm = jnp.mean(jnp.linalg.norm(x_BxTxD.astype(jnp.float32), axis=-1))
-    h_BxTxD = constrain_activation(rms_norm(x_BxTxD))
+    h_BxTxD = loop_output(x_BxTxD)
     return h_BxTxD, (h_BxTxD if keep_all_loops else None, residual_norm)
 
 
@@ -166,12 +168,16 @@ class LoopedTransformer(nn.Module):
     if not cfg.separate_documents:
       segment_ids_BxT = positions_BxT = None
     cos, sin = self._rope(T, positions_BxT)
-    x0 = self.wte(tokens_BxT).astype(jnp.float32)
-    x0_normed = constrain_activation(rms_norm(x0))
+    x0, x0_normed = self.embed(tokens_BxT)
     h_last, (h_all, residual_norm_K) = self.blocks(
       x0_normed, jnp.arange(loops), x0, x0_normed, cos, sin, segment_ids_BxT, all_loops
     )
     return (h_all if all_loops else h_last), residual_norm_K
+
+  def embed(self, tokens_BxT):
+    """(x0, norm(x0)): the float32 token embedding every loop may restart from."""
+    x0_BxTxD = self.wte(tokens_BxT).astype(jnp.float32)
+    return x0_BxTxD, constrain_activation(rms_norm(x0_BxTxD))
 
   def logits(self, h_BxTxD):
     """Softcapped float32 logits over the true vocabulary."""
