@@ -28,7 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flt_jax import aot  # noqa: E402
+from flt_jax import aot, run  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -67,8 +67,8 @@ def main(argv=None):
       config.train.micro_batch_size = args.micro_batch_size
       config.mesh.update(args.mesh)
       config.mesh.allow_split_physical_axes = True  # fsdp=16 on v4's 8x8x8 torus
-      program = aot.build_train_program(config, args.vocab_size)
-      r, _ = aot.compile_train_step(program, devices, topology.hbm_bytes, str(topology))
+      program = run.build_program(config, args.vocab_size, devices)
+      r, _ = aot.compile_train_step(program, topology.hbm_bytes, str(topology))
       print(
         f"| {topology} | {r.num_devices} | {remat} | {r.argument_bytes / aot.GIB:.2f} "
         f"| {r.temp_bytes / aot.GIB:.2f} | {r.total_bytes / aot.GIB:.2f} "
@@ -79,7 +79,7 @@ def main(argv=None):
         flush=True,
       )
   print(
-    f"{args.experiment}:{args.preset}, global batch {program.global_batch} x "
+    f"{args.experiment}:{args.preset}, global batch {program.global_batch_size} x "
     f"{program.model_cfg.seq_len} tokens in {program.num_micro} micro-batch(es), "
     f"vocab {program.model_cfg.vocab_size}, mesh {args.mesh}"
   )

@@ -7,8 +7,9 @@ r"""Compile the sharded train step ahead of time for a TPU topology, on any mach
       --config.mesh.dcn_data=2                                          # two slices
 
 libtpu's compile-only client describes the topology's chips (no TPU needed; install
-requirements-tpu.txt), the real train step is lowered with the config's mesh and
-sharding rules, and XLA compiles it for that TPU generation. The command prints, per
+requirements-tpu.txt), the train step that training runs (`run.build_program`, the one
+builder training, eval and this command share) is lowered over the topology's devices
+with the config's mesh and sharding rules, and XLA compiles it for that TPU generation. The command prints, per
 device, the bytes of the arguments, outputs and temporaries (`memory_analysis()`), the
 compiled FLOPs (`cost_analysis()`) against the model FLOPs formula
 (`flt_jax.train.metrics.flops_per_token`), and whether the step fits the chip's HBM.
@@ -23,32 +24,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 import os
 import re
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import ml_collections
 from absl import app, flags
 from jax.experimental import topologies
 from ml_collections import config_flags
 
-from flt_jax import config as flt_config
 from flt_jax.errors import ConfigError
-from flt_jax.model import config as model_config_lib
-from flt_jax.model.looped import LoopedTransformer
-from flt_jax.parallel import config as parallel_config
 from flt_jax.parallel import mesh as mesh_lib
-from flt_jax.parallel import sharding as sharding_lib
-from flt_jax.train import config as train_config_lib
+from flt_jax.run import Program, build_program
 from flt_jax.train import metrics as metrics_lib
-from flt_jax.train import optimizer as optim_lib
-from flt_jax.train import state as state_lib
-from flt_jax.train import step as step_lib
 
 GIB = 1024**3
 # HBM per chip (one JAX device; v4 and v5p run as megacore: both TensorCores of a chip
@@ -61,85 +50,6 @@ MEGACORE_CHIPS = ("v4", "v5p")
 DEFAULT_VOCAB_SIZE = 65536
 
 _TOPOLOGY = re.compile(r"^(?:(\d+)x)?(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
-
-
-# ----------------------------------------------------------------------------
-# The train program: everything the step needs, built from the config alone.
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainProgram:
-  config: ml_collections.ConfigDict
-  model_cfg: model_config_lib.ModelConfig
-  model: LoopedTransformer
-  optimizer: object
-  abstract_state: state_lib.TrainState  # ShapeDtypeStructs; params keep nn.Partitioned
-  init_fn: object  # rng -> TrainState
-  step_fn: object  # (state, batch) -> (state, metrics)
-  num_micro: int
-  global_batch: int
-  total_steps: int
-
-
-def abstract_train_state(model, optimizer, seq_len: int, rng) -> state_lib.TrainState:
-  """The train state as ShapeDtypeStructs, params boxed with their logical names."""
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  boxed = jax.eval_shape(lambda: model.init(rng, tokens, 1)["params"])
-  counter = jax.ShapeDtypeStruct((), jnp.int32)
-  return state_lib.TrainState(
-    step=counter,
-    params=boxed,
-    opt_state=jax.eval_shape(optimizer.init, nn.meta.unbox(boxed)),
-    nonfinite_in_a_row=counter,
-    nonfinite_total=counter,
-  )
-
-
-def build_train_program(config, vocab_size: int) -> TrainProgram:
-  """Model, optimizer, abstract state and train step from the config, without data.
-
-  The one place the AOT command assembles a run; the run layer's setup builds the
-  same pieces (and can replace this function once it exists).
-  """
-  config = ml_collections.ConfigDict(config.to_dict())
-  flt_config.check_keys(config)
-  model_config_lib.validate(config.model)
-  train_config_lib.validate(config)
-  parallel_config.validate(config.mesh)
-  model_cfg = model_config_lib.ModelConfig.from_config(config.model, vocab_size)
-  config.model.vocab_size = model_cfg.vocab_size
-  model = LoopedTransformer(model_cfg)
-  num_micro = train_config_lib.grad_accum_steps(config)
-  global_batch = config.train.micro_batch_size * num_micro
-  rng = jax.random.PRNGKey(config.train.seed)
-  seq_len = model_cfg.seq_len
-  boxed = jax.eval_shape(lambda: model.init(rng, jnp.zeros((1, seq_len), jnp.int32), 1)["params"])
-  n_params = state_lib.count_params(nn.meta.unbox(boxed))
-  total_steps = optim_lib.resolve_total_steps(
-    config.train, n_params["total"], global_batch * seq_len
-  )
-  optimizer = optim_lib.make_optimizer(
-    config.optim, d_model=model_cfg.d_model, total_steps=total_steps
-  )
-  return TrainProgram(
-    config=config,
-    model_cfg=model_cfg,
-    model=model,
-    optimizer=optimizer,
-    abstract_state=abstract_train_state(model, optimizer, seq_len, rng),
-    init_fn=lambda key: state_lib.create_train_state(model, optimizer, key, seq_len),
-    step_fn=functools.partial(
-      step_lib.train_step,
-      model=model,
-      optimizer=optimizer,
-      num_micro=num_micro,
-      diagnostics=False,
-    ),
-    num_micro=num_micro,
-    global_batch=global_batch,
-    total_steps=total_steps,
-  )
 
 
 # ----------------------------------------------------------------------------
@@ -308,25 +218,13 @@ def _cost(compiled) -> dict:
   return dict(cost or {})
 
 
-def compile_train_step(program: TrainProgram, devices, hbm_bytes: int, topology: str = ""):
-  """Lowers and compiles program.step_fn on a mesh over `devices` (concrete or
-  compile-only) with the config's mesh and rules; returns (CompileReport, compiled)."""
-  config = program.config
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  rules = sharding_lib.logical_rules(config.mesh)
-  sharding_lib.check_batch(program.global_batch, config.train.micro_batch_size, mesh, rules)
-  shardings = sharding_lib.state_shardings(program.abstract_state, mesh, rules)
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-  step = sharding_lib.jit_train_step(
-    program.step_fn, mesh, rules, shardings, batch_sharding, program.num_micro
-  )
-  tokens = jax.ShapeDtypeStruct(
-    (program.global_batch, program.model_cfg.seq_len), jnp.int32, sharding=batch_sharding
-  )
-  args = (
-    sharding_lib.with_shardings(program.abstract_state, shardings),
-    {"inputs": tokens, "targets": tokens},
-  )
+def compile_train_step(program: Program, hbm_bytes: int, topology: str = ""):
+  """Lowers and compiles the program's train step (the one training runs, over the
+  program's mesh of concrete or compile-only devices); returns (CompileReport,
+  compiled)."""
+  step = program.train_step(diagnostics=False)
+  args = program.abstract_train_args()
+  devices = list(program.mesh.devices.flat)
   traced_flops = jaxpr_matmul_flops(jax.make_jaxpr(step)(*args).jaxpr)
   start = time.perf_counter()
   lowered = step.lower(*args)
@@ -353,14 +251,14 @@ def compile_train_step(program: TrainProgram, devices, hbm_bytes: int, topology:
     temp_bytes, code_bytes = int(float(match.group(1)) * GIB), 0
     compiled_flops = float("nan")
   seconds = time.perf_counter() - start - lower_seconds
-  tokens_per_step = program.global_batch * program.model_cfg.seq_len
+  tokens_per_step = program.tokens_per_step
   report = CompileReport(
     topology=topology or str(devices[0].platform),
     device_kind=devices[0].device_kind,
     num_devices=len(devices),
-    mesh=mesh_lib.describe(mesh).split(" (")[0],
+    mesh=mesh_lib.describe(program.mesh).split(" (")[0],
     remat=program.model_cfg.remat,
-    global_batch=program.global_batch,
+    global_batch=program.global_batch_size,
     num_micro=program.num_micro,
     argument_bytes=int(arg_bytes),
     output_bytes=int(out_bytes),
@@ -438,10 +336,8 @@ def run(config, topology_text: str, vocab_size: int = 0) -> CompileReport:
   tokenizer_vocab = None
   if config.model.vocab_size == 0:
     tokenizer_vocab = vocab_size or DEFAULT_VOCAB_SIZE
-  program = build_train_program(config, tokenizer_vocab)
-  report, _ = compile_train_step(
-    program, topology_devices(topology), topology.hbm_bytes, str(topology)
-  )
+  program = build_program(config, tokenizer_vocab, topology_devices(topology))
+  report, _ = compile_train_step(program, topology.hbm_bytes, str(topology))
   return report
 
 

@@ -39,7 +39,10 @@ def _readers(workdir: Path, out_dir: Path, live=None) -> None:
     run.train_and_evaluate(c, str(workdir))
   except WorkdirLockedError:
     return
-  assert live is not None and live.poll() is not None, "a second run was not refused"
+  # Not refused: only once the live run has released the lock, after its last save (its
+  # process may still be exiting).
+  assert live is not None, "a second run was not refused"
+  live.wait(timeout=120)
 
 
 def test_readers_leave_an_in_flight_save_alone(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from flt_jax import presets, run
 from flt_jax.data import pipeline as data_pipeline
 from flt_jax.eval import sweep_report
+from flt_jax.run import loop
 from flt_jax.train import step as step_lib
 from flt_jax.train.checkpoint import Checkpointer
 from flt_jax.workdir_lock import WorkdirLockedError
@@ -392,7 +393,7 @@ class DeviceValue:
     self.array = array
 
   def _read(self, *args, **kwargs):
-    raise AssertionError("a device value was read on the host outside run.fetch")
+    raise AssertionError("a device value was read on the host outside the loop's fetch")
 
   __int__ = __float__ = __bool__ = __index__ = __array__ = __format__ = _read
   __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __add__ = __radd__ = _read
@@ -413,10 +414,10 @@ def test_no_device_reads_between_sync_steps(tmp_path, monkeypatch):
   c.train.update(dict(steps=7, log_every=3, eval_every=0))
   c.checkpoint.every_steps = 5
   steps_read = []
-  real_compile, real_fetch, real_save = run.compile_train_step, run.fetch, Checkpointer.save
+  real_train_step, real_fetch, real_save = run.RunSetup.train_step, loop.fetch, Checkpointer.save
 
-  def compile_train_step(setup, diagnostics):
-    step = real_compile(setup, diagnostics)
+  def train_step(setup, diagnostics=False):
+    step = real_train_step(setup, diagnostics)
     return lambda state, batch: jax.tree.map(DeviceValue, step(unwrap(state), batch))
 
   def fetch(tree):
@@ -428,8 +429,8 @@ def test_no_device_reads_between_sync_steps(tmp_path, monkeypatch):
   def save(self, step, state, *args, **kwargs):
     return real_save(self, step, unwrap(state), *args, **kwargs)
 
-  monkeypatch.setattr(run, "compile_train_step", compile_train_step)
-  monkeypatch.setattr(run, "fetch", fetch)
+  monkeypatch.setattr(run.RunSetup, "train_step", train_step)
+  monkeypatch.setattr(loop, "fetch", fetch)
   monkeypatch.setattr(Checkpointer, "save", save)
   summary = run.train_and_evaluate(c, str(tmp_path / "guarded"))
   assert summary["step"] == 7

@@ -5,10 +5,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from flt_jax import aot
 from flt_jax import config as flt_config
+from flt_jax import run
 from flt_jax.constants import IGNORE_LABEL
-from flt_jax.parallel import mesh as mesh_lib
 from flt_jax.parallel import sharding as sharding_lib
 
 SEQ_LEN = 32
@@ -50,8 +49,10 @@ def tiny_config(model: str = "gqa", **mesh):
   return c
 
 
-def program(model: str = "gqa", **mesh) -> aot.TrainProgram:
-  return aot.build_train_program(tiny_config(model, **mesh), None)
+def program(model: str = "gqa", devices=None, **mesh) -> run.Program:
+  """The tiny config's program (run.build_program, as training and flt_jax.aot build it)
+  over `devices` (default: all)."""
+  return run.build_program(tiny_config(model, **mesh), None, devices)
 
 
 def host_batches(num: int, seed: int = 0) -> list[dict]:
@@ -68,16 +69,11 @@ def host_batches(num: int, seed: int = 0) -> list[dict]:
 class ShardedRun:
   """A program on a mesh: sharded state, compiled step, global batches."""
 
-  def __init__(self, prog: aot.TrainProgram, devices):
+  def __init__(self, prog: run.Program):
     self.prog = prog
-    self.mesh = mesh_lib.make_mesh(prog.config.mesh, devices)
-    self.rules = sharding_lib.logical_rules(prog.config.mesh)
-    sharding_lib.check_batch(GLOBAL_BATCH, MICRO_BATCH, self.mesh, self.rules)
-    self.shardings = sharding_lib.state_shardings(prog.abstract_state, self.mesh, self.rules)
-    self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
-    self.step = sharding_lib.jit_train_step(
-      prog.step_fn, self.mesh, self.rules, self.shardings, self.batch_sharding, prog.num_micro
-    )
+    self.mesh, self.rules = prog.mesh, prog.rules
+    self.shardings, self.batch_sharding = prog.state_shardings, prog.batch_sharding
+    self.step = prog.train_step()
     self._compiled = None
 
   def init(self, seed: int = 0):
@@ -87,7 +83,7 @@ class ShardedRun:
 
   def abstract(self):
     """The state as ShapeDtypeStructs with this mesh's shardings (a restore target)."""
-    return sharding_lib.with_shardings(self.prog.abstract_state, self.shardings)
+    return self.prog.restore_target
 
   def global_batch(self, host_batch):
     return sharding_lib.make_global_batch(host_batch, self.batch_sharding, GLOBAL_BATCH)

@@ -46,7 +46,7 @@ def test_eight_devices_then_restore_on_one(tmp_path):
   # restored onto one device: the third step's loss matches the 8-device run.
   expected = json.loads((tmp_path / "expected.json").read_text())
   assert jax.device_count() == 1
-  run = common.ShardedRun(common.program("gqa", data=1, fsdp=1, tensor=1), jax.devices())
+  run = common.ShardedRun(common.program("gqa", jax.devices(), data=1, fsdp=1, tensor=1))
   state = ocp.StandardCheckpointer().restore(expected["checkpoint"], run.abstract())
   assert int(state.step) == 2
   _, losses = run.run(state, common.host_batches(3)[2:])

@@ -29,7 +29,7 @@ def test_mesh_section_is_in_the_defaults_and_valid():
   assert rules["batch"] == ("data", "fsdp") and rules["embed"] == "fsdp"
   assert rules["mlp"] == "tensor" and rules["layers"] is None
   # Every logical name the model's params carry has a rule.
-  boxed = common.program().abstract_state.params
+  boxed = common.program().abstract_state_boxed.params
   names = set()
   for box in jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: hasattr(x, "names")):
     names.update(n for n in box.names if n)
@@ -70,7 +70,7 @@ def test_logical_name_without_a_rule_is_refused():
   rules = tuple(r for r in sharding_lib.logical_rules(prog.config.mesh) if r[0] != "mlp")
   mesh = mesh_lib.make_mesh(prog.config.mesh)
   with pytest.raises(ConfigError, match=r"no rule for the logical axis 'mlp' of .*c_fc"):
-    sharding_lib.state_shardings(prog.abstract_state, mesh, rules)
+    sharding_lib.state_shardings(prog.abstract_state_boxed, mesh, rules)
 
 
 def _mesh(**sizes):
@@ -108,10 +108,10 @@ def test_optimizer_state_follows_the_params():
   prog = common.program()
   mesh = mesh_lib.make_mesh(prog.config.mesh)
   rules = sharding_lib.logical_rules(prog.config.mesh)
-  shardings = sharding_lib.state_shardings(prog.abstract_state, mesh, rules)
+  shardings = sharding_lib.state_shardings(prog.abstract_state_boxed, mesh, rules)
   # Same tree as the unboxed state, one NamedSharding per leaf.
   unboxed = jax.tree_util.tree_structure(
-    jax.tree.map(lambda x: 0, sharding_lib.with_shardings(prog.abstract_state, shardings))
+    jax.tree.map(lambda x: 0, sharding_lib.with_shardings(prog.abstract_state_boxed, shardings))
   )
   assert jax.tree_util.tree_structure(jax.tree.map(lambda x: 0, shardings)) == unboxed
   specs = {

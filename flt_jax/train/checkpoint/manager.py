@@ -551,7 +551,10 @@ class Checkpointer:
 
   def close(self) -> None:
     """Waits for the last save and closes; after a reported save failure it only
-    closes (the failure was raised already)."""
+    closes (the failure was raised already). A second call does nothing."""
+    if getattr(self, "_closed", False):
+      return
+    self._closed = True
     try:
       if not self._failed:
         self.wait_until_finished()

@@ -41,7 +41,7 @@ def _run(model: str, mesh_name: str):
   if key not in _cache:
     sizes = ONE_DEVICE if mesh_name == "one" else MESHES[mesh_name]
     devices = jax.devices()[:1] if mesh_name == "one" else jax.devices()
-    run = common.ShardedRun(common.program(model, **sizes), devices)
+    run = common.ShardedRun(common.program(model, devices, **sizes))
     initial = run.init()
     held = sharding_lib.bytes_per_device(initial)
     initial_params = jax.device_get(initial.params)  # before the donating steps
@@ -114,9 +114,9 @@ def test_sharded_eval_step_matches_one_device():
 def test_one_device_reference_is_the_plain_jit_step():
   """The reference the meshes are compared with: the sharded step on one device (with
   its strided micro-batches) gives the losses of the plain jax.jit of train_step."""
-  prog = common.program("gqa", **ONE_DEVICE)
+  prog = common.program("gqa", jax.devices()[:1], **ONE_DEVICE)
   state = jax.jit(prog.init_fn)(jax.random.PRNGKey(0))
-  step = jax.jit(prog.step_fn)
+  step = jax.jit(prog.step_fn())
   losses = []
   for batch in common.host_batches(STEPS):
     state, metrics = step(state, jax.device_put(batch, jax.devices()[0]))
@@ -170,7 +170,7 @@ def test_checkpoint_from_8_devices_restores_on_4():
   _run("gqa", CHECKPOINT_MESH)
   path = _cache["checkpoint"]
   expected_loss = _run("gqa", "one")["losses"][2]
-  run = common.ShardedRun(common.program("gqa", data=2, fsdp=2, tensor=1), jax.devices()[:4])
+  run = common.ShardedRun(common.program("gqa", jax.devices()[:4], data=2, fsdp=2, tensor=1))
   state = ocp.StandardCheckpointer().restore(path, run.abstract())
   leaf = state.params["blocks"]["layers"]["block"]["mlp"]["c_fc"]["kernel"]
   assert len(leaf.sharding.device_set) == 4 and int(state.step) == 2
@@ -215,4 +215,4 @@ def test_a_dimension_the_mesh_cannot_split_is_named():
   mesh = mesh_lib.make_mesh(prog.config.mesh)
   rules = sharding_lib.logical_rules(prog.config.mesh)
   with pytest.raises(ConfigError, match=r"dimension 0 \(size 2\) cannot be split 8 ways"):
-    sharding_lib.state_shardings(prog.abstract_state, mesh, rules)
+    sharding_lib.state_shardings(prog.abstract_state_boxed, mesh, rules)

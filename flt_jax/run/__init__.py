@@ -1,0 +1,33 @@
+"""The run layer: a run assembled from its config, then trained or evaluated.
+
+program.py   resolve_config, build_program -> Program: the data-free builder of the
+             train and eval steps that training, evaluation and `flt_jax.aot` share
+setup.py     setup -> RunSetup (a Program plus tokenizer and pipelines),
+             open_checkpointer (writable for the lock holder, read-only for readers)
+loop.py      train_and_evaluate: the train loop (sync-step rule, profiler window,
+             preemption, non-finite stop, saves)
+resume.py    restore_or_init: a fresh state or the latest checkpoint, with its checks
+report.py    console/TensorBoard/metrics.jsonl lines, config.txt, a sweep's files
+sweep.py     restore_params, evaluate_checkpoint (loop-count sweep of a checkpoint)
+"""
+
+from flt_jax.run.loop import NonFiniteError, train_and_evaluate
+from flt_jax.run.program import Program, build_program, resolve_config
+from flt_jax.run.report import HOP_METRIC
+from flt_jax.run.setup import RunSetup, open_checkpointer, setup
+from flt_jax.run.sweep import evaluate_checkpoint, hop_data_config, restore_params
+
+__all__ = [
+  "HOP_METRIC",
+  "NonFiniteError",
+  "Program",
+  "RunSetup",
+  "build_program",
+  "evaluate_checkpoint",
+  "hop_data_config",
+  "open_checkpointer",
+  "resolve_config",
+  "restore_params",
+  "setup",
+  "train_and_evaluate",
+]

@@ -1,0 +1,180 @@
+"""What a run shows and writes for people: console lines, TensorBoard and metrics.jsonl
+(`Reporter`), `config.txt`, and a loop sweep's files (`write_sweep`). Process 0 writes;
+every file is written whole (`flt_jax.files`)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from flt_jax.eval import sweep_report
+from flt_jax.files import write_atomic
+from flt_jax.train import metrics as metrics_lib
+from flt_jax.train import optimizer as optim_lib
+
+# The multihop sweep's per-hop accuracy: this prefix + the hop count.
+HOP_METRIC = "answer_accuracy_hops"
+
+
+def say(msg: str) -> None:
+  """A console line, from process 0 only."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+class Reporter:
+  """Train and eval lines for the console, TensorBoard and metrics.jsonl (sync steps)."""
+
+  def __init__(self, run_setup, workdir: str, start: int):
+    config, self._model_cfg = run_setup.config, run_setup.model_cfg
+    self._optim_config = config.optim
+    self._total_steps, self._tokens_per_step = run_setup.total_steps, run_setup.tokens_per_step
+    device = run_setup.mesh.devices.flat[0]
+    self._peak = metrics_lib.peak_flops_per_device(
+      device.platform,
+      device.device_kind,
+      config.metrics.peak_flops_per_device,
+      local_devices=jax.local_device_count(),
+    )
+    self._devices = run_setup.mesh.devices.size
+    self._flops_per_token = metrics_lib.flops_per_token(self._model_cfg)
+    self._writer = metrics_lib.MetricsWriter(
+      workdir, config.metrics.tensorboard, jsonl=True, warn=say
+    )
+    self._console = metrics_lib.ConsoleLogger(self._total_steps, print_fn=say)
+    self._start = start
+    self._t_last, self._step_last = time.time(), start
+    self.first_loss = self.last_loss = None
+    self.eval_metrics: dict = {}
+    cfg, n = self._model_cfg, run_setup.n_params
+    say(
+      f"{config.experiment or cfg.variant}: {cfg.variant} K={cfg.loops} L={cfg.n_layer} "
+      f"d={cfg.d_model} vocab={cfg.vocab_size} | {n['total']:,} params "
+      f"({n['non_embedding']:,} non-embedding) | {self._total_steps} steps x "
+      f"{self._tokens_per_step:,} tokens ({run_setup.num_micro} micro-batches)"
+    )
+
+  def train(self, step: int, metrics, skipped_total: int) -> None:
+    now = time.time()
+    tok_s = (step - self._step_last) * self._tokens_per_step / max(now - self._t_last, 1e-9)
+    self._t_last, self._step_last = now, step
+    mfu = metrics_lib.compute_mfu(tok_s, self._flops_per_token, self._devices, self._peak)
+    self.last_loss = float(metrics["loss"])
+    self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
+    scalars = {
+      **metrics_lib.step_scalars(metrics),
+      "perf/tokens_per_s": tok_s,
+      "train/nonfinite_total": skipped_total,
+      **optim_lib.current_learning_rates(
+        self._optim_config, self._model_cfg.d_model, step, self._total_steps
+      ),
+    }
+    if mfu is not None:
+      scalars["perf/mfu"] = mfu
+    self._writer.write_scalars(step, scalars)
+    self._console.log(step, self.last_loss, tok_s, mfu)
+
+  def eval(self, step: int, eval_metrics: dict) -> None:
+    self.eval_metrics = eval_metrics
+    self._writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    shown = " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if k != "tokens")
+    say(f"eval @ {step}: {shown}")
+
+  def summary(self, step: int) -> dict:
+    evals = {f"eval_{k}": v for k, v in self.eval_metrics.items()}
+    self._console.summary(
+      step,
+      self.last_loss if self.last_loss is not None else float("nan"),
+      (step - self._start) * self._tokens_per_step,
+      extra={k: v for k, v in evals.items() if k != "eval_tokens"},
+    )
+    return {"step": step, "first_loss": self.first_loss, "final_loss": self.last_loss, **evals}
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The resolved config as readable text: `<workdir>/config.txt` (rewritten at every
+  start, so it shows the latest invocation) and TensorBoard's text tab."""
+  if jax.process_index() != 0:
+    return
+  text = str(config)
+  write_atomic(epath.Path(workdir) / "config.txt", text)
+  if config.metrics.tensorboard:
+    writer = metrics_lib.MetricsWriter(workdir, enabled=True)
+    writer.write_text("config", "```\n" + text + "\n```")
+    writer.close()
+
+
+def read_sweep_table(path: epath.Path) -> dict:
+  """The loops already written to `path` by earlier sweeps of the same step and data, read
+  before any work; ValueError naming the file if it is not a sweep table."""
+  if not path.exists():
+    return {}
+  try:
+    table = json.loads(path.read_text())
+    loops = table["loops"]
+    if not isinstance(loops, dict):
+      raise TypeError("'loops' is not an object")
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+      f"{path} is not a loop-sweep table ({type(e).__name__}: {e}); move it aside (mv {path} "
+      f"{path}.bad) to start a new table for this step"
+    ) from None
+  return loops
+
+
+def print_sweep(step: int, workdir: str, variant: str, trained_loops: int, results) -> None:
+  say(f"checkpoint step {step} of {workdir} ({variant}, trained at K={trained_loops}):")
+  for k, m in results.items():
+    shown = " | ".join(f"{name} {v:.4f}" for name, v in m.items() if name != "tokens")
+    say(f"  loops {k:3d}: {shown}")
+
+
+def write_sweep(
+  workdir: str, table_path: epath.Path, name: str, table: dict, results: dict, config
+) -> None:
+  """Adds `results` ({K': {metric: value}}) to `table` (its earlier K' under "loops") and
+  writes the table (JSON), the sweep's CSV/PNG over every K' of the table, the hops x K'
+  table and heat map when there are per-hop accuracies, and TensorBoard scalars with K'
+  as the x axis. `name` (e.g. step300) suffixes every file."""
+  step, trained_loops = table["step"], table["trained_loops"]
+  # JSON has no NaN (h_change at K'=1): non-finite values are written as null.
+  table["loops"].update(
+    {str(k): {n: (v if np.isfinite(v) else None) for n, v in m.items()} for k, m in results.items()}
+  )
+  write_atomic(table_path, json.dumps(table, indent=1))
+  every_k = {
+    int(k): {n: (np.nan if v is None else v) for n, v in m.items()}
+    for k, m in table["loops"].items()
+  }
+  files = sweep_report.write_sweep_report(
+    every_k, trained_loops, workdir, name=f"loop_sweep_{name}", title=f"step {step}"
+  )
+  hop_accuracy = {}  # hops x K', from every K' swept at this step
+  for k, metrics in every_k.items():
+    for metric, v in metrics.items():
+      if metric.startswith(HOP_METRIC):
+        hop_accuracy.setdefault(int(metric.removeprefix(HOP_METRIC)), {})[k] = v
+  if hop_accuracy:
+    hop_files = sweep_report.write_hop_report(
+      hop_accuracy,
+      trained_loops,
+      workdir,
+      name=f"hops_by_loops_{name}",
+      title=f"answer accuracy by hops, step {step}",
+    )
+    say(f"wrote {hop_files['csv']} and {hop_files['png']}")
+  tb = config.metrics.tensorboard
+  writer = metrics_lib.MetricsWriter(workdir, enabled=tb, tb_subdir=f"tb/loop_sweep_{name}")
+  for k, metrics in sorted(results.items()):
+    finite = {f"loop_sweep/{n}": v for n, v in metrics.items() if np.isfinite(v)}
+    writer.write_scalars(k, finite)
+  writer.close()
+  say(f"wrote {table_path}, {files['csv']} and {files['png']}")

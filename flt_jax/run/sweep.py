@@ -1,0 +1,147 @@
+"""A checkpoint evaluated: its params restored onto this machine's devices
+(`restore_params`, read-only, safe beside a live run), then swept over loop counts K'
+(`evaluate_checkpoint`: test-time compute)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+
+import jax
+import ml_collections
+from etils import epath
+
+from flt_jax import config as flt_config
+from flt_jax.constants import IGNORE_LABEL
+from flt_jax.errors import config_error
+from flt_jax.eval import evaluate as eval_lib
+from flt_jax.eval import sweep_report
+from flt_jax.parallel import config as parallel_config
+from flt_jax.run import report
+from flt_jax.run.setup import RunSetup, open_checkpointer, setup
+from flt_jax.train.checkpoint import read_saved_config
+
+
+def restore_params(
+  workdir: str, config: ml_collections.ConfigDict | None = None, step: int | None = None
+) -> tuple[RunSetup, dict, int]:
+  """(run setup, params, step) from a checkpoint of `workdir` (default: its latest),
+  sharded over this run's mesh. With `config` None the config saved in that checkpoint
+  is used, so a workdir alone is enough. Nothing in the workdir is created or changed."""
+  saved, step = read_saved_config(workdir, step)
+  if config is None:
+    config = flt_config.with_defaults(saved)
+    # The mesh describes the machine it ran on, not the model: lay the saved run's state
+    # over this machine's devices (all on fsdp, JAX's CPU device count), whatever mesh
+    # wrote it.
+    defaults = parallel_config.get_config()
+    for field in (
+      parallel_config.MESH_AXES + parallel_config.DCN_FIELDS + ("cpu_devices", "cpu_reuse_memory")
+    ):
+      config.mesh[field] = defaults[field]
+  run_setup = setup(config, workdir, training=False)
+  checkpointer = open_checkpointer(run_setup, workdir, read_only=True)
+  try:
+    checkpointer.check_param_shapes(step, run_setup.abstract_state.params)
+    params = checkpointer.restore(step, run_setup.restore_target)["state"].params
+  finally:
+    checkpointer.close()
+  return run_setup, params, step
+
+
+def _h_change_batch(run_setup: RunSetup):
+  """Tokens and target mask of the first validation batch (global arrays)."""
+  batch = next(iter(run_setup.eval_batches()))
+  rows = run_setup.config.train.micro_batch_size
+  batch = run_setup.global_batch(batch, ("inputs", "targets"), rows)
+  return batch["inputs"], batch["targets"] != IGNORE_LABEL
+
+
+def hop_data_config(data_config, hops: int) -> ml_collections.ConfigDict:
+  """config.data restricted to `hops` hops (hops_min = hops_max = hops), same task seed."""
+  data = ml_collections.ConfigDict(data_config.to_dict())
+  data.multihop.hops_min = data.multihop.hops_max = int(hops)
+  return data
+
+
+def _hop_sweep(run_setup: RunSetup, eval_fn, params, loops_list) -> dict[int, dict[str, float]]:
+  """{K': {answer_accuracy_hops<h>: accuracy}} for every hop count h the run trained on,
+  each on its own validation set (hop_data_config)."""
+  m = run_setup.config.data.multihop
+  out = {int(k): {} for k in loops_list}
+  for hops in range(int(m.hops_min), int(m.hops_max) + 1):
+    batches = functools.partial(
+      run_setup.eval_batches, hop_data_config(run_setup.config.data, hops)
+    )
+    for k, metrics in eval_lib.loop_sweep(
+      eval_fn, params, batches, run_setup.token_bytes_V, loops_list
+    ).items():
+      out[k][f"{report.HOP_METRIC}{hops}"] = metrics["answer_accuracy"]
+  return out
+
+
+def _eval_data(run_setup: RunSetup, saved: dict) -> tuple[str, dict]:
+  """(file-name suffix, record) of the data a sweep evaluates on: '' for the run's own
+  validation data, '_data-<hash>' for other data, so a sweep on another corpus writes
+  under its own name instead of over the run's rows."""
+  data = run_setup.config.data.to_dict()
+  record = {
+    "source": data["source"],
+    "path": data["path"],
+    "eval_steps": int(run_setup.config.train.eval_steps),
+    "micro_batch_size": int(run_setup.config.train.micro_batch_size),
+  }
+  own = flt_config.with_defaults(saved).data.to_dict()
+  if data == own:
+    return "", record
+  digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+  return f"_data-{digest[:8]}", record
+
+
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict | None,
+  workdir: str,
+  loops_list: list[int] | None = None,
+  step: int | None = None,
+) -> dict[int, dict]:
+  """Restores a checkpoint of workdir (default: the latest; `config` None: the config
+  saved with it) and evaluates it at each loop count (test-time compute: params trained
+  at K run at any K' >= 1), with `h_change`, how much the last loop still moves h.
+
+  Process 0 writes `<workdir>/eval_step<N>.json` (each K' added to what an earlier
+  sweep of the same step wrote), `loop_sweep_step<N>.csv`/`.png`, and TensorBoard
+  scalars under `tb/loop_sweep_step<N>` with K' as the x axis. On multihop data each
+  trained hop count is also evaluated alone (`answer_accuracy_hops<h>`), written as the
+  hops x K' table and heat map `hops_by_loops_step<N>.csv`/`.png`. Data other than the
+  run's own validation data writes under `..._step<N>_data-<hash>` names, and every
+  table records its data. Each file is written whole (a kill leaves the previous one)."""
+  bad = [k for k in loops_list or [] if k < 1]
+  if bad:
+    raise config_error("--eval_loops", bad, "every loop count must be >= 1", "e.g. 1,2,4,12")
+  saved, step = read_saved_config(workdir, step)
+  trained_loops = int(saved.get("model", {}).get("loops", 0)) or None
+  run_setup, params, step = restore_params(workdir, config, step)
+  suffix, data_record = _eval_data(run_setup, saved)
+  table_path = epath.Path(workdir) / f"eval_step{step}{suffix}.json"
+  earlier = report.read_sweep_table(table_path)  # a damaged table stops us before the work
+  model_cfg = run_setup.model_cfg
+  trained_loops = trained_loops or model_cfg.loops
+  loops_list = sorted(set(loops_list or [trained_loops]))
+  eval_fn = run_setup.make_eval_fn()
+  results = eval_lib.loop_sweep(
+    eval_fn, params, run_setup.eval_batches, run_setup.token_bytes_V, loops_list
+  )
+  if run_setup.config.data.source == "multihop":
+    for k, per_hop in _hop_sweep(run_setup, eval_fn, params, loops_list).items():
+      results[k].update(per_hop)
+  tokens_BxT, mask_BxT = _h_change_batch(run_setup)
+  for k, change in sweep_report.sweep_h_change(
+    run_setup.model, params, tokens_BxT, loops_list, mask_BxT
+  ).items():
+    results[k]["h_change"] = change
+  report.print_sweep(step, workdir, model_cfg.variant, trained_loops, results)
+  if jax.process_index() == 0:
+    table = {"step": step, "trained_loops": trained_loops, "data": data_record, "loops": earlier}
+    report.write_sweep(workdir, table_path, f"step{step}{suffix}", table, results, run_setup.config)
+  return results
