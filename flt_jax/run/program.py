@@ -138,6 +138,12 @@ class Program:
       )
     return self._steps[key]
 
+  def compile_train_step(self, diagnostics: bool = False):
+    """`train_step(diagnostics)` lowered on `abstract_train_args` and compiled: the
+    executable the train loop calls (and whose memory analysis `run/fits.py` checks
+    before a run starts)."""
+    return self.train_step(diagnostics).lower(*self.abstract_train_args()).compile()
+
   def eval_step(self, loops: int):
     """The jitted `eval_step` at `loops` loops: (params, global batch, token bytes) ->
     sums, sharded like the train step."""

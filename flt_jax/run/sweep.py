@@ -18,6 +18,7 @@ from flt_jax.errors import config_error
 from flt_jax.eval import evaluate as eval_lib
 from flt_jax.eval import sweep_report
 from flt_jax.parallel import config as parallel_config
+from flt_jax.parallel import multihost
 from flt_jax.run import report
 from flt_jax.run.setup import RunSetup, open_checkpointer, setup
 from flt_jax.train.checkpoint import read_saved_config
@@ -29,6 +30,10 @@ def restore_params(
   """(run setup, params, step) from a checkpoint of `workdir` (default: its latest),
   sharded over this run's mesh. With `config` None the config saved in that checkpoint
   is used, so a workdir alone is enough. Nothing in the workdir is created or changed."""
+  if config is not None:
+    # Before reading the saved config starts JAX's backends: the config's CPU device
+    # count (config.mesh.cpu_devices) applies only to a backend not yet started.
+    multihost.initialize(config.mesh)
   saved, step = read_saved_config(workdir, step)
   if config is None:
     config = flt_config.with_defaults(saved)
@@ -119,6 +124,8 @@ def evaluate_checkpoint(
   bad = [k for k in loops_list or [] if k < 1]
   if bad:
     raise config_error("--eval_loops", bad, "every loop count must be >= 1", "e.g. 1,2,4,12")
+  if config is not None:
+    multihost.initialize(config.mesh)  # as restore_params does, before the saved config
   saved, step = read_saved_config(workdir, step)
   trained_loops = int(saved.get("model", {}).get("loops", 0)) or None
   run_setup, params, step = restore_params(workdir, config, step)

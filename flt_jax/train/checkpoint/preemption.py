@@ -4,6 +4,7 @@ save a checkpoint at the step it reached and exit cleanly."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -38,7 +39,18 @@ class PreemptionHandler:
 
   def _handler(self, signum, frame):
     del frame
+    if self._flag.is_set() and signum == signal.SIGINT:
+      # A second Ctrl-C: leave now. A save in flight is an unfinished temporary directory,
+      # which the next run's writable checkpointer removes; finished ones are untouched.
+      os.write(
+        2,
+        b"\nsecond Ctrl-C: exiting now without waiting for the save; the checkpoints "
+        b"already finished are intact\n",
+      )
+      os._exit(130)
     logging.warning("Received signal %d: will save a checkpoint and stop.", signum)
+    if signum == signal.SIGINT:
+      os.write(2, b"\nCtrl-C: saving the step reached, then stopping (Ctrl-C again to exit now)\n")
     self._flag.set()
 
   def _install_signals(self) -> None:
