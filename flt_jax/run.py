@@ -175,13 +175,15 @@ class RunSetup:
     return eval_fn
 
   def describe_devices(self) -> str:
-    """The startup line: devices, processes, mesh, per-device batch, parameters."""
+    """The startup line: devices, processes, mesh, per-device batch, parameters, and the
+    attention kernel chosen for the devices' platform."""
     shards = sharding_lib.batch_shards(self.mesh, self.rules)
     micro = self.config.train.micro_batch_size
     return (
       f"devices: {mesh_lib.describe(self.mesh)} in {jax.process_count()} process(es) | "
       f"per-device batch {micro // shards} sequence(s) x {self.num_micro} micro-batch(es) "
-      f"of {self.model_cfg.seq_len} tokens | {self.n_params['total']:,} params"
+      f"of {self.model_cfg.seq_len} tokens | {self.n_params['total']:,} params | "
+      f"{self.model_cfg.describe_attention()}"
     )
 
   def eval_batches(self, data_config=None) -> data_pipeline.Pipeline:
@@ -217,6 +219,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
   tokenizer = data_pipeline.make_tokenizer(config.data)
   model_cfg = model_config_lib.ModelConfig.from_config(config.model, tokenizer.vocab_size)
   config.model.vocab_size = model_cfg.vocab_size
+  model_cfg = model_cfg.for_devices(jax.devices())  # the mesh's devices pick the kernels
   num_micro = train_config_lib.grad_accum_steps(config)
   global_batch = config.train.micro_batch_size * num_micro
   model = LoopedTransformer(model_cfg)
