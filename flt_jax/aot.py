@@ -351,9 +351,11 @@ def jaxpr_matmul_flops(jaxpr) -> float:
 
 
 # Attention kernels in compiled HLO: a custom call's target, and for Pallas kernels the
-# kernel's name in the op_name metadata (".../flt_flash_dq)/pallas_call").
+# kernel's name, from the op_name metadata (".../flt_flash_dq)/pallas_call") or else the
+# instruction's own name (splash's "%splash_mha_fwd_residuals.3 = ...").
 _CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _PALLAS_KERNEL = re.compile(r'op_name="[^"]*?(\w+)\)*/pallas_call')
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([A-Za-z_]\w*?)(?:\.\d+)* = ")
 _PALLAS_TARGETS = {"__gpu$xla.gpu.triton": "Triton", "tpu_custom_call": "Mosaic"}
 
 
@@ -370,7 +372,7 @@ def attention_kernel_calls(hlo_text: str) -> collections.Counter:
     if target.startswith("__cudnn$fmha"):
       calls[("cuDNN fmha", target.removeprefix("__cudnn$"))] += 1
     elif target in _PALLAS_TARGETS:
-      kernel = _PALLAS_KERNEL.search(line)
+      kernel = _PALLAS_KERNEL.search(line) or _INSTRUCTION.match(line)
       kernel = kernel.group(1) if kernel else ""
       if kernel.startswith("flt_flash"):
         calls[(f"{_PALLAS_TARGETS[target]} flash", kernel)] += 1

@@ -21,10 +21,13 @@ the ones it can; nothing falls back silently.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from flt_jax import kernels
 
@@ -348,6 +351,82 @@ def describe_choice(impl: str, platform: str = "", **call) -> str:
   return f"attention: {impl}" + (f" -> {chosen}" if chosen != impl else "") + f" ({why})"
 
 
+# Logical axes of attend's operands (the model's activation names; head_dim has no rule).
+_Q_AXES = ("batch", "length", "heads", "head_dim")
+_KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
+def _mesh_axes_size(mesh, axes) -> int:
+  names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+  return math.prod(mesh.shape[name] for name in names)
+
+
+def _local_specs(mesh, q, k):
+  """PartitionSpecs (q, k/v, segment ids) of each device's shard: batch and heads split
+  as the logical rules say where the sizes divide, length and head_dim whole. q's and
+  k's heads split alike or not at all, so each shard keeps whole GQA groups."""
+  q_axes, kv_axes = nn.logical_to_mesh_axes(_Q_AXES), nn.logical_to_mesh_axes(_KV_AXES)
+  batch = q_axes[0] if q.shape[0] % _mesh_axes_size(mesh, q_axes[0]) == 0 else None
+  heads, kv_heads = q_axes[2], kv_axes[2]
+  if q.shape[2] % _mesh_axes_size(mesh, heads) or k.shape[2] % _mesh_axes_size(mesh, kv_heads):
+    heads = kv_heads = None
+  return (
+    PartitionSpec(batch, None, heads, None),
+    PartitionSpec(batch, None, kv_heads, None),
+    PartitionSpec(batch, None),
+  )
+
+
+def _per_shard(fn, q, k, v, *, window_left, q_offset, q_segment_ids_BxT, kv_segment_ids_BxS):
+  """fn(q, k, v, window_left=, q_offset=, segment ids) on each device's shard.
+
+  A Pallas kernel is an opaque custom call: Mosaic refuses to be partitioned, and XLA
+  would gather a Triton call's operands onto every device. So under a mesh (the model
+  traced by parallel.sharding's jit, with its logical rules) the kernel runs in
+  shard_map over the batch and head axes, where attention needs no communication.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or not nn.get_logical_axis_rules():
+    return fn(
+      q,
+      k,
+      v,
+      window_left=window_left,
+      q_offset=q_offset,
+      q_segment_ids_BxT=q_segment_ids_BxT,
+      kv_segment_ids_BxS=kv_segment_ids_BxS,
+    )
+  q_spec, kv_spec, seg_spec = _local_specs(mesh, q, k)
+  static_window = isinstance(window_left, int)
+  has_segments = q_segment_ids_BxT is not None
+  operands = [q, k, v]
+  specs = [q_spec, kv_spec, kv_spec]
+  if not static_window:  # traced (the layer scan's): every shard gets the scalar
+    operands.append(jnp.asarray(window_left, jnp.int32))
+    specs.append(PartitionSpec())
+  if has_segments:
+    operands += [q_segment_ids_BxT, kv_segment_ids_BxS]
+    specs += [seg_spec, seg_spec]
+
+  def local(q, k, v, *rest):
+    rest = list(rest)
+    window = window_left if static_window else rest.pop(0)
+    q_seg, kv_seg = rest if has_segments else (None, None)
+    return fn(
+      q,
+      k,
+      v,
+      window_left=window,
+      q_offset=q_offset,
+      q_segment_ids_BxT=q_seg,
+      kv_segment_ids_BxS=kv_seg,
+    )
+
+  return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=q_spec, check_vma=False)(
+    *operands
+  )
+
+
 def attend(
   q_BxTxHxD,
   k_BxSxHkvxD,
@@ -377,13 +456,13 @@ def attend(
     float32=q_BxTxHxD.dtype == jnp.float32,
     windows_known=isinstance(window_left, int) or bool(options.windows),
   )
-  return _IMPLS[impl](
-    q_BxTxHxD,
-    k_BxSxHkvxD,
-    v_BxSxHkvxD,
+  fn = functools.partial(_IMPLS[impl], options=options)
+  call = dict(
     window_left=window_left,
     q_offset=q_offset,
     q_segment_ids_BxT=q_segment_ids_BxT,
     kv_segment_ids_BxS=kv_segment_ids_BxS,
-    options=options,
   )
+  if impl == "xla" or has_offset:  # XLA partitions its own ops; decode steps run unsharded
+    return fn(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, **call)
+  return _per_shard(fn, q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, **call)
