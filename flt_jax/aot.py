@@ -37,6 +37,7 @@ import math
 import os
 import re
 import time
+from contextlib import nullcontext
 
 import flax.linen as nn
 import jax
@@ -47,7 +48,7 @@ from jax.experimental import topologies
 from ml_collections import config_flags
 
 from flt_jax import config as flt_config
-from flt_jax import gpu_targets
+from flt_jax import gpu_targets, quiet_start
 from flt_jax.errors import ConfigError
 from flt_jax.model import config as model_config_lib
 from flt_jax.model.looped import LoopedTransformer
@@ -521,7 +522,9 @@ def format_report(report: CompileReport, title: str = "") -> str:
     f"  traced matmuls  {r.traced_flops:.4g}   ({r.traced_flops / r.model_flops:.3f} x model; "
     "every dot_general of the step, scan lengths and remat recompute included)",
     f"  XLA cost        {r.compiled_flops:.4g}   ({r.compiled_flops / r.model_flops:.3f} x model; "
-    "cost_analysis() of the compiled step, which counts each loop body once)",
+    "cost_analysis() of the compiled step, which counts each loop body once)"
+    if math.isfinite(r.compiled_flops)
+    else "  XLA cost        n/a   (cost_analysis() of the compiled step gives no FLOPs here)",
   ]
   if r.attention:
     calls = "" if r.out_of_memory else " | " + describe_attention_calls(dict(r.attention_calls))
@@ -562,9 +565,12 @@ def run(config, topology_text: str, vocab_size: int = 0) -> CompileReport:
   tokenizer_vocab = None
   if config.model.vocab_size == 0:
     tokenizer_vocab = vocab_size or DEFAULT_VOCAB_SIZE
-  devices = topology_devices(topology)
-  program = build_train_program(config, tokenizer_vocab, devices)
-  report, _ = compile_train_step(program, devices, topology.hbm_bytes, str(topology))
+  # The CUDA plugin's libraries log that this machine has no GPU driver when the client
+  # and the compiler load them: noise for a command that compiles for a GPU elsewhere.
+  with quiet_start.cuda_noise_filtered() if topology.platform == "gpu" else nullcontext():
+    devices = topology_devices(topology)
+    program = build_train_program(config, tokenizer_vocab, devices)
+    report, _ = compile_train_step(program, devices, topology.hbm_bytes, str(topology))
   return report
 
 
