@@ -121,3 +121,12 @@ def start() -> None:
     tpu=tpu_present(),
   ):
     jax.config.update("jax_platforms", "cpu")
+  if cuda_installed and not nvidia_driver_present():
+    # The plugin's library logs once more when JAX registers it, which it does on the
+    # first use of a backend; register it now, inside the filter. This starts no backend
+    # (CPU device counts set later still apply). A private JAX function: if it moves,
+    # the line comes back, nothing else changes.
+    from jax._src import xla_bridge
+
+    with cuda_noise_filtered(), contextlib.suppress(AttributeError):
+      xla_bridge._discover_and_register_pjrt_plugins()
