@@ -50,7 +50,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  aot.use_compile_only_tpu()
+  aot.use_compile_only_devices()
   experiment = importlib.import_module(f"experiments.{args.experiment}")
   header = (
     "| topology | chips | remat | args GiB | temp GiB | total GiB | HBM GiB | fits "
@@ -67,7 +67,7 @@ def main(argv=None):
       config.train.micro_batch_size = args.micro_batch_size
       config.mesh.update(args.mesh)
       config.mesh.allow_split_physical_axes = True  # fsdp=16 on v4's 8x8x8 torus
-      program = aot.build_train_program(config, args.vocab_size)
+      program = aot.build_train_program(config, args.vocab_size, devices)
       r, _ = aot.compile_train_step(program, devices, topology.hbm_bytes, str(topology))
       print(
         f"| {topology} | {r.num_devices} | {remat} | {r.argument_bytes / aot.GIB:.2f} "
