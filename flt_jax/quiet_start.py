@@ -48,7 +48,11 @@ def nvidia_driver_present() -> bool:
 
 def tpu_present() -> bool:
   """TPU chips on the PCI bus, their device nodes, or a Cloud TPU VM's environment."""
+  # v4 chips appear as /dev/accel*, v5e and later through VFIO; a VFIO device that is no
+  # TPU only keeps JAX's default start (the safe side).
   if os.environ.get("TPU_ACCELERATOR_TYPE") or glob.glob("/dev/accel[0-9]*"):
+    return True
+  if glob.glob("/dev/vfio/[0-9]*"):
     return True
   for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
     try:
