@@ -221,6 +221,12 @@ def topology_devices(topology: Topology) -> list:
   """Compile-only devices of the topology (libtpu or the CUDA plugin; no device attached)."""
   if topology.platform == "gpu":
     return _gpu_devices(topology)
+  if not quiet_start.tpu_present():
+    # Off a TPU VM libtpu cannot find its accelerator type and workers and prints a
+    # five-line error block; name them as a VM of this slice would (the compile-only
+    # topology is the one requested either way).
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _cloud_tpu_type(topology))
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   kwargs = {}
   if topology.num_slices > 1:
     kwargs["num_slices"] = topology.num_slices
@@ -234,6 +240,14 @@ def topology_devices(topology: Topology) -> list:
       "Fix: install the TPU build (pip install -r requirements-tpu.txt) and use a valid "
       "slice shape for the chip (e.g. v5e:16x16, v4:4x4x4)."
     ) from e
+
+
+def _cloud_tpu_type(topology: Topology) -> str:
+  """Cloud TPU's accelerator type of one slice: v5litepod-16, v6e-16, v4-32 (v4 and v5p
+  count TensorCores, two a chip)."""
+  chips = math.prod(int(n) for n in topology.name.split(":")[1].split("x"))
+  prefix = {"v5e": "v5litepod", "v6e": "v6e", "v4": "v4", "v5p": "v5p"}[topology.chip]
+  return f"{prefix}-{chips * (2 if topology.chip in MEGACORE_CHIPS else 1)}"
 
 
 def _gpu_devices(topology: Topology) -> list:

@@ -56,3 +56,10 @@ def test_attention_kernel_calls_are_counted_by_family_and_kernel():
   assert "Triton flash: 2 custom calls (flt_flash_dq 1, flt_flash_fwd 1)" in line
   assert "cuDNN fmha: 1 custom calls (fmhaSoftmax 1)" in line
   assert aot.describe_attention_calls({}) == "no attention kernel (XLA's own fusions)"
+
+
+def test_cloud_tpu_types_name_the_slice():
+  # libtpu stays quiet off a TPU VM when told the slice (aot.topology_devices sets it).
+  assert aot._cloud_tpu_type(aot.parse_topology("v5e:4x4")) == "v5litepod-16"
+  assert aot._cloud_tpu_type(aot.parse_topology("2xv6e:8x8")) == "v6e-64"
+  assert aot._cloud_tpu_type(aot.parse_topology("v4:2x2x2")) == "v4-16"
