@@ -31,6 +31,7 @@ a100:8); hosts are the DCN granules (`mesh.dcn_*`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
@@ -221,25 +222,36 @@ def topology_devices(topology: Topology) -> list:
   """Compile-only devices of the topology (libtpu or the CUDA plugin; no device attached)."""
   if topology.platform == "gpu":
     return _gpu_devices(topology)
-  if not quiet_start.tpu_present():
-    # Off a TPU VM libtpu cannot find its accelerator type and workers and prints a
-    # five-line error block; name them as a VM of this slice would (the compile-only
-    # topology is the one requested either way).
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _cloud_tpu_type(topology))
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   kwargs = {}
   if topology.num_slices > 1:
     kwargs["num_slices"] = topology.num_slices
   if topology.chip in MEGACORE_CHIPS:
     kwargs["chip_config_name"] = "megacore"
   try:
-    return list(topologies.get_topology_desc(topology.name, "tpu", **kwargs).devices)
+    with _libtpu_told_the_slice(topology):
+      return list(topologies.get_topology_desc(topology.name, "tpu", **kwargs).devices)
   except Exception as e:  # libtpu missing, or a shape it does not know
     raise ConfigError(
       f"libtpu could not describe TPU topology {topology}: {type(e).__name__}: {e}. "
       "Fix: install the TPU build (pip install -r requirements-tpu.txt) and use a valid "
       "slice shape for the chip (e.g. v5e:16x16, v4:4x4x4)."
     ) from e
+
+
+@contextlib.contextmanager
+def _libtpu_told_the_slice(topology: Topology):
+  """Off a TPU VM libtpu cannot find its accelerator type and workers and prints a
+  five-line error block when it starts; for that start (the compile-only topology is the
+  one requested either way) name them as a VM of this slice would. The environment is
+  restored after, so child processes do not take this machine for a TPU VM."""
+  names = {"TPU_ACCELERATOR_TYPE": _cloud_tpu_type(topology), "TPU_WORKER_HOSTNAMES": "localhost"}
+  added = [] if quiet_start.tpu_present() else [k for k in names if k not in os.environ]
+  os.environ.update({k: names[k] for k in added})
+  try:
+    yield
+  finally:
+    for k in added:
+      os.environ.pop(k, None)
 
 
 def _cloud_tpu_type(topology: Topology) -> str:

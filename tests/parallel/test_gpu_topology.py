@@ -1,6 +1,7 @@
 """GPU topologies for flt_jax.aot without any plugin: parsing, the device descriptions
 XLA compiles from, and the report's count of attention kernels in compiled HLO."""
 
+import os
 import re
 
 import pytest
@@ -63,3 +64,7 @@ def test_cloud_tpu_types_name_the_slice():
   assert aot._cloud_tpu_type(aot.parse_topology("v5e:4x4")) == "v5litepod-16"
   assert aot._cloud_tpu_type(aot.parse_topology("2xv6e:8x8")) == "v6e-64"
   assert aot._cloud_tpu_type(aot.parse_topology("v4:2x2x2")) == "v4-16"
+  before = dict(os.environ)
+  with aot._libtpu_told_the_slice(aot.parse_topology("v5e:2x2")):
+    pass
+  assert dict(os.environ) == before  # children do not take this machine for a TPU VM
