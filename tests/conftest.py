@@ -10,6 +10,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu takes a machine-wide lock file; tests compile in several processes at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+import importlib  # noqa: E402
+
+# flt_jax before jax: an installed CUDA plugin stays quiet (flt_jax/quiet_start.py).
+importlib.import_module("flt_jax")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -263,7 +263,7 @@ def test_eval_from_the_workdir_alone_adds_to_the_results(uninterrupted, capsys):
   """No config: the saved one is used; a second sweep of the same step adds its K' to
   the results file; --eval_step picks an older checkpoint; CSV, PNG and TensorBoard."""
   workdir, summary = uninterrupted
-  first = run.evaluate_checkpoint(None, str(workdir), [2])
+  first = run.evaluate_checkpoint(None, str(workdir), [1, 2])
   np.testing.assert_allclose(first[2]["loss"], summary["eval_loss"], rtol=1e-5)
   assert 0.0 <= first[2]["h_change"] < 1.0
   # Another config's K (a K=1 config on this K=2 workdir) does not change the trained K.

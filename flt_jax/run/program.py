@@ -177,6 +177,8 @@ def build_program(config: ml_collections.ConfigDict, vocab_size: int | None, dev
   config = resolve_config(config, check_data=False)  # run.setup checked it with the data
   model_cfg = model_config_lib.ModelConfig.from_config(config.model, vocab_size)
   config.model.vocab_size = model_cfg.vocab_size
+  # The devices the program is compiled for pick the attention kernels, whatever the host.
+  model_cfg = model_cfg.for_devices(jax.devices() if devices is None else devices)
   num_micro = train_config_lib.grad_accum_steps(config)
   global_batch = config.train.micro_batch_size * num_micro
   model = LoopedTransformer(model_cfg)
