@@ -41,3 +41,17 @@ def orbax_reads(monkeypatch):
   monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
   monkeypatch.setattr(ocp.metadata, "get_step_metadata", get_step_metadata)
   return reads
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """A workdir trained for three steps on tests.test_run's tiny config (one checkpoint,
+  at step 3). Tests that write into it work on a copy."""
+  from flt_jax import run
+  from tests.test_run import tiny_config
+
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  c = tiny_config()
+  c.train.steps = 3
+  run.train_and_evaluate(c, str(workdir))
+  return workdir

@@ -10,21 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from flt_jax import export, run, sample
 from tests.test_run import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  c = tiny_config()
-  c.train.steps = 3
-  run.train_and_evaluate(c, str(workdir))
-  return workdir
 
 
 def test_each_start_reads_the_saved_config_and_the_record_once(trained, tmp_path, orbax_reads):

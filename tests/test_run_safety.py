@@ -23,15 +23,6 @@ def _die(*_):
   raise _Killed()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  c = tiny_config()
-  c.train.steps = 3
-  run.train_and_evaluate(c, str(workdir))
-  return workdir
-
-
 def _copy(trained, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
