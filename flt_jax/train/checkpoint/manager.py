@@ -104,6 +104,14 @@ def _failed_hosts(failed: bool) -> list[int]:
   return [i for i, f in enumerate(np.asarray(flags).reshape(-1)) if f]
 
 
+def _with_extra(items: dict, extra: Mapping[str, Any] | None) -> dict:
+  """`items` and the caller's extra items, none of which may take a reserved name."""
+  for name in extra or {}:
+    if name in _RESERVED_ITEMS:
+      raise ValueError(messages.reserved_item(name))
+  return {**items, **(extra or {})}
+
+
 class Checkpointer:
   """Saves and restores {state, config, extra items} (and the record) under
   `<workdir>/checkpoints`; usable as a context manager (`close` on exit).
@@ -141,7 +149,7 @@ class Checkpointer:
       raise ValueError(messages.no_directory(workdir, directory))
     if not self._read_only:
       if config is None:
-        raise ValueError("a writable Checkpointer needs the run's config (saved with each step)")
+        raise ValueError(messages.config_needed())
       directory = ensure_writable_dir(directory)
     self._directory = directory
     self._config = guard.config_json(config) if config is not None else None
@@ -179,7 +187,11 @@ class Checkpointer:
       self._manager = ocp.CheckpointManager(self._directory, options=options)
     latest = self.latest_step()
     if latest is not None and config is not None:
-      self.check_run(latest, config, self._tokenizer)
+      try:
+        self.check_run(latest, config, self._tokenizer)
+      except BaseException:
+        self.close()  # refused: nothing held open, Orbax's logs no longer filtered
+        raise
 
   @classmethod
   def from_config(
@@ -413,14 +425,10 @@ class Checkpointer:
       return False
     self.check_save(wait=True)  # Orbax would wait for it too before starting this one
     self.check_space(state, step)
-    items = {
-      STATE_ITEM: ocp.args.StandardSave(state),
-      CONFIG_ITEM: ocp.args.JsonSave(self._config),
-    }
-    for name, args in (extra_save_args or {}).items():
-      if name in _RESERVED_ITEMS:
-        raise ValueError(messages.reserved_item(name))
-      items[name] = args
+    items = _with_extra(
+      {STATE_ITEM: ocp.args.StandardSave(state), CONFIG_ITEM: ocp.args.JsonSave(self._config)},
+      extra_save_args,
+    )
     record = record_lib.build(state, self._tokenizer, extra_states)
     try:
       started = self._manager.save(
@@ -461,11 +469,7 @@ class Checkpointer:
       CorruptCheckpointError: what was restored differs from what was saved.
     """
     step = self.step_to_read(int(step))
-    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
-    for name, args in (extra_restore_args or {}).items():
-      if name in _RESERVED_ITEMS:
-        raise ValueError(messages.reserved_item(name))
-      items[name] = args
+    items = _with_extra({STATE_ITEM: ocp.args.StandardRestore(abstract_state)}, extra_restore_args)
     record = self.record(step)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))

@@ -104,6 +104,10 @@ def failed_on_other_hosts(directory, hosts: Sequence[int]) -> str:
   )
 
 
+def config_needed() -> str:
+  return "a writable Checkpointer needs the run's config (saved with every step)"
+
+
 def read_only(directory, step: int) -> str:
   return f"{directory} was opened read-only; not saving step {step}."
 
