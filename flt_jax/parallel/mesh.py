@@ -113,15 +113,6 @@ def make_mesh(mesh_config, devices: Sequence | None = None) -> Mesh:
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def axis_sizes(mesh: Mesh) -> dict[str, int]:
-  return dict(mesh.shape)
-
-
-def batch_shards(mesh: Mesh) -> int:
-  """How many ways the batch is split: data * fsdp (global sizes)."""
-  return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def describe(mesh: Mesh) -> str:
   """`data=2 fsdp=2 tensor=2 (8 devices, cpu)` for logs."""
   sizes = " ".join(f"{axis}={size}" for axis, size in mesh.shape.items())

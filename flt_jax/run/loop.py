@@ -17,21 +17,14 @@ import signal
 
 import jax
 import ml_collections
-import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
 from flt_jax.data import pipeline as data_pipeline
 from flt_jax.eval import evaluate as eval_lib
 from flt_jax.run import fits, report, resume
 from flt_jax.run.setup import RunSetup, open_checkpointer, setup
 from flt_jax.train import step as step_lib
-from flt_jax.train.checkpoint import (
-  Checkpointer,
-  CheckpointSaveError,
-  PreemptionHandler,
-  ensure_writable_dir,
-)
+from flt_jax.train.checkpoint import Checkpointer, PreemptionHandler, ensure_writable_dir
 from flt_jax.workdir_lock import WorkdirLock
 
 
@@ -87,25 +80,6 @@ class ProfilerWindow:
     if self._tracing:
       jax.profiler.stop_trace()
       self._tracing = False
-
-
-def _check_save_all_hosts(checkpointer: Checkpointer) -> None:
-  """Multi-host: every host looks at its last save at the same sync step, and all stop
-  together if any host's failed."""
-  error = None
-  try:
-    checkpointer.check_save()
-  except CheckpointSaveError as e:
-    error = e
-  failed = multihost_utils.process_allgather(np.asarray(error is not None, np.int32))
-  if error is not None:
-    raise error
-  if np.any(failed):
-    hosts = [i for i, f in enumerate(np.asarray(failed).reshape(-1)) if f]
-    raise CheckpointSaveError(
-      f"Saving a checkpoint to {checkpointer.directory} failed on host(s) {hosts} (see "
-      "their output); stopped. The checkpoints already saved are intact."
-    )
 
 
 def _check_counters(counters: dict, skipped_seen: int, step: int, limit: int, checkpointer) -> int:
@@ -209,7 +183,8 @@ def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, 
   single_host = jax.process_count() == 1
 
   # Ctrl-C is treated like preemption: save the step reached, then exit.
-  with PreemptionHandler(signals=(signal.SIGTERM, signal.SIGINT)) as preemption:
+  signals = (signal.SIGTERM, signal.SIGINT)
+  with PreemptionHandler(checkpointer.reached_preemption, signals) as preemption:
     step = start
     while step < total_steps:
       profiler.before_step(step, state)
@@ -237,7 +212,7 @@ def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, 
         )
       )
       if not single_host:  # every host stops at the same sync step
-        _check_save_all_hosts(checkpointer)
+        checkpointer.check_save_all_hosts()
       skipped_seen = _check_counters(
         counters, skipped_seen, step, config.train.max_consecutive_nonfinite, checkpointer
       )
@@ -255,7 +230,8 @@ def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, 
           ),
         )
       if save_now or preempted:
-        # Orbax decides interval saves; the last step and a preemption are forced.
+        # Orbax's policy decides interval saves (and the multi-host preemption step); the
+        # last step and a preemption are forced.
         checkpointer.save(
           step,
           state,
