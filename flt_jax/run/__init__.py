@@ -8,7 +8,9 @@ loop.py      train_and_evaluate: the train loop (sync-step rule, profiler window
              preemption, non-finite stop, saves)
 resume.py    restore_or_init: a fresh state or the latest checkpoint, with its checks
 report.py    console/TensorBoard/metrics.jsonl lines, config.txt, a sweep's files
-sweep.py     restore_params, evaluate_checkpoint (loop-count sweep of a checkpoint)
+sweep.py     restore_params, restore_checkpoint, evaluate_checkpoint / sweep_checkpoint
+             (loop-count sweep of a checkpoint)
+tasks.py     evaluate_tasks: the sweep, CORE and lm-eval of a checkpoint at any K'
 """
 
 from flt_jax.run.loop import NonFiniteError, train_and_evaluate
@@ -16,14 +18,18 @@ from flt_jax.run.program import Program, build_program, resolve_config
 from flt_jax.run.report import HOP_METRIC
 from flt_jax.run.setup import RunSetup, open_checkpointer, setup
 from flt_jax.run.sweep import evaluate_checkpoint, hop_data_config, restore_params
+from flt_jax.run.tasks import EvalTasks, TaskOptions, evaluate_tasks
 
 __all__ = [
+  "EvalTasks",
   "HOP_METRIC",
   "NonFiniteError",
   "Program",
   "RunSetup",
+  "TaskOptions",
   "build_program",
   "evaluate_checkpoint",
+  "evaluate_tasks",
   "hop_data_config",
   "open_checkpointer",
   "resolve_config",

@@ -22,7 +22,6 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from flt_jax.data import pipeline as data_pipeline
-from flt_jax.eval import evaluate as eval_lib
 from flt_jax.run import report, resume
 from flt_jax.run.setup import RunSetup, open_checkpointer, setup
 from flt_jax.train import step as step_lib
@@ -186,7 +185,6 @@ def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, 
   train_step = run_setup.train_step(diagnostics=False)
   train_step_diag = run_setup.train_step(diagnostics=True)
   step_keys = step_lib.batch_keys(run_setup.model_cfg)
-  eval_fn = run_setup.make_eval_fn()
   reporter = report.Reporter(run_setup, workdir, start)
   closers.append(reporter.close)
   profiler = ProfilerWindow(config.train.profile_steps, workdir)
@@ -232,12 +230,8 @@ def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, 
       if eval_now:
         reporter.eval(
           step,
-          eval_lib.evaluate(
-            eval_fn,
-            state.params,
-            run_setup.eval_batches(),
-            run_setup.token_bytes_V,
-            loops=run_setup.model_cfg.loops,
+          run_setup.evaluator.metrics(
+            state.params, run_setup.eval_batches(), run_setup.model_cfg.loops
           ),
         )
       if save_now or preempted:
