@@ -345,7 +345,10 @@ def evaluate_task(
     example_pairs = split_prompts(task.task_type, tokens)
     spans.append((len(pairs), len(example_pairs)))
     pairs.extend(example_pairs)
-  scores = score_fn(pairs)
+  try:
+    scores = score_fn(pairs)
+  except ValueError as e:  # a pair the scorer cannot take: say which task it came from
+    raise ValueError(f"task {task.label!r}: {e}") from None
   if len(scores) != len(pairs):
     raise ValueError(f"score_fn returned {len(scores)} scores for {len(pairs)} pairs")
   correct = 0

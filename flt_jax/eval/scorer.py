@@ -37,7 +37,8 @@ def _rows(pairs: Sequence[Pair], max_len: int) -> list[tuple[list[int], list[int
       )
     if len(continuation) > max_len:
       raise ValueError(
-        f"pair {i}: continuation of {len(continuation)} tokens does not fit max_len={max_len}"
+        f"pair {i}: its continuation of {len(continuation)} tokens does not fit "
+        f"max_len={max_len}; raise max_len (--eval_max_len) to at least {len(continuation) + 1}"
       )
     sequence = (list(context) + list(continuation))[-(max_len + 1) :]
     rows.append((sequence[:-1], sequence[1:], len(continuation)))

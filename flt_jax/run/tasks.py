@@ -16,6 +16,8 @@ lm-eval task.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
 
 import ml_collections
 
@@ -60,14 +62,13 @@ class TaskOptions:
 
 
 def _lm_eval_adapter(tasks: tuple[str, ...]):
-  try:
-    from flt_jax.eval import lm_eval_adapter  # pylint: disable=g-import-not-at-top
+  try:  # only here: lm-eval is optional, and slow to import
+    return importlib.import_module("flt_jax.eval.lm_eval_adapter")
   except ImportError as e:
     raise ValueError(
       f"--eval_tasks=lm_eval:{','.join(tasks)} needs EleutherAI's lm-eval, which did not "
       f"import ({e.__cause__ or e}); install it: pip install -r requirements-eval.txt"
     ) from None
-  return lm_eval_adapter
 
 
 def evaluate_tasks(
@@ -109,6 +110,10 @@ def evaluate_tasks(
   return out
 
 
+def _absolute(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
 def _about(checkpoint: RestoredCheckpoint, workdir: str) -> str:
   variant = checkpoint.run_setup.model_cfg.variant
   return f"checkpoint step {checkpoint.step} of {workdir} ({variant}, trained at K={checkpoint.trained_loops})"
@@ -131,7 +136,7 @@ def _core(checkpoint, workdir, loops_list, core_tasks, options, max_len) -> dict
       "step": step,
       "loops": k,
       "trained_loops": checkpoint.trained_loops,
-      "bundle": str(options.bundle),
+      "bundle": _absolute(options.bundle),
       "max_examples": options.max_examples,
       "max_len": max_len,
       "seed": CORE_SEED,
@@ -169,8 +174,10 @@ def _lm_eval(checkpoint, workdir, loops_list, adapter, manager, tasks, options, 
     report.say(f"wrote {path}")
     for task, metrics in out["results"].items():
       for metric, value in metrics.items():
+        # lm-eval names a metric "<metric>,<filter>"; its other keys (alias, sample_len)
+        # and the standard errors stay in the file.
         numeric = isinstance(value, int | float) and not isinstance(value, bool)
-        if numeric and "stderr" not in metric:
+        if numeric and "," in metric and "_stderr" not in metric:
           table.setdefault(f"{task} {metric}", {})[k] = float(value)
   report.print_task_table(f"lm-eval, {_about(checkpoint, workdir)}:", table)
   return results
