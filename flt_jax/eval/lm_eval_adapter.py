@@ -208,7 +208,7 @@ class FltLM(TemplateLM):
     if self._generate_fn is None:
       raise ValueError(
         "this FltLM has no generate_fn, so it cannot serve generate_until tasks; build it "
-        "with FltLM.from_model or pass generate_fn="
+        "with FltLM.from_evaluator or pass generate_fn="
       )
     out = []
     for request in tqdm(requests, desc="generate_until", disable=disable_tqdm):
