@@ -1,7 +1,8 @@
 """The evaluator on four simulated CPU devices (data=1 fsdp=2 tensor=2: params split over
 fsdp and tensor, rows over fsdp) gives the metrics, h_change and scores of a plain
 float64 numpy reference on one device. The device count is fixed when JAX starts, so the
-sharded side runs in a child process (this file run as a script)."""
+sharded side runs in a child process (this file run as a script, XLA_FLAGS set before
+it starts)."""
 
 import functools
 import json
@@ -11,20 +12,24 @@ import pathlib
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from flt_jax.eval.evaluator import Evaluator
+from flt_jax.model.config import ModelConfig, get_config
+from flt_jax.model.looped import LoopedTransformer
+from flt_jax.parallel import config as parallel_config
+from flt_jax.parallel import mesh as mesh_lib
+from flt_jax.parallel import sharding as sharding_lib
+from flt_jax.train import state as state_lib
 
 ROWS, LENGTH, LOOPS, VOCAB, MAX_LEN = 4, 8, 2, 64, 8
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _model_and_params():
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from flt_jax.model.config import ModelConfig, get_config  # pylint: disable=g-import-not-at-top
-  from flt_jax.model.looped import LoopedTransformer  # pylint: disable=g-import-not-at-top
-
   c = get_config()
   c.update(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=VOCAB, seq_len=16)
   c.update(loops=LOOPS, window_pattern="L", kv_lora_rank=0)
@@ -54,14 +59,6 @@ def _pairs():
 
 def _sharded() -> dict:
   """The child: metrics and scores from the Evaluator over the four-device mesh."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from flt_jax.eval.evaluator import Evaluator  # pylint: disable=g-import-not-at-top
-  from flt_jax.parallel import config as parallel_config  # pylint: disable=g-import-not-at-top
-  from flt_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from flt_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from flt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-
   assert jax.device_count() == 4
   model, params = _model_and_params()
   mesh_config = parallel_config.get_config()
@@ -81,8 +78,6 @@ def _sharded() -> dict:
 
 
 def test_four_devices_match_a_plain_reference():
-  import jax  # pylint: disable=g-import-not-at-top
-
   fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {fast}")
   env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
@@ -132,7 +127,5 @@ def test_four_devices_match_a_plain_reference():
 
 
 if __name__ == "__main__":
-  import jax  # pylint: disable=g-import-not-at-top
-
   jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
   print(json.dumps(_sharded()))
