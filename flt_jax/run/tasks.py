@@ -115,8 +115,8 @@ def _absolute(path: str) -> str:
 
 
 def _about(checkpoint: RestoredCheckpoint, workdir: str) -> str:
-  variant = checkpoint.run_setup.model_cfg.variant
-  return f"checkpoint step {checkpoint.step} of {workdir} ({variant}, trained at K={checkpoint.trained_loops})"
+  variant, trained = checkpoint.run_setup.model_cfg.variant, checkpoint.trained_loops
+  return f"checkpoint step {checkpoint.step} of {workdir} ({variant}, trained at K={trained})"
 
 
 def _core(checkpoint, workdir, loops_list, core_tasks, options, max_len) -> dict:
