@@ -4,6 +4,8 @@ r"""flt_jax entry point.
   python -m flt_jax.main --config=experiments/flt_12loop.py:multihop --workdir=DIR \
       --config.model.loops=6
   python -m flt_jax.main --workdir=DIR --mode=eval --eval_loops=1,6,12,24
+  python -m flt_jax.main --workdir=DIR --mode=eval --eval_tasks=core \
+      --eval_bundle=eval_bundle --eval_loops=1,12
   python -m flt_jax.main --config=experiments/flt_12loop.py --print_config
 
 Every setting is a config field (--config.<section>.<field>=value); the reference is
@@ -39,13 +41,41 @@ _MODE = flags.DEFINE_enum(
   "train",
   ["train", "eval"],
   "train (resumes from the workdir's latest checkpoint) or eval "
-  "(restores it and evaluates at --eval_loops).",
+  "(restores it and runs --eval_tasks at --eval_loops).",
 )
 _EVAL_LOOPS = flags.DEFINE_list(
   "eval_loops", [], "Loop counts to evaluate at in eval mode (default: the trained K)."
 )
 _EVAL_STEP = flags.DEFINE_integer(
   "eval_step", None, "Checkpoint step to evaluate in eval mode (default: the latest)."
+)
+_EVAL_TASKS = flags.DEFINE_string(
+  "eval_tasks",
+  "sweep",
+  "What eval mode runs at each --eval_loops: sweep (validation loss, bpb, answer "
+  "accuracy, h_change), core (the CORE tasks of --eval_bundle), lm_eval:<task,...> "
+  "(EleutherAI lm-eval tasks, listed last); e.g. sweep,core,lm_eval:hellaswag,arc_easy.",
+)
+_EVAL_BUNDLE = flags.DEFINE_string(
+  "eval_bundle",
+  "",
+  "CORE eval bundle directory (core.yaml, eval_meta_data.csv, eval_data/), for --eval_tasks=core.",
+)
+_EVAL_LM_EVAL_INCLUDE = flags.DEFINE_string(
+  "eval_lm_eval_include", "", "A directory of lm-eval task YAML files besides lm-eval's own."
+)
+_EVAL_MAX_EXAMPLES = flags.DEFINE_integer(
+  "eval_max_examples",
+  None,
+  "CORE and lm-eval: evaluate at most this many examples per task (default: all).",
+  lower_bound=1,
+)
+_EVAL_MAX_LEN = flags.DEFINE_integer(
+  "eval_max_len",
+  0,
+  "CORE and lm-eval: tokens of context + continuation per example (contexts are "
+  "left-truncated to fit); 0: the model's seq_len.",
+  lower_bound=0,
 )
 _PRINT_CONFIG = flags.DEFINE_bool(
   "print_config", False, "Print the resolved config (every field, after overrides) and exit."
@@ -125,7 +155,14 @@ def main(argv):
       run.train_and_evaluate(config, _WORKDIR.value)
     else:
       loops = parse_loops(_EVAL_LOOPS.value)
-      run.evaluate_checkpoint(config, _WORKDIR.value, loops, _EVAL_STEP.value)
+      options = run.TaskOptions(
+        bundle=_EVAL_BUNDLE.value,
+        lm_eval_include=_EVAL_LM_EVAL_INCLUDE.value,
+        max_examples=_EVAL_MAX_EXAMPLES.value,
+        max_len=_EVAL_MAX_LEN.value,
+      )
+      tasks = run.EvalTasks.parse(_EVAL_TASKS.value)
+      run.evaluate_tasks(config, _WORKDIR.value, tasks, loops, _EVAL_STEP.value, options)
   except (
     ConfigError,
     ValueError,

@@ -25,26 +25,25 @@ and schema predict the option with the lowest mean loss per continuation token; 
 the lowest option index. Accuracy is centred against the task's random baseline b:
 (accuracy - b) / (1 - b); CORE is the mean centred accuracy over the tasks.
 
-Scoring is model-agnostic: a `ScoreFn` maps (context tokens, continuation tokens) pairs to
-(sum of continuation log-probabilities, all continuation tokens greedy). `make_score_fn`
-builds one for a flt_jax LoopedTransformer at a chosen loop count.
+Scoring is model-agnostic: a `ScoreFn` (eval/scorer.py) maps (context tokens,
+continuation tokens) pairs to (sum of continuation log-probabilities, all continuation
+tokens greedy); `Evaluator.score_fn` gives one for a flt_jax model at any loop count.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import io
 import json
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from etils import epath
+
+from flt_jax.eval.scorer import Pair, ScoreFn
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 _REQUIRED_FIELDS = {
@@ -54,9 +53,6 @@ _REQUIRED_FIELDS = {
 }
 # Few-shot examples are separated from each other and from the example by a blank line.
 FEWSHOT_SEPARATOR = "\n\n"
-
-Pair = tuple[Sequence[int], Sequence[int]]
-ScoreFn = Callable[[Sequence[Pair]], list[tuple[float, bool]]]
 
 
 class BundleError(ValueError):
@@ -315,7 +311,7 @@ def split_prompts(
   return [(list(with_continuation[:start]), list(with_continuation[start:]))]
 
 
-# ----------------------------------------------------------------------------- scoring
+# ----------------------------------------------------------------------------- decision rules
 
 
 def _prefix_ids(tokenizer, prefix_id: int | None) -> list[int]:
@@ -349,7 +345,10 @@ def evaluate_task(
     example_pairs = split_prompts(task.task_type, tokens)
     spans.append((len(pairs), len(example_pairs)))
     pairs.extend(example_pairs)
-  scores = score_fn(pairs)
+  try:
+    scores = score_fn(pairs)
+  except ValueError as e:  # a pair the scorer cannot take: say which task it came from
+    raise ValueError(f"task {task.label!r}: {e}") from None
   if len(scores) != len(pairs):
     raise ValueError(f"score_fn returned {len(scores)} scores for {len(pairs)} pairs")
   correct = 0
@@ -372,22 +371,21 @@ def evaluate_task(
   )
 
 
-def evaluate_core(
-  bundle_dir,
+def score_core(
+  core_tasks: Sequence[CoreTask],
   score_fn: ScoreFn,
   tokenizer,
   *,
-  tasks: Sequence[str] | None = None,
   max_examples: int | None = None,
   seed: int = 1234,
   prefix_id: int | None = None,
   log: Callable[[str], None] | None = None,
 ) -> CoreResult:
-  """Scores every task of the bundle (or `tasks`); CORE is the mean centred accuracy.
-  `prefix_id` starts every prompt (default: the tokenizer's eos_id, the document separator
-  the model saw in training)."""
+  """Scores loaded tasks (load_bundle); CORE is the mean centred accuracy. `prefix_id`
+  starts every prompt (default: the tokenizer's eos_id, the document separator the model
+  saw in training)."""
   results = {}
-  for task in load_bundle(bundle_dir, tasks):
+  for task in core_tasks:
     result = evaluate_task(
       task, score_fn, tokenizer, max_examples=max_examples, seed=seed, prefix_id=prefix_id
     )
@@ -401,132 +399,8 @@ def evaluate_core(
   return CoreResult(tasks=results, core=core)
 
 
-def write_core_csv(result: CoreResult, path) -> epath.Path:
-  """task, type, shots, examples, accuracy, random baseline, centred; a last CORE row."""
-  out = io.StringIO()
-  writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(
-    ["task", "task_type", "num_fewshot", "examples", "accuracy", "random_baseline", "centered"]
-  )
-  for r in result.tasks.values():
-    writer.writerow(
-      [
-        r.label,
-        r.task_type,
-        r.num_fewshot,
-        r.examples,
-        repr(r.accuracy),
-        repr(r.random_baseline),
-        repr(r.centered),
-      ]
-    )
-  writer.writerow(["CORE", "", "", "", "", "", repr(result.core)])
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(out.getvalue())
-  return path
-
-
-# ----------------------------------------------------------------------------- flt_jax
-
-
-def bucket_length(n: int, max_len: int, min_bucket: int = 16) -> int:
-  """Pad lengths to powers of two so a task compiles a handful of shapes, not one per row."""
-  return min(max_len, max(min_bucket, 1 << max(0, (n - 1).bit_length())))
-
-
-def make_score_fn(
-  model,
-  params,
-  loops: int,
-  max_len: int,
-  *,
-  batch_size: int = 8,
-  pad_id: int = 0,
-  min_bucket: int = 16,
-) -> ScoreFn:
-  """A ScoreFn for a flt_jax LoopedTransformer at `loops` loops.
-
-  Each (context, continuation) pair becomes one row of at most `max_len` input tokens,
-  the context left-truncated to fit; rows are right-padded to a bucketed length (causal
-  attention: padding after a position cannot change it) and run `batch_size` at a time.
-  Log-probabilities come from the float32 logits; a token is greedy when it is the argmax.
-  """
-  if max_len < 2:
-    raise ValueError(f"max_len={max_len} must be at least 2 (one context + one target)")
-  if batch_size < 1:
-    raise ValueError(f"batch_size={batch_size} must be at least 1")
-  rope_len = getattr(getattr(model, "cfg", None), "rope_table_len", None)
-  if rope_len is not None and max_len > rope_len:
-    raise ValueError(
-      f"max_len={max_len} exceeds the model's rotary table ({rope_len} positions); "
-      "lower max_len or raise config.model.rope_max_len"
-    )
-
-  @jax.jit
-  def score_batch(params, inputs_BxT, targets_BxT, mask_BxT):
-    logits_BxTxV = model.apply({"params": params}, inputs_BxT, loops).astype(jnp.float32)
-    logprobs_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-    target_BxT = jnp.take_along_axis(logprobs_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    greedy_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
-    sum_logprob_B = jnp.sum(jnp.where(mask_BxT, target_BxT, 0.0), axis=-1)
-    all_greedy_B = jnp.all(greedy_BxT | ~mask_BxT, axis=-1)
-    return sum_logprob_B, all_greedy_B
-
-  def score_fn(pairs: Sequence[Pair]) -> list[tuple[float, bool]]:
-    rows = []
-    for i, (context, continuation) in enumerate(pairs):
-      if not context or not continuation:
-        raise ValueError(
-          f"pair {i} has an empty {'context' if not context else 'continuation'}; "
-          "every continuation token needs a preceding token to be predicted from"
-        )
-      if len(continuation) > max_len:
-        raise ValueError(
-          f"pair {i}: continuation of {len(continuation)} tokens does not fit max_len={max_len}"
-        )
-      sequence = (list(context) + list(continuation))[-(max_len + 1) :]
-      rows.append((sequence[:-1], sequence[1:], len(continuation)))
-    results: list[tuple[float, bool] | None] = [None] * len(rows)
-    by_bucket: dict[int, list[int]] = {}
-    for i, (inputs, _, _) in enumerate(rows):
-      by_bucket.setdefault(bucket_length(len(inputs), max_len, min_bucket), []).append(i)
-    for length, members in sorted(by_bucket.items()):
-      for start in range(0, len(members), batch_size):
-        chunk = members[start : start + batch_size]
-        inputs_BxT = np.full([batch_size, length], pad_id, np.int32)
-        targets_BxT = np.zeros([batch_size, length], np.int32)
-        mask_BxT = np.zeros([batch_size, length], bool)
-        for b, i in enumerate(chunk):
-          inputs, targets, n_cont = rows[i]
-          inputs_BxT[b, : len(inputs)] = inputs
-          targets_BxT[b, : len(targets)] = targets
-          mask_BxT[b, len(targets) - n_cont : len(targets)] = True
-        sums, greedy = jax.device_get(score_batch(params, inputs_BxT, targets_BxT, mask_BxT))
-        for b, i in enumerate(chunk):
-          results[i] = (float(sums[b]), bool(greedy[b]))
-    return results  # type: ignore[return-value]
-
-  return score_fn
-
-
-def make_core_fn(model, params, tokenizer, max_len: int, **score_kwargs):
-  """`core(bundle_dir, loops, **evaluate_core kwargs) -> CoreResult` for a trained model."""
-
-  @functools.cache
-  def scorer(loops: int) -> ScoreFn:
-    return make_score_fn(model, params, loops, max_len, **score_kwargs)
-
-  def core(bundle_dir, loops: int, **kwargs) -> CoreResult:
-    return evaluate_core(bundle_dir, scorer(int(loops)), tokenizer, **kwargs)
-
-  return core
-
-
-def core_summary(result: CoreResult) -> Mapping[str, float]:
-  """Flat scalars for metrics writers: core, and <task>/accuracy, <task>/centered."""
-  out: dict[str, float] = {"core": result.core}
-  for label, r in result.tasks.items():
-    out[f"core/{label}/accuracy"] = r.accuracy
-    out[f"core/{label}/centered"] = r.centered
-  return out
+def evaluate_core(
+  bundle_dir, score_fn: ScoreFn, tokenizer, *, tasks: Sequence[str] | None = None, **kwargs
+) -> CoreResult:
+  """Scores every task of the bundle (or `tasks`): score_core(load_bundle(...), ...)."""
+  return score_core(load_bundle(bundle_dir, tasks), score_fn, tokenizer, **kwargs)

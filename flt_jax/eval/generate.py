@@ -16,7 +16,7 @@ compiled program (per batch size and max_new_tokens).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -176,15 +176,3 @@ class Generator:
       return out_BxN, steps
 
     return run
-
-
-def make_cached_generate_fn(model_cfg: ModelConfig, params, loops: int, stop_token=None):
-  """generate_fn(prompt_tokens, max_new_tokens) -> new token ids (greedy, cached): the
-  lm-eval adapter's GenerateFn signature."""
-  generator = Generator(model_cfg, loops=loops, stop_token=stop_token)
-
-  def generate(prompt_tokens: Sequence[int], max_new_tokens: int):
-    return generator(params, list(prompt_tokens), max_new_tokens)[0]
-
-  generate.generator = generator
-  return generate

@@ -3,18 +3,18 @@ requirements-eval.txt) scoring a flt_jax model.
 
 `FltLM` implements the harness's `LM` interface on top of two pluggable functions:
   score_fn(pairs) -> [(sum log-prob of continuation, all continuation tokens greedy)]
-      (the same ScoreFn as CORE: flt_jax.eval.core.make_score_fn)
+      (the same ScoreFn as CORE: Evaluator.score_fn, on the sharded score step)
   generate_fn(prompt_tokens, max_new_tokens) -> iterable of new token ids
       (greedy; the default, make_default_generate_fn, decodes with the exact key/value
       cache (eval/generate.py) when the prompt and the new tokens fit max_length, and
       otherwise recomputes the last max_length tokens per new token, a sliding window
       a cache cannot reproduce)
 
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-    lm = FltLM.from_model(model, params, tokenizer, loops=12, max_length=1024)
-    lm_eval.simple_evaluate(model=lm, tasks=["my_task"],
-                            task_manager=TaskManager(include_path="tasks/"))
+    lm = FltLM.from_evaluator(evaluator, params, tokenizer, loops=12, max_length=1024)
+    results = evaluate(lm, ["my_task"], include_path="tasks/", limit=None)
+
+(`python -m flt_jax.main --mode=eval --eval_tasks=lm_eval:<task,...>` does this for a
+workdir's checkpoint.)
 
 Requests are scored as the harness's own causal-LM models do: the context's trailing
 whitespace moves into the continuation, every context starts with the document-start
@@ -27,6 +27,7 @@ generation stops at the first stop string of `until`, at the eos token or after
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
@@ -43,8 +44,9 @@ except ImportError as e:
     "pip install -r requirements-eval.txt"
   ) from e
 
-from flt_jax.eval.core import ScoreFn, bucket_length, make_score_fn
+from flt_jax.eval.evaluator import Evaluator
 from flt_jax.eval.generate import Generator
+from flt_jax.eval.scorer import ScoreFn, bucket_length
 
 GenerateFn = Callable[[Sequence[int], int], Iterable[int]]
 
@@ -120,23 +122,23 @@ class FltLM(TemplateLM):
     self._requests_per_call = int(requests_per_call)
 
   @classmethod
-  def from_model(
+  def from_evaluator(
     cls,
-    model,
+    evaluator: Evaluator,
     params,
     tokenizer,
     *,
     loops: int,
     max_length: int,
-    batch_size: int = 8,
     generate_fn: GenerateFn | None = None,
   ) -> FltLM:
-    """A flt_jax LoopedTransformer at `loops` loops, `batch_size` rows per device call;
-    contexts left-truncated to fit `max_length` tokens (at most the model's rotary table)."""
-    score_fn = make_score_fn(model, params, loops, max_length, batch_size=batch_size)
+    """The evaluator's model at `loops` loops: scored on its sharded score step (its rows
+    per call), contexts left-truncated to fit `max_length` tokens (at most the model's
+    rotary table); generation greedy (make_default_generate_fn) unless given."""
+    score_fn = evaluator.score_fn(params, loops, max_length)
     if generate_fn is None:
       generate_fn = make_default_generate_fn(
-        model, params, loops, max_length, stop_token=int(tokenizer.eos_id)
+        evaluator.model, params, loops, max_length, stop_token=int(tokenizer.eos_id)
       )
     return cls(score_fn, tokenizer, max_length=max_length, generate_fn=generate_fn)
 
@@ -206,7 +208,7 @@ class FltLM(TemplateLM):
     if self._generate_fn is None:
       raise ValueError(
         "this FltLM has no generate_fn, so it cannot serve generate_until tasks; build it "
-        "with FltLM.from_model or pass generate_fn="
+        "with FltLM.from_evaluator or pass generate_fn="
       )
     out = []
     for request in tqdm(requests, desc="generate_until", disable=disable_tqdm):
@@ -244,3 +246,46 @@ class FltLM(TemplateLM):
     for stop in until:
       text = text.split(stop, 1)[0] if stop else text
     return text
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def task_manager(tasks: Sequence[str], include_path: str | None = None):
+  """An lm-eval TaskManager that knows every one of `tasks` (names, groups or globs):
+  `include_path`'s task YAMLs alone when they hold them all (indexing lm-eval's own
+  tasks takes seconds), else lm-eval's tasks as well. ValueError naming unknown tasks."""
+  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
+
+  def unknown(manager) -> list[str]:
+    return [t for t in tasks if not manager.match_tasks([t])]
+
+  if include_path:
+    if not os.path.isdir(include_path):
+      raise ValueError(
+        f"--eval_lm_eval_include={include_path} is not a directory; give the directory "
+        "that holds the task YAML files"
+      )
+    local = TaskManager(include_path=include_path, include_defaults=False)
+    if not unknown(local):
+      return local
+  manager = TaskManager(include_path=include_path or None)
+  missing = unknown(manager)
+  if missing:
+    where = f"lm-eval's tasks or {include_path}" if include_path else "lm-eval's tasks"
+    raise ValueError(
+      f"lm-eval task(s) {missing} are not among {where}; check the names, or point "
+      "--eval_lm_eval_include at a directory of task YAML files"
+    )
+  return manager
+
+
+def evaluate(lm: FltLM, tasks: Sequence[str], manager, *, limit: int | None = None) -> dict:
+  """lm_eval.simple_evaluate of `tasks`: {'results': {task: {metric: value}},
+  'versions', 'n-samples', 'n-shot'}; `limit` caps the examples per task."""
+  import lm_eval  # pylint: disable=g-import-not-at-top
+
+  out = lm_eval.simple_evaluate(
+    model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False
+  )
+  return {key: out.get(key, {}) for key in ("results", "versions", "n-samples", "n-shot")}

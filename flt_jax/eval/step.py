@@ -1,9 +1,21 @@
-"""The pure eval step: sums for loss, bits per byte and answer accuracy over one batch."""
+"""The pure evaluation steps, one batch each, before any jit or sharding
+(eval/evaluator.py compiles them over a mesh):
+
+  eval_step    sums of the validation metric families: loss and bytes (loss, bpb),
+               answers (answer accuracy of synthetic tasks) and, with `per_loop`, the
+               families read from every loop's h (h_change)
+  score_step   per row: the sum of log-probabilities of the masked target tokens and
+               whether each of them is the argmax (the scorers' ScoreFn, eval/scorer.py)
+
+Sums, not means: a metric is summed over every batch (and host) and divided once.
+"""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
+from flt_jax.constants import IGNORE_LABEL
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.model.loss import token_nll
 
@@ -15,25 +27,85 @@ def batch_keys(model_cfg) -> tuple[str, ...]:
   return ("inputs", "targets", "answer_mask") + documents
 
 
-def eval_step(params, batch, token_bytes_V, *, model: LoopedTransformer, loops: int | None = None):
-  """Sums for validation loss, bits per byte and answer accuracy over one batch."""
-  documents = {}
-  if model.cfg.separate_documents:
-    documents = {"segment_ids_BxT": batch["segment_ids"], "positions_BxT": batch["positions"]}
-  logits_BxTxV = model.apply({"params": params}, batch["inputs"], loops, **documents)
-  nll_BxT, valid_BxT = token_nll(logits_BxTxV, batch["targets"])
-  safe_targets_BxT = jnp.where(valid_BxT, batch["targets"], 0)
-  sums = {
+def _documents(model: LoopedTransformer, batch) -> dict:
+  if not model.cfg.separate_documents:
+    return {}
+  return {"segment_ids_BxT": batch["segment_ids"], "positions_BxT": batch["positions"]}
+
+
+def loss_sums(logits_BxTxV, targets_BxT, token_bytes_V) -> dict:
+  """nll, tokens and bytes of the valid targets: loss = nll / tokens, bits per byte =
+  nll / (ln 2 * bytes)."""
+  nll_BxT, valid_BxT = token_nll(logits_BxTxV, targets_BxT)
+  safe_targets_BxT = jnp.where(valid_BxT, targets_BxT, 0)
+  return {
     "nll": jnp.sum(nll_BxT),
     "tokens": jnp.sum(valid_BxT),
     "bytes": jnp.sum(jnp.where(valid_BxT, token_bytes_V[safe_targets_BxT], 0)),
   }
+
+
+def answer_sums(logits_BxTxV, targets_BxT, answer_mask_BxT) -> dict:
+  """Rows with an answer, and rows whose every answer token is the argmax."""
+  answer_BxT = (answer_mask_BxT > 0) & (targets_BxT != IGNORE_LABEL)
+  correct_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT) & answer_BxT
+  wrong_B = jnp.sum(answer_BxT & ~correct_BxT, axis=1)
+  has_answer_B = jnp.any(answer_BxT, axis=1)
+  return {
+    "answers": jnp.sum(has_answer_B),
+    "answers_correct": jnp.sum(has_answer_B & (wrong_B == 0)),
+  }
+
+
+def h_change_sums(h_KxBxTxD, valid_BxT) -> dict:
+  """h_change_K1 [K-1]: for each loop i >= 1, ||h(i) - h(i-1)|| / ||h(i-1)|| summed over
+  the valid tokens (divided by `tokens` later). Near 0 at the last loop: more loops would
+  barely move the prediction."""
+  h_KxBxTxD = h_KxBxTxD.astype(jnp.float32)
+  step_K1xBxT = jnp.linalg.norm(h_KxBxTxD[1:] - h_KxBxTxD[:-1], axis=-1)
+  scale_K1xBxT = jnp.linalg.norm(h_KxBxTxD[:-1], axis=-1)
+  relative_K1xBxT = step_K1xBxT / jnp.maximum(scale_K1xBxT, jnp.finfo(jnp.float32).tiny)
+  return {"h_change_K1": jnp.sum(jnp.where(valid_BxT, relative_K1xBxT, 0.0), axis=(1, 2))}
+
+
+def eval_step(
+  params,
+  batch,
+  token_bytes_V,
+  *,
+  model: LoopedTransformer,
+  loops: int | None = None,
+  per_loop: bool = False,
+):
+  """Sums for validation loss, bits per byte and answer accuracy over one batch; with
+  `per_loop`, the forward keeps every loop's h ([K, B, T, D]) and the per-loop families
+  (h_change) are added, the logits coming from the last loop's h as without it."""
+  variables = {"params": params}
+  documents = _documents(model, batch)
+  if per_loop:
+    h_KxBxTxD, _ = model.apply(
+      variables, batch["inputs"], loops, True, method=model.hidden_states, **documents
+    )
+    logits_BxTxV = model.apply(variables, h_KxBxTxD[-1], method=model.logits)
+  else:
+    logits_BxTxV = model.apply(variables, batch["inputs"], loops, **documents)
+  sums = loss_sums(logits_BxTxV, batch["targets"], token_bytes_V)
   if "answer_mask" in batch:
-    answer_BxT = (batch["answer_mask"] > 0) & valid_BxT
-    correct_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == batch["targets"]) & answer_BxT
-    # An answer counts as right only if every one of its tokens is.
-    wrong_B = jnp.sum(answer_BxT & ~correct_BxT, axis=1)
-    has_answer_B = jnp.any(answer_BxT, axis=1)
-    sums["answers"] = jnp.sum(has_answer_B)
-    sums["answers_correct"] = jnp.sum(has_answer_B & (wrong_B == 0))
+    sums.update(answer_sums(logits_BxTxV, batch["targets"], batch["answer_mask"]))
+  if per_loop:
+    sums.update(h_change_sums(h_KxBxTxD, batch["targets"] != IGNORE_LABEL))
   return sums
+
+
+def score_step(params, batch, *, model: LoopedTransformer, loops: int):
+  """(sum_logprob_B, all_greedy_B) over the tokens of `batch['mask']`: the log-probability
+  (float32 log-softmax of the logits) of each target, and whether every masked target is
+  the argmax. Rows are single sequences from position 0 (no packing)."""
+  logits_BxTxV = model.apply({"params": params}, batch["inputs"], loops).astype(jnp.float32)
+  logprobs_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
+  targets_BxT, mask_BxT = batch["targets"], batch["mask"]
+  target_BxT = jnp.take_along_axis(logprobs_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  greedy_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+  sum_logprob_B = jnp.sum(jnp.where(mask_BxT, target_BxT, 0.0), axis=-1)
+  all_greedy_B = jnp.all(greedy_BxT | ~mask_BxT, axis=-1)
+  return sum_logprob_B, all_greedy_B

@@ -1,6 +1,7 @@
-"""Test-time loop sweep outputs: a CSV and a PNG of each metric against the evaluation
-loop count K' (trained K marked), the accuracy-by-hop-count x K' table and heat map of
-the multi-hop task, and how much the last loop still changes h.
+"""Test-time loop sweep file formats: a CSV and a PNG of each metric against the
+evaluation loop count K' (trained K marked), and the accuracy-by-hop-count x K' table and
+heat map of the multi-hop task. The numbers come from eval/evaluator.py; run/report.py
+decides which files a sweep writes.
 
 Files are written whole (`files.write_atomic`: a kill mid-write leaves the previous
 version) through etils.epath, so `out_dir` may be a local path or a gs:// URL. Figures are
@@ -11,13 +12,10 @@ machines with no display and from any thread.
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -213,52 +211,3 @@ def _save_png(fig, path) -> epath.Path:
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=120)
   return write_atomic(path, buffer.getvalue())
-
-
-# ----------------------------------------------------------------------------- h change
-
-
-@functools.lru_cache(maxsize=32)
-def _h_change_fn(model, loops: int):
-  """Jitted (params, tokens, mask) -> [K-1] mean relative change, one per (model, K)."""
-
-  @jax.jit
-  def change(params, tokens_BxT, mask_BxT):
-    h_KxBxTxD, _ = model.apply(
-      {"params": params}, tokens_BxT, loops, True, method=model.hidden_states
-    )
-    h_KxBxTxD = h_KxBxTxD.astype(jnp.float32)
-    step_K1xBxT = jnp.linalg.norm(h_KxBxTxD[1:] - h_KxBxTxD[:-1], axis=-1)
-    scale_K1xBxT = jnp.linalg.norm(h_KxBxTxD[:-1], axis=-1)
-    relative_K1xBxT = step_K1xBxT / jnp.maximum(scale_K1xBxT, jnp.finfo(jnp.float32).tiny)
-    weights_BxT = mask_BxT.astype(jnp.float32)
-    return jnp.sum(relative_K1xBxT * weights_BxT, axis=(1, 2)) / jnp.maximum(
-      jnp.sum(weights_BxT), 1.0
-    )
-
-  return change
-
-
-def h_change_per_loop(model, params, tokens_BxT, loops: int, mask_BxT=None) -> np.ndarray:
-  """[K-1]: for each loop i >= 1, the mean over (unmasked) tokens of
-  ||h(i) - h(i-1)|| / ||h(i-1)||, h(i) the normed output of loop i. Near 0 at the end
-  means more loops would barely move the prediction."""
-  if loops < 2:
-    return np.zeros([0], np.float64)
-  tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
-  mask_BxT = jnp.ones(tokens_BxT.shape, bool) if mask_BxT is None else jnp.asarray(mask_BxT, bool)
-  change_K1 = _h_change_fn(model, int(loops))(params, tokens_BxT, mask_BxT)
-  return np.asarray(jax.device_get(change_K1), np.float64)
-
-
-def loop_h_change(model, params, tokens_BxT, loops: int, mask_BxT=None) -> float:
-  """Mean relative change of h between the last two of `loops` loops (nan for one loop)."""
-  per_loop = h_change_per_loop(model, params, tokens_BxT, loops, mask_BxT)
-  return float(per_loop[-1]) if per_loop.size else math.nan
-
-
-def sweep_h_change(
-  model, params, tokens_BxT, loops_list: Iterable[int], mask_BxT=None
-) -> dict[int, float]:
-  """{K': loop_h_change at K'}, to merge into the sweep results as 'h_change'."""
-  return {int(k): loop_h_change(model, params, tokens_BxT, int(k), mask_BxT) for k in loops_list}

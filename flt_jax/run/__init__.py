@@ -8,7 +8,9 @@ loop.py      train_and_evaluate: the train loop (sync-step rule, profiler window
              preemption, non-finite stop, saves)
 resume.py    restore_or_init: a fresh state or the latest checkpoint, with its checks
 report.py    console/TensorBoard/metrics.jsonl lines, config.txt, a sweep's files
-sweep.py     restore_checkpoint (read-only), evaluate_checkpoint (loop-count sweep)
+sweep.py     restore_checkpoint (read-only: the params and the saved config, read once),
+             restore_params, evaluate_checkpoint / sweep_checkpoint (loop-count sweep)
+tasks.py     evaluate_tasks: the sweep, CORE and lm-eval of a checkpoint at any K'
 """
 
 from flt_jax.run.loop import NonFiniteError, train_and_evaluate
@@ -22,15 +24,19 @@ from flt_jax.run.sweep import (
   restore_checkpoint,
   restore_params,
 )
+from flt_jax.run.tasks import EvalTasks, TaskOptions, evaluate_tasks
 
 __all__ = [
+  "EvalTasks",
   "HOP_METRIC",
   "NonFiniteError",
   "Program",
   "RestoredCheckpoint",
   "RunSetup",
+  "TaskOptions",
   "build_program",
   "evaluate_checkpoint",
+  "evaluate_tasks",
   "hop_data_config",
   "open_checkpointer",
   "resolve_config",

@@ -20,7 +20,6 @@ import ml_collections
 from etils import epath
 
 from flt_jax.data import pipeline as data_pipeline
-from flt_jax.eval import evaluate as eval_lib
 from flt_jax.run import fits, report, resume
 from flt_jax.run.setup import RunSetup, open_checkpointer, setup
 from flt_jax.train import step as step_lib
@@ -174,7 +173,6 @@ def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, 
 
   train_step, train_step_diag = steps[False], steps[True]
   step_keys = step_lib.batch_keys(run_setup.model_cfg)
-  eval_fn = run_setup.make_eval_fn()
   reporter = report.Reporter(run_setup, workdir, start)
   closers.append(reporter.close)
   profiler = ProfilerWindow(config.train.profile_steps, workdir)
@@ -221,12 +219,8 @@ def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, 
       if eval_now:
         reporter.eval(
           step,
-          eval_lib.evaluate(
-            eval_fn,
-            state.params,
-            run_setup.eval_batches(),
-            run_setup.token_bytes_V,
-            loops=run_setup.model_cfg.loops,
+          run_setup.evaluator.metrics(
+            state.params, run_setup.eval_batches(), run_setup.model_cfg.loops
           ),
         )
       if save_now or preempted:

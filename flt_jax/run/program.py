@@ -3,7 +3,8 @@ evaluation and ahead-of-time compilation (`flt_jax.aot`) share.
 
   resolve_config(config)                every key present and every section valid
   build_program(config, vocab, devices) model, optimizer, abstract state, mesh, rules,
-                                        shardings, and the jitted train and eval steps
+                                        shardings, the jitted train step and the
+                                        sharded evaluator
 
 `build_program` reads no data and touches no workdir: the vocabulary is given (the
 tokenizer's, or a size for AOT), and `devices` (default: every device of every process)
@@ -24,7 +25,7 @@ import optax
 
 from flt_jax import config as flt_config
 from flt_jax.data import config as data_config_lib
-from flt_jax.eval import step as eval_step_lib
+from flt_jax.eval.evaluator import Evaluator
 from flt_jax.model import config as model_config_lib
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.parallel import config as parallel_config
@@ -144,19 +145,18 @@ class Program:
     before a run starts)."""
     return self.train_step(diagnostics).lower(*self.abstract_train_args()).compile()
 
-  def eval_step(self, loops: int):
-    """The jitted `eval_step` at `loops` loops: (params, global batch, token bytes) ->
-    sums, sharded like the train step."""
-    key = ("eval", int(loops))
-    if key not in self._steps:
-      self._steps[key] = sharding_lib.jit_eval_step(
-        functools.partial(eval_step_lib.eval_step, model=self.model, loops=int(loops)),
-        self.mesh,
-        self.rules,
-        self.state_shardings.params,
-        self.batch_sharding,
-      )
-    return self._steps[key]
+  def make_evaluator(self, token_bytes_V) -> Evaluator:
+    """The sharded evaluator (loss, bpb, answer accuracy, h_change, scoring) over this
+    mesh, the params sharded as in training, `micro_batch_size` rows per call;
+    `token_bytes_V` gives bits per byte (the tokenizer's bytes per token)."""
+    return Evaluator(
+      self.model,
+      self.mesh,
+      self.rules,
+      self.state_shardings.params,
+      rows=self.config.train.micro_batch_size,
+      token_bytes_V=token_bytes_V,
+    )
 
   def abstract_train_args(self) -> tuple:
     """(state, batch) as sharded ShapeDtypeStructs: what `train_step(...).lower` takes."""

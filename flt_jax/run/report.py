@@ -1,5 +1,6 @@
 """What a run shows and writes for people: console lines, TensorBoard and metrics.jsonl
-(`Reporter`), `config.txt`, and a loop sweep's files (`write_sweep`). Process 0 writes;
+(`Reporter`), `config.txt`, a loop sweep's files (`write_sweep`), and a benchmark's
+results per step and K' (`write_task_results`, `print_task_table`). Process 0 writes;
 every file is written whole (`flt_jax.files`)."""
 
 from __future__ import annotations
@@ -215,3 +216,37 @@ def write_sweep(
     writer.write_scalars(k, finite)
   writer.close()
   say(f"wrote {table_path}, {files['csv']} and {files['png']}")
+
+
+def _jsonable(value):
+  """JSON has no NaN or infinity (a centred accuracy of a one-example task, lm-eval's
+  skipped stderr): non-finite floats are written as null."""
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, float | np.floating):
+    return float(value) if np.isfinite(value) else None
+  if isinstance(value, np.integer | np.bool_):
+    return value.item()
+  return value if value is None or isinstance(value, str | int | bool) else str(value)
+
+
+def write_task_results(workdir: str, family: str, step: int, loops: int, record: dict):
+  """`<workdir>/<family>_step<N>_loops<K>.json` (family: core, lm_eval), written whole:
+  one benchmark family's results of one checkpoint at one loop count."""
+  path = epath.Path(workdir) / f"{family}_step{step}_loops{loops}.json"
+  if jax.process_index() == 0:
+    write_atomic(path, json.dumps(_jsonable(record), indent=1))
+  return path
+
+
+def print_task_table(title: str, rows: dict[str, dict[int, float]]) -> None:
+  """A row per name, a column per K': `rows[name][K'] = value` (blank where missing)."""
+  loops = sorted({k for row in rows.values() for k in row})
+  width = max([len(name) for name in rows] + [4])
+  lines = [title, f"  {'':<{width}}" + "".join(f"{f'K={k}':>10}" for k in loops)]
+  for name, row in rows.items():
+    cells = "".join(f"{row[k]:>10.4f}" if k in row else " " * 10 for k in loops)
+    lines.append(f"  {name:<{width}}{cells}")
+  say("\n".join(lines))

@@ -8,6 +8,7 @@ it (tokenizer, vocabulary, pipelines), and the workdir's checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import ml_collections
@@ -18,7 +19,7 @@ from flt_jax.data import config as data_config_lib
 from flt_jax.data import pipeline as data_pipeline
 from flt_jax.data.tokenizers import Tokenizer
 from flt_jax.errors import config_error
-from flt_jax.eval import step as eval_step_lib
+from flt_jax.eval.evaluator import Evaluator
 from flt_jax.parallel import mesh as mesh_lib
 from flt_jax.parallel import multihost
 from flt_jax.parallel import sharding as sharding_lib
@@ -41,17 +42,11 @@ class RunSetup(Program):
       {k: host_batch[k] for k in keys if k in host_batch}, self.batch_sharding, rows
     )
 
-  def make_eval_fn(self):
-    """eval_fn(params, host_batch, token_bytes_V, *, loops) -> sums, with the program's
-    sharded eval step (each loop count compiles once)."""
-    keys = eval_step_lib.batch_keys(self.model_cfg)
-    rows = self.config.train.micro_batch_size
-
-    def eval_fn(params, host_batch, token_bytes_V, *, loops: int):
-      batch = self.global_batch(host_batch, keys, rows)
-      return self.eval_step(loops)(params, batch, token_bytes_V)
-
-    return eval_fn
+  @functools.cached_property
+  def evaluator(self) -> Evaluator:
+    """The program's sharded evaluator with this tokenizer's bytes per token; one per
+    setup, so each (step, loop count) compiles once for training's evals and a sweep."""
+    return self.make_evaluator(self.token_bytes_V)
 
   def describe_devices(self) -> str:
     """The startup line: devices, processes, mesh, per-device batch, parameters, and the

@@ -1,6 +1,7 @@
 """A checkpoint evaluated: its params restored onto this machine's devices
-(`restore_checkpoint`, read-only, safe beside a live run), then swept over loop counts
-K' (`evaluate_checkpoint`: test-time compute)."""
+(`restore_params` / `restore_checkpoint`, read-only, safe beside a live run), then swept
+over loop counts K' (`sweep_checkpoint`, `evaluate_checkpoint`: test-time compute) on
+the run's sharded evaluator."""
 
 from __future__ import annotations
 
@@ -15,10 +16,7 @@ import ml_collections
 from etils import epath
 
 from flt_jax import config as flt_config
-from flt_jax.constants import IGNORE_LABEL
 from flt_jax.errors import config_error
-from flt_jax.eval import evaluate as eval_lib
-from flt_jax.eval import sweep_report
 from flt_jax.parallel import config as parallel_config
 from flt_jax.parallel import multihost
 from flt_jax.run import report
@@ -86,14 +84,6 @@ def restore_params(
   return restored.run_setup, restored.params, restored.step
 
 
-def _h_change_batch(run_setup: RunSetup):
-  """Tokens and target mask of the first validation batch (global arrays)."""
-  batch = next(iter(run_setup.eval_batches()))
-  rows = run_setup.config.train.micro_batch_size
-  batch = run_setup.global_batch(batch, ("inputs", "targets"), rows)
-  return batch["inputs"], batch["targets"] != IGNORE_LABEL
-
-
 def hop_data_config(data_config, hops: int) -> ml_collections.ConfigDict:
   """config.data restricted to `hops` hops (hops_min = hops_max = hops), same task seed."""
   data = ml_collections.ConfigDict(data_config.to_dict())
@@ -101,7 +91,7 @@ def hop_data_config(data_config, hops: int) -> ml_collections.ConfigDict:
   return data
 
 
-def _hop_sweep(run_setup: RunSetup, eval_fn, params, loops_list) -> dict[int, dict[str, float]]:
+def _hop_sweep(run_setup: RunSetup, params, loops_list) -> dict[int, dict[str, float]]:
   """{K': {answer_accuracy_hops<h>: accuracy}} for every hop count h the run trained on,
   each on its own validation set (hop_data_config)."""
   m = run_setup.config.data.multihop
@@ -110,9 +100,7 @@ def _hop_sweep(run_setup: RunSetup, eval_fn, params, loops_list) -> dict[int, di
     batches = functools.partial(
       run_setup.eval_batches, hop_data_config(run_setup.config.data, hops)
     )
-    for k, metrics in eval_lib.loop_sweep(
-      eval_fn, params, batches, run_setup.token_bytes_V, loops_list
-    ).items():
+    for k, metrics in run_setup.evaluator.sweep(params, batches, loops_list).items():
       out[k][f"{report.HOP_METRIC}{hops}"] = metrics["answer_accuracy"]
   return out
 
@@ -135,6 +123,12 @@ def _eval_data(run_setup: RunSetup, saved: dict) -> tuple[str, dict]:
   return f"_data-{digest[:8]}", record
 
 
+def check_loops(loops_list) -> None:
+  bad = [k for k in loops_list or [] if k < 1]
+  if bad:
+    raise config_error("--eval_loops", bad, "every loop count must be >= 1", "e.g. 1,2,4,12")
+
+
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict | None,
   workdir: str,
@@ -142,8 +136,17 @@ def evaluate_checkpoint(
   step: int | None = None,
 ) -> dict[int, dict]:
   """Restores a checkpoint of workdir (default: the latest; `config` None: the config
-  saved with it) and evaluates it at each loop count (test-time compute: params trained
-  at K run at any K' >= 1), with `h_change`, how much the last loop still moves h.
+  saved with it) and sweeps it over loop counts (sweep_checkpoint)."""
+  check_loops(loops_list)
+  return sweep_checkpoint(restore_checkpoint(workdir, config, step), workdir, loops_list)
+
+
+def sweep_checkpoint(
+  checkpoint: RestoredCheckpoint, workdir: str, loops_list: list[int] | None = None
+) -> dict[int, dict]:
+  """Evaluates a restored checkpoint at each loop count (test-time compute: params
+  trained at K run at any K' >= 1; default: the trained K), with `h_change`, how much
+  the last loop still moves h.
 
   Process 0 writes `<workdir>/eval_step<N>.json` (each K' added to what an earlier
   sweep of the same step wrote), `loop_sweep_step<N>.csv`/`.png`, and TensorBoard
@@ -152,30 +155,18 @@ def evaluate_checkpoint(
   hops x K' table and heat map `hops_by_loops_step<N>.csv`/`.png`. Data other than the
   run's own validation data writes under `..._step<N>_data-<hash>` names, and every
   table records its data. Each file is written whole (a kill leaves the previous one)."""
-  bad = [k for k in loops_list or [] if k < 1]
-  if bad:
-    raise config_error("--eval_loops", bad, "every loop count must be >= 1", "e.g. 1,2,4,12")
-  restored = restore_checkpoint(workdir, config, step)
-  run_setup, params, step = restored.run_setup, restored.params, restored.step
-  trained_loops = restored.trained_loops
-  suffix, data_record = _eval_data(run_setup, restored.saved_config)
+  run_setup, params, step = checkpoint.run_setup, checkpoint.params, checkpoint.step
+  trained_loops = checkpoint.trained_loops
+  suffix, data_record = _eval_data(run_setup, checkpoint.saved_config)
   table_path = epath.Path(workdir) / f"eval_step{step}{suffix}.json"
   earlier = report.read_sweep_table(table_path)  # a damaged table stops us before the work
-  model_cfg = run_setup.model_cfg
   loops_list = sorted(set(loops_list or [trained_loops]))
-  eval_fn = run_setup.make_eval_fn()
-  results = eval_lib.loop_sweep(
-    eval_fn, params, run_setup.eval_batches, run_setup.token_bytes_V, loops_list
-  )
+  # per_loop: h_change, how much the last loop still moves h, from the same forward.
+  results = run_setup.evaluator.sweep(params, run_setup.eval_batches, loops_list, per_loop=True)
   if run_setup.config.data.source == "multihop":
-    for k, per_hop in _hop_sweep(run_setup, eval_fn, params, loops_list).items():
+    for k, per_hop in _hop_sweep(run_setup, params, loops_list).items():
       results[k].update(per_hop)
-  tokens_BxT, mask_BxT = _h_change_batch(run_setup)
-  for k, change in sweep_report.sweep_h_change(
-    run_setup.model, params, tokens_BxT, loops_list, mask_BxT
-  ).items():
-    results[k]["h_change"] = change
-  report.print_sweep(step, workdir, model_cfg.variant, trained_loops, results)
+  report.print_sweep(step, workdir, run_setup.model_cfg.variant, trained_loops, results)
   if jax.process_index() == 0:
     table = {"step": step, "trained_loops": trained_loops, "data": data_record, "loops": earlier}
     report.write_sweep(workdir, table_path, f"step{step}{suffix}", table, results, run_setup.config)

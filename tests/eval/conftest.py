@@ -1,5 +1,6 @@
-"""A tiny random flt_jax model over the bytes vocabulary, and a plain per-example
-log-likelihood to check the eval scorers against."""
+"""A tiny random flt_jax model over the bytes vocabulary, a plain per-example
+log-likelihood to check the eval scorers against, and the sharded evaluator of a model
+on this process's first device (the default mesh: params laid out as in training)."""
 
 import dataclasses
 import functools
@@ -11,8 +12,36 @@ import numpy as np
 import pytest
 
 from flt_jax.data.tokenizers import BytesTokenizer
+from flt_jax.eval.evaluator import Evaluator
 from flt_jax.model.config import ModelConfig, get_config
 from flt_jax.model.looped import LoopedTransformer
+from flt_jax.parallel import config as parallel_config
+from flt_jax.parallel import mesh as mesh_lib
+from flt_jax.parallel import sharding as sharding_lib
+from flt_jax.train import state as state_lib
+
+
+def one_device_evaluator(model, rows, token_bytes_V=None):
+  """The Evaluator of `model` on one device, its params sharded by their logical axes."""
+  mesh_config = parallel_config.get_config()
+  mesh = mesh_lib.make_mesh(mesh_config, jax.devices()[:1])
+  rules = sharding_lib.logical_rules(mesh_config)
+  boxed = state_lib.abstract_params(model, jax.random.key(0), 8)
+  if token_bytes_V is None:
+    token_bytes_V = np.ones([model.cfg.vocab_size], np.int32)
+  return Evaluator(
+    model,
+    mesh,
+    rules,
+    sharding_lib.state_shardings(boxed, mesh, rules),
+    rows=rows,
+    token_bytes_V=token_bytes_V,
+  )
+
+
+@pytest.fixture(scope="session")
+def make_evaluator():
+  return one_device_evaluator
 
 
 @functools.cache

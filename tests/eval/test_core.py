@@ -1,7 +1,8 @@
 """CORE in-context evaluation on a miniature eval bundle (tests/fixtures/eval_bundle):
 the bundle reader and its errors, few-shot prompts, the multiple-choice / schema /
-language-modelling decision rules with scorers whose answers are known, the centred
-accuracy, and the flt_jax model scorer against a direct per-example log-likelihood."""
+language-modelling decision rules with scorers whose answers are known, and the centred
+accuracy. The model's scorer is tested in test_evaluator.py, the command in
+test_eval_tasks.py."""
 
 import pathlib
 import shutil
@@ -192,74 +193,3 @@ def test_bundle_errors(tmp_path):
   meta.write_text("\n".join(meta.read_text().splitlines()[:-1]) + "\n")  # drop toy_lm
   with pytest.raises(core.BundleError, match="'toy_lm' has no row"):
     core.load_bundle(bundle)
-
-
-def test_core_csv(tmp_path):
-  result = core.evaluate_core(BUNDLE, tie_score_fn, TOKENIZER)
-  path = core.write_core_csv(result, tmp_path / "out" / "core.csv")
-  lines = path.read_text().splitlines()
-  assert lines[0].startswith("task,")
-  assert [line.split(",")[0] for line in lines[1:]] == [
-    "toy_choice",
-    "toy_schema",
-    "toy_lm",
-    "CORE",
-  ]
-  assert float(lines[-1].split(",")[-1]) == result.core
-
-
-# ----------------------------------------------------------------------------- the model
-
-MAX_LEN = 24
-
-
-def test_model_scorer_matches_direct_log_likelihood(tiny_lm):
-  model, params = tiny_lm.model, tiny_lm.params
-  loops = 3
-  rng = np.random.default_rng(0)
-  # Few distinct lengths keep the compiles down: 7 input tokens, or MAX_LEN after truncation.
-  pairs = [
-    (rng.integers(0, 256, 5).tolist(), rng.integers(0, 256, 3).tolist()),
-    (rng.integers(0, 256, 7).tolist(), rng.integers(0, 256, 1).tolist()),
-    (rng.integers(0, 256, 2).tolist(), rng.integers(0, 256, 6).tolist()),
-    # longer than MAX_LEN: the context is left-truncated
-    (rng.integers(0, 256, 30).tolist(), rng.integers(0, 256, 4).tolist()),
-  ]
-  # A continuation that is the model's own argmax chain must come back greedy.
-  context = rng.integers(0, 256, 5).tolist()
-  chain = np.zeros([7], np.int32)
-  chain[:5] = context
-  for position in range(4, 7):  # right padding cannot change earlier positions (causal)
-    next_token = int(np.argmax(tiny_lm.logits(chain, loops)[position]))
-    if position + 1 < 7:
-      chain[position + 1] = next_token
-  pairs.append((context, chain[5:].tolist() + [next_token]))
-
-  score_fn = core.make_score_fn(model, params, loops, MAX_LEN, batch_size=2, min_bucket=8)
-  got = score_fn(pairs)
-  for (context, continuation), (logprob, greedy) in zip(pairs, got):
-    want_logprob, want_greedy = tiny_lm.loglikelihood(context, continuation, loops, MAX_LEN)
-    assert logprob == pytest.approx(want_logprob, abs=1e-4)
-    assert greedy == want_greedy
-  assert got[-1][1] is True
-  assert not all(g for _, g in got[:-1])
-
-
-def test_model_scorer_runs_the_bundle(tiny_lm):
-  model, params = tiny_lm.model, tiny_lm.params
-  score_fn = core.make_score_fn(model, params, 2, 64, batch_size=8, min_bucket=64)
-  result = core.evaluate_core(BUNDLE, score_fn, TOKENIZER, max_examples=2)
-  assert set(result.tasks) == {"toy_choice", "toy_schema", "toy_lm"}
-  for r in result.tasks.values():
-    assert r.examples == 2 and r.accuracy in (0.0, 0.5, 1.0)
-
-
-def test_model_scorer_errors(tiny_lm):
-  model, params = tiny_lm.model, tiny_lm.params
-  with pytest.raises(ValueError, match="rotary table"):
-    core.make_score_fn(model, params, 2, 10**6)
-  score_fn = core.make_score_fn(model, params, 2, 8)
-  with pytest.raises(ValueError, match="does not fit max_len=8"):
-    score_fn([([1], list(range(9)))])
-  with pytest.raises(ValueError, match="empty context"):
-    score_fn([([], [1])])

@@ -29,6 +29,16 @@ EOS = 256  # BytesTokenizer's document separator
 MAX_LENGTH = 16
 LOOPS = 2
 
+pytestmark = pytest.mark.needs_extra
+
+
+def _from_evaluator(tiny_lm, make_evaluator, max_length):
+  """FltLM on the tiny model's sharded evaluator (8 rows per call), default generation."""
+  evaluator = make_evaluator(tiny_lm.model, 8)
+  return FltLM.from_evaluator(
+    evaluator, tiny_lm.params, tiny_lm.tokenizer, loops=LOOPS, max_length=max_length
+  )
+
 
 def _write_task(tmp_path, name, data_file, **config):
   task = {
@@ -95,11 +105,11 @@ def test_multiple_choice_with_known_answers(tmp_path, tiny_lm):
   assert result["acc,none"] == pytest.approx(np.mean([d["gold"] == 0 for d in docs]))
 
 
-def test_multiple_choice_with_the_model_matches_direct_log_likelihood(tmp_path, tiny_lm):
+def test_multiple_choice_with_the_model_matches_direct_log_likelihood(
+  tmp_path, tiny_lm, make_evaluator
+):
   task_dir = _choice_task(tmp_path)
-  lm = FltLM.from_model(
-    tiny_lm.model, tiny_lm.params, tiny_lm.tokenizer, loops=LOOPS, max_length=MAX_LENGTH
-  )
+  lm = _from_evaluator(tiny_lm, make_evaluator, MAX_LENGTH)
   result, samples = _evaluate(lm, task_dir, "flt_choice")
   correct = []
   for sample in samples:
@@ -120,7 +130,7 @@ def test_multiple_choice_with_the_model_matches_direct_log_likelihood(tmp_path, 
   assert result["acc,none"] == pytest.approx(np.mean(correct))
 
 
-def test_rolling_log_likelihood_over_windows(tmp_path, tiny_lm):
+def test_rolling_log_likelihood_over_windows(tmp_path, tiny_lm, make_evaluator):
   task_dir = _write_task(
     tmp_path,
     "flt_text",
@@ -130,9 +140,7 @@ def test_rolling_log_likelihood_over_windows(tmp_path, tiny_lm):
     doc_to_target="text",
     metric_list=[{"metric": "bits_per_byte"}],
   )
-  lm = FltLM.from_model(
-    tiny_lm.model, tiny_lm.params, tiny_lm.tokenizer, loops=LOOPS, max_length=MAX_LENGTH
-  )
+  lm = _from_evaluator(tiny_lm, make_evaluator, MAX_LENGTH)
   result, samples = _evaluate(lm, task_dir, "flt_text")
 
   def ll(context, continuation):
@@ -195,10 +203,8 @@ def test_generate_until_stops_at_stop_strings_and_eos(tmp_path, tiny_lm):
   assert len(prompts_seen) == 3
 
 
-def test_greedy_generation_matches_recomputed_argmax(tmp_path, tiny_lm):
-  lm = FltLM.from_model(
-    tiny_lm.model, tiny_lm.params, tiny_lm.tokenizer, loops=LOOPS, max_length=MAX_LENGTH
-  )
+def test_greedy_generation_matches_recomputed_argmax(tmp_path, tiny_lm, make_evaluator):
+  lm = _from_evaluator(tiny_lm, make_evaluator, MAX_LENGTH)
   _, samples = _evaluate(lm, _qa_task(tmp_path, max_gen_toks=4), "flt_qa")
   for sample in samples:
     tokens = [EOS, *sample["doc"]["prompt"].encode()]
@@ -213,12 +219,10 @@ def test_greedy_generation_matches_recomputed_argmax(tmp_path, tiny_lm):
     assert sample["resps"][0][0] == want
 
 
-def test_cached_greedy_generation_when_the_request_fits(tmp_path, tiny_lm):
+def test_cached_greedy_generation_when_the_request_fits(tmp_path, tiny_lm, make_evaluator):
   """max_length 64 holds prompt + 4 new tokens: the default generator decodes with the
   key/value cache, and gives the recomputed argmax over the whole prefix."""
-  lm = FltLM.from_model(
-    tiny_lm.model, tiny_lm.params, tiny_lm.tokenizer, loops=LOOPS, max_length=64
-  )
+  lm = _from_evaluator(tiny_lm, make_evaluator, 64)
   _, samples = _evaluate(lm, _qa_task(tmp_path, max_gen_toks=4), "flt_qa")
   assert lm._generate_fn.cached._compiled  # the cached path ran
   assert any(sample["resps"][0][0] for sample in samples)

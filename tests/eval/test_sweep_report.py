@@ -1,20 +1,14 @@
 """Loop-sweep outputs: the CSVs round-trip their numbers exactly, the PNGs are real
-images with a panel per metric, and the h-change signal is 0 at a fixed point and equals
-a direct numpy computation from separately run loop counts."""
+images with a panel per metric. (h_change is computed by the evaluator:
+test_evaluator.py.)"""
 
 import io
 import math
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 from matplotlib import image as mpl_image
 
 from flt_jax.eval import sweep_report
-from flt_jax.model.config import ModelConfig, get_config
-from flt_jax.model.looped import LoopedTransformer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -82,64 +76,3 @@ def test_hop_table_and_heatmap(tmp_path):
   assert sweep_report.read_hop_table(paths["csv"]) == accuracy
   height, width, _ = _png_shape(paths["png"])
   assert width > height  # four K' columns, three hop rows
-
-
-# ----------------------------------------------------------------------------- h change
-
-
-def _model(variant, loops=4):
-  c = get_config()
-  c.update(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=64, seq_len=16)
-  c.update(loops=loops, variant=variant, window_pattern="L", kv_lora_rank=0)
-  return LoopedTransformer(ModelConfig.from_config(c))
-
-
-def _tokens(batch=2, length=8, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, 64, (batch, length)), jnp.int32)
-
-
-def _random_params(model, seed=0):
-  shapes = jax.eval_shape(model.init, jax.random.key(0), _tokens())
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-    lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32),
-    nn.meta.unbox(shapes["params"]),
-  )
-
-
-def test_h_change_is_zero_at_a_fixed_point():
-  """With every output projection (c_proj) zero, each block is the identity (as at init):
-  FLT restarts from the embedding every loop and computes the same h each time."""
-  model = _model("FLT")
-  params = jax.tree_util.tree_map_with_path(
-    lambda path, x: jnp.zeros_like(x) if "c_proj" in jax.tree_util.keystr(path) else x,
-    _random_params(model),
-  )
-  per_loop = sweep_report.h_change_per_loop(model, params, _tokens(), 4)
-  assert per_loop.shape == (3,)
-  np.testing.assert_array_equal(per_loop, 0.0)
-  assert sweep_report.loop_h_change(model, params, _tokens(), 4) == 0.0
-  assert math.isnan(sweep_report.loop_h_change(model, params, _tokens(), 1))
-
-
-def test_h_change_matches_numpy_from_separate_loop_counts():
-  model = _model("LT")
-  params = _random_params(model)
-  tokens = _tokens()
-  mask = np.ones(tokens.shape, bool)
-  mask[1, 5:] = False  # padding: left out of the mean
-
-  def last_h(loops):
-    apply = jax.jit(
-      lambda p, t: model.apply({"params": p}, t, loops, method=model.hidden_states)[0],
-      compiler_options={"xla_backend_optimization_level": 0},
-    )
-    return np.asarray(apply(params, tokens), np.float64)
-
-  previous, last = last_h(2), last_h(3)
-  relative = np.linalg.norm(last - previous, axis=-1) / np.linalg.norm(previous, axis=-1)
-  want = relative[mask].mean()
-  got = sweep_report.loop_h_change(model, params, tokens, 3, mask)
-  assert want > 1e-3  # random weights: the last loop still moves h
-  assert got == pytest.approx(want, rel=1e-4)
-  assert sweep_report.sweep_h_change(model, params, tokens, [3], mask) == {3: got}
