@@ -182,35 +182,22 @@ def main(argv):
     os._exit(130)
 
 
+def _closed_event_loop(error) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
 def _ignore_closed_event_loop_errors() -> None:
   """Orbax's restore reads arrays through tensorstore callbacks onto an asyncio loop; when
   a read fails (a deleted or truncated array file), the one-line error is reported and
-  the loop closed, but reads still in flight call back into the closed loop and each
-  prints a traceback of that RuntimeError. They say nothing the error did not."""
-  default = sys.excepthook
-
-  def hook(kind, value, tb):
-    if kind is RuntimeError and str(value) == "Event loop is closed":
-      return
-    default(kind, value, tb)
-
-  sys.excepthook = hook
-  default_unraisable = sys.unraisablehook
-
-  def unraisable(args):
-    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
-      return
-    default_unraisable(args)
-
-  sys.unraisablehook = unraisable
-  default_thread = threading.excepthook
-
-  def thread_hook(args):
-    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
-      return
-    default_thread(args)
-
-  threading.excepthook = thread_hook
+  the loop closed, but reads still in flight call back into the closed loop, each with a
+  traceback of that RuntimeError (through whichever hook the calling thread reaches).
+  They say nothing the error did not."""
+  excepthook, unraisable, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
+  sys.excepthook = lambda kind, value, tb: (
+    None if _closed_event_loop(value) else excepthook(kind, value, tb)
+  )
+  sys.unraisablehook = lambda a: None if _closed_event_loop(a.exc_value) else unraisable(a)
+  threading.excepthook = lambda a: None if _closed_event_loop(a.exc_value) else thread_hook(a)
 
 
 if __name__ == "__main__":
