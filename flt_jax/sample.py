@@ -18,9 +18,10 @@ from collections.abc import Callable
 import numpy as np
 from absl import app, flags, logging
 
-from flt_jax import run
+from flt_jax import cli, run
 from flt_jax.errors import ConfigError
 from flt_jax.eval.generate import Generator
+from flt_jax.parallel import platforms
 from flt_jax.train.checkpoint import CheckpointError, read_saved_config
 
 
@@ -72,12 +73,19 @@ def generate_text(
 ) -> str:
   """The generated continuation of `prompt` (its text; the stop token not included),
   written piece by piece to `write` as it is generated. Raises ValueError (or
-  CheckpointError) with a one-line message naming the problem and the fix."""
+  CheckpointError) with a one-line message naming the problem and the fix. `loops` None
+  runs at the trained K."""
+  if loops is not None and loops < 1:  # before any work: 0 is not "the default"
+    raise ValueError(
+      f"--loops={loops} is invalid: a looped model needs at least one loop; omit --loops "
+      "to run at the trained K, or give K' >= 1"
+    )
   saved, step = read_saved_config(workdir, step)
   trained_loops = int(saved.get("model", {}).get("loops", 0)) or None
   run_setup, params, step = run.restore_params(workdir, None, step)
   tokenizer = run_setup.tokenizer
-  loops = loops or trained_loops or run_setup.model_cfg.loops
+  if loops is None:
+    loops = trained_loops or run_setup.model_cfg.loops
   if stop_token is None:
     stop_token = int(tokenizer.eos_id)
   elif stop_token < 0:
@@ -102,7 +110,7 @@ def define_flags() -> None:
   flags are global, so the commands' functions can be imported side by side."""
   flags.DEFINE_string("workdir", None, "Run directory whose checkpoint to sample from.")
   flags.DEFINE_string("prompt", "", "Text to continue (may be empty).")
-  flags.DEFINE_integer("loops", None, "Loop count K' (default: the trained K).")
+  flags.DEFINE_integer("loops", None, "Loop count K' >= 1 (default: the trained K).")
   flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate at most.")
   flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy.")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = off.")
@@ -117,6 +125,7 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  platforms.start_attached_only()  # before anything starts a JAX backend
   logging.set_verbosity(logging.WARNING)
   if not flags.FLAGS.workdir:
     raise SystemExit("error: --workdir is required (the run directory to sample from)")
@@ -150,4 +159,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

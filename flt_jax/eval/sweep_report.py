@@ -29,10 +29,26 @@ METRIC_TITLES = {
   "loss": "validation loss (nats/token)",
   "bpb": "bits per byte",
   "answer_accuracy": "answer accuracy",
-  "h_change": "relative change of h, last loop",
+  "h_change": "relative change of h, last loop (none at K'=1)",
 }
+# Why h_change is nan at one loop, for wherever the value is shown.
+H_CHANGE_AT_ONE_LOOP = "n/a (one loop: no earlier h to compare with)"
 LOOPS_COLUMN = "loops"
 TRAINED_COLUMN = "trained_loops"
+
+
+def describe(metrics: Mapping[str, float]) -> str:
+  """One sweep row as text, 'loss 1.2345 | bpb ... | h_change ...', with the reason
+  h_change has no value at K'=1 instead of a bare nan."""
+  parts = []
+  for name, v in metrics.items():
+    if name == "tokens":
+      continue
+    if name == "h_change" and (v is None or math.isnan(v)):
+      parts.append(f"h_change {H_CHANGE_AT_ONE_LOOP}")
+    else:
+      parts.append(f"{name} {v:.4f}")
+  return " | ".join(parts)
 
 
 def _format(value) -> str:
@@ -252,7 +268,8 @@ def h_change_per_loop(model, params, tokens_BxT, loops: int, mask_BxT=None) -> n
 
 
 def loop_h_change(model, params, tokens_BxT, loops: int, mask_BxT=None) -> float:
-  """Mean relative change of h between the last two of `loops` loops (nan for one loop)."""
+  """Mean relative change of h between the last two of `loops` loops. nan for one loop:
+  there is no earlier h to compare with (the CSV holds 'nan', the JSON table null)."""
   per_loop = h_change_per_loop(model, params, tokens_BxT, loops, mask_BxT)
   return float(per_loop[-1]) if per_loop.size else math.nan
 
