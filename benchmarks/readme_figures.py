@@ -31,6 +31,7 @@ import csv
 import importlib.metadata
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -219,11 +220,16 @@ def _claim(name: str, ok: bool, detail: str) -> tuple[str, bool, str]:
   return name, bool(ok), detail
 
 
-def train_claims(progress, evals: dict[int, float]) -> list[tuple[str, bool, str]]:
+def train_claims(progress, evals: dict[int, float], vocab_size: int) -> list[tuple[str, bool, str]]:
   loss = {step: value for step, value, _, _ in progress}
   first, tenth, last = loss[min(loss)], loss.get(10, float("nan")), loss[max(loss)]
   steps = sorted(evals)
   return [
+    _claim(
+      "the first loss is within 0.05 of ln(vocabulary), a uniform prediction",
+      abs(first - math.log(vocab_size)) <= 0.05,
+      f"{first:.4f} against ln {vocab_size} = {math.log(vocab_size):.4f}",
+    ),
     _claim(
       "the loss falls: step 1 > step 10 > last step",
       first > tenth > last,
@@ -350,7 +356,8 @@ def figure_train(out: Path) -> bool:
     f"{progress[-1][0]}) {min(steady):,}-{max(steady):,} tok/s; after eval/checkpoint "
     + ", ".join(f"{rate:,} at step {step}" for step, rate in paused)
   )
-  return print_claims(train_claims(progress, eval_losses(text)))
+  vocab_size = int(re.search(r"vocab=(\d+)", text).group(1))
+  return print_claims(train_claims(progress, eval_losses(text), vocab_size))
 
 
 def _multihop_run(out: Path, experiment: str) -> tuple[dict, float]:

@@ -69,7 +69,10 @@ def _parse_value(text: str, current):
   if isinstance(current, str):
     return text
   if isinstance(current, int):
-    return int(text)
+    number = float(text)  # 64, 64.0 and 1e3 are whole numbers; 64.5 is not
+    if not number.is_integer():
+      raise ValueError("not a whole number")
+    return int(number)
   if isinstance(current, float):
     return float(text)
   return json.loads(text)
