@@ -23,9 +23,6 @@ from flt_jax.parallel import host_memory
 _COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
 
-# PCI vendor id of Google's TPU chips (how JAX's own cloud_tpu_init recognises a TPU VM).
-
-
 def has_tpu_chips(pci_root: str = "/sys/bus/pci/devices") -> bool:
   """Whether this machine has TPU chips attached (a Cloud TPU VM)."""
   return quiet_start.google_pci_device(pci_root)
@@ -114,9 +111,9 @@ def configure_cpu_devices(mesh_config, environ: Mapping[str, str] | None = None)
 def initialize(
   mesh_config, environ: Mapping[str, str] | None = None, tpu_vm: bool | None = None
 ) -> bool:
-  """Sets the host allocator (config.mesh.cpu_reuse_memory) and the CPU device count
-  (configure_cpu_devices), then starts jax.distributed when `config.mesh.distributed` asks
-  for it (see should_initialize); returns whether it did. Safe to call twice."""
+  """Sets the host allocator (config.mesh.cpu_reuse_memory) and the CPU device count (configure_cpu_devices), then starts jax.distributed when
+  `config.mesh.distributed` asks for it (see should_initialize); returns whether it did.
+  Safe to call twice."""
   if mesh_config.get("cpu_reuse_memory", False):
     host_memory.reuse_freed_memory()
   configure_cpu_devices(mesh_config, environ)
