@@ -50,7 +50,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  aot.use_compile_only_tpu()
+  aot.use_compile_only_devices()
   experiment = importlib.import_module(f"experiments.{args.experiment}")
   header = (
     "| topology | chips | remat | args GiB | temp GiB | total GiB | HBM GiB | fits "

@@ -10,6 +10,10 @@ Every setting is a config field (--config.<section>.<field>=value); the referenc
 README.md ("Configuration") and the get_config() of each flt_jax/*/config.py.
 """
 
+import os
+import sys
+import threading
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -131,7 +135,47 @@ def main(argv):
     FileWriteError,
   ) as e:
     raise SystemExit(f"error: {e}") from None
+  except KeyboardInterrupt:
+    # Ctrl-C outside the train loop (which saves and stops on its own): while starting,
+    # compiling or evaluating. Nothing is half-written: files are replaced whole.
+    # Exits without the interpreter's teardown, which can crash in XLA's threads when
+    # interrupted mid-compile; there is nothing left to flush but the console.
+    print("\ninterrupted (Ctrl-C): stopped; the checkpoints already saved are intact", flush=True)
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def _ignore_closed_event_loop_errors() -> None:
+  """Orbax's restore reads arrays through tensorstore callbacks onto an asyncio loop; when
+  a read fails (a deleted or truncated array file), the one-line error is reported and
+  the loop closed, but reads still in flight call back into the closed loop and each
+  prints a traceback of that RuntimeError. They say nothing the error did not."""
+  default = sys.excepthook
+
+  def hook(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    default(kind, value, tb)
+
+  sys.excepthook = hook
+  default_unraisable = sys.unraisablehook
+
+  def unraisable(args):
+    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
+      return
+    default_unraisable(args)
+
+  sys.unraisablehook = unraisable
+  default_thread = threading.excepthook
+
+  def thread_hook(args):
+    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
+      return
+    default_thread(args)
+
+  threading.excepthook = thread_hook
 
 
 if __name__ == "__main__":
+  _ignore_closed_event_loop_errors()
   app.run(main, flags_parser=parse_flags)

@@ -77,14 +77,13 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
     c.checkpoint.every_steps = 500
   else:
     c.model.update(shape_for(2))  # d_model 128, one head of 128
-    # Recompute each block in the backward pass, keeping only its input: on 2 CPU cores
-    # at K=12 this measured fastest (grad 0.85x the time of "none", loop 0.94x), as every
-    # stacked byte costs more there than recomputing it (benchmarks/train_bench.py
-    # --compare_remat).
+    # Recompute each block in the backward pass, keeping only its input: on CPU every
+    # stacked byte costs more than recomputing it (benchmarks/train_bench.py
+    # --compare_remat; the figures: WORKSPACE.md, "Measurements behind the settings").
     c.model.remat = "block"
     c.model.remat_policy = "nothing"
-    # The forward ran 1.05-1.2x faster with the layer scan unrolled (four side-by-side
-    # runs at K=12 L=2 and L=4); the train step's time did not change measurably.
+    # Unrolled layer scan: XLA sees each layer's window and index as constants and slices
+    # no stacked params (benchmarks/train_bench.py --tree, side by side; WORKSPACE.md).
     c.model.unroll_layers = True
     c.optim.muon_momentum_warmup_steps = 30
     c.train.log_every = 10
@@ -93,11 +92,10 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
     if preset == "cpu":
       # Two XLA CPU devices with the batch split over them: XLA:CPU runs batched matmuls
       # (attention) and elementwise fusions on one thread each, so one device leaves a
-      # core idle. Measured on 2 cores (FLT K=12, benchmarks/cpu_devices_bench.py): the
-      # step 1.13-1.22x at L=2 and 1.20-1.21x at L=4 against one device, the same loss.
+      # core idle (benchmarks/cpu_devices_bench.py; WORKSPACE.md).
       c.mesh.cpu_devices = 2
       # XLA:CPU's per-step buffers reuse the process's pages instead of faulting fresh ones
-      # in every step (45k page faults a step at the benchmark's K=12 L=2; host_memory.py).
+      # in every step (parallel/host_memory.py; WORKSPACE.md).
       c.mesh.cpu_reuse_memory = True
       c.mesh.data = -1
       c.mesh.fsdp = 1
@@ -113,9 +111,9 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
       c.model.update(d_model=64, n_head=4, n_kv_head=4)  # 4 heads of 16 per layer
       c.data.source = "multihop"
       c.data.loss_on_answer_only = True  # the default for synthetic sources; said here
-      # 4 nodes: at 5 the pointer lookup took 1,000-2,250 steps to appear even at K=1 and
-      # had not appeared by step 1,250 at K=12; 3 nodes leave many copy shortcuts
-      # (f^2(x) = x for 2/3 of the 2-hop queries).
+      # 4 nodes: with 5 the pointer lookup appears too late for the run (training runs:
+      # WORKSPACE.md); 3 leave many copy shortcuts (f^2(x) = x for 2/3 of the 2-hop
+      # queries).
       c.data.multihop.num_nodes = 4
       c.data.multihop.hops_min = 1
       c.data.multihop.hops_max = 3
@@ -124,9 +122,9 @@ def make(variant: str, loops: int, preset: str | None) -> ml_collections.ConfigD
       # A small AdamW lr for the embedding: the default is 0.2 x (64/768)**-0.5 = 0.69 per
       # step on entries of std 1 (a choice by reasoning; no full run compared the two).
       c.optim.embedding_lr = 0.02
-      # Muon at its default 0.02 oscillated between 0.34 and 0.66 accuracy for 1,100 steps
-      # (3 nodes, K=12); at 0.005 it passed 0.9 by step 600 (4 nodes). A likely reason: the
-      # shared weights are applied twelve times, so each update acts twelve times.
+      # Muon below its default 0.02, which kept the accuracy oscillating (training runs:
+      # WORKSPACE.md). A likely reason: the shared weights are applied K times, so each
+      # update acts K times.
       c.optim.matrix_lr = 0.005
       c.train.steps = 1000
       c.train.micro_batch_size = 128

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from flt_jax import run
 from flt_jax.errors import ConfigError
 from flt_jax.eval.generate import Generator
-from flt_jax.train.checkpoint import CheckpointError, read_saved_config
+from flt_jax.train.checkpoint import CheckpointError
 
 
 class _TextStream:
@@ -73,11 +73,10 @@ def generate_text(
   """The generated continuation of `prompt` (its text; the stop token not included),
   written piece by piece to `write` as it is generated. Raises ValueError (or
   CheckpointError) with a one-line message naming the problem and the fix."""
-  saved, step = read_saved_config(workdir, step)
-  trained_loops = int(saved.get("model", {}).get("loops", 0)) or None
-  run_setup, params, step = run.restore_params(workdir, None, step)
+  restored = run.restore_checkpoint(workdir, None, step)
+  run_setup, params = restored.run_setup, restored.params
   tokenizer = run_setup.tokenizer
-  loops = loops or trained_loops or run_setup.model_cfg.loops
+  loops = loops or restored.trained_loops
   if stop_token is None:
     stop_token = int(tokenizer.eos_id)
   elif stop_token < 0:

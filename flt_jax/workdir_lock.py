@@ -104,6 +104,22 @@ class WorkdirLock:
       f.write(text)
     return True
 
+  def _refuse(self, holder: dict) -> WorkdirLockedError:
+    return WorkdirLockedError(
+      f"{self.path.parent} is in use by another run: {_holder_text(holder)}. Wait for it "
+      f"to finish, stop it, or choose another --workdir; if that process is surely gone "
+      f"(e.g. on another machine), delete {self.path}."
+    )
+
+  def check(self) -> None:
+    """WorkdirLockedError if a live process holds the workdir; creates nothing (a look
+    before expensive work, so a second run is refused at once)."""
+    if not self.enabled:
+      return
+    holder = self._read_holder()
+    if holder and not self._is_stale(holder):
+      raise self._refuse(holder)
+
   def acquire(self) -> WorkdirLock:
     if not self.enabled:
       return self
@@ -116,11 +132,7 @@ class WorkdirLock:
       if holder is None:
         continue
       if not self._is_stale(holder):
-        raise WorkdirLockedError(
-          f"{self.path.parent} is in use by another run: {_holder_text(holder)}. Wait for it "
-          f"to finish, stop it, or choose another --workdir; if that process is surely gone "
-          f"(e.g. on another machine), delete {self.path}."
-        )
+        raise self._refuse(holder)
       self.path.unlink(missing_ok=True)
     raise WorkdirLockedError(
       f"could not take {self.path}: it keeps reappearing; is another run starting?"

@@ -62,6 +62,8 @@ class Generator:
         f"--stop_token={stop_token} is outside the vocabulary [0, {model_cfg.vocab_size}); "
         "pick a token id of the model's tokenizer, or -1 for no stop token"
       )
+    if not model_cfg.platform:  # runs where jit puts it: the default device
+      model_cfg = model_cfg.for_devices(jax.local_devices()[:1])
     self.model_cfg = model_cfg
     self.loops = int(loops)
     self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)

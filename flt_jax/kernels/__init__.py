@@ -7,6 +7,7 @@ from flt_jax.kernels.flash import (
   UnsupportedAttentionError,
   default_lowering,
   flash_attention,
+  lowering_for,
 )
 from flt_jax.kernels.fused import cudnn_attention, splash_attention
 
@@ -16,5 +17,6 @@ __all__ = [
   "cudnn_attention",
   "default_lowering",
   "flash_attention",
+  "lowering_for",
   "splash_attention",
 ]

@@ -11,7 +11,9 @@ Two lowerings of the same block math (`block_math.py`):
   - "triton" (`flash_gpu.py`): one program per output block and an in-kernel loop whose
     bounds depend on the window.
 On CPU both run with `interpret=True` (Pallas' interpreter; slow, for tests); `lowering`
-defaults to the platform's (TPU: mosaic_tpu, GPU: triton, CPU: mosaic_tpu interpreted).
+defaults to the target platform's (`lowering_for`: TPU mosaic_tpu, GPU triton, CPU
+mosaic_tpu interpreted). The caller names the target (the model passes the platform its
+program is compiled for); the default backend stands in only when it does not.
 """
 
 from __future__ import annotations
@@ -45,14 +47,18 @@ class UnsupportedAttentionError(ValueError):
   """A shape, dtype or option that this kernel cannot run, with what would work."""
 
 
-def default_lowering() -> tuple[str, bool]:
-  """(lowering, interpret) for the default backend: TPU and GPU compile, CPU interprets."""
-  platform = jax.default_backend()
+def lowering_for(platform: str) -> tuple[str, bool]:
+  """(lowering, interpret) for a target platform: TPU and GPU compile, CPU interprets."""
   if platform == "tpu":
     return "mosaic_tpu", False
   if platform in ("gpu", "cuda", "rocm"):
     return "triton", False
   return "mosaic_tpu", True
+
+
+def default_lowering() -> tuple[str, bool]:
+  """(lowering, interpret) for the default backend (when the caller names no target)."""
+  return lowering_for(jax.default_backend())
 
 
 def _is_pow2(n: int) -> bool:
@@ -168,15 +174,15 @@ def flash_attention(
 
   window_left: -1 for full context or a positive width; may be a traced int32 scalar.
   block_q, block_kv: block sizes (0 = the lowering's default), see `choose_blocks`.
-  lowering: "mosaic_tpu" or "triton" (None = the platform's); interpret: run Pallas'
-  interpreter instead of compiling (None = only on CPU).
+  lowering: "mosaic_tpu" or "triton" (None = the default backend's); interpret: run
+  Pallas' interpreter instead of compiling (None = when the default backend is the CPU).
   """
   _check_inputs(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, q_segment_ids_BxT, kv_segment_ids_BxS)
   default, default_interpret = default_lowering()
-  lowering = lowering or default
-  if lowering not in LOWERINGS:
+  if lowering not in (None, *LOWERINGS):
     raise UnsupportedAttentionError(f"lowering={lowering!r}; choose one of {LOWERINGS}")
   interpret = default_interpret if interpret is None else interpret
+  lowering = lowering or default
   B, T, H, D = q_BxTxHxD.shape
   S, Hkv = k_BxSxHkvxD.shape[1], k_BxSxHkvxD.shape[2]
   check_head_dim(D, lowering)

@@ -14,8 +14,6 @@ needs no `windows`.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +61,9 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-@functools.lru_cache(maxsize=64)
+# Not cached: the kernel holds its mask tables as arrays, which are the tracers of the
+# trace that builds it (the model is traced for init, for the step, under remat), so a
+# kernel kept across traces leaks them. Splash caches the mask processing itself.
 def _splash_kernel(num_heads: int, seq_len: int, window: int, bq: int, bk: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 

@@ -9,19 +9,25 @@ implementation, every one of which takes the same arguments:
 | `pallas` | our flash attention (`flt_jax.kernels`)          | TPU (Mosaic), GPU (Triton), CPU (interpreted: slow, for tests) |
 | `splash` | TPU splash attention                             | TPU                       |
 | `cudnn`  | cuDNN flash attention                            | GPU                       |
-| `auto`   | TPU: splash; GPU: cudnn; CPU: xla. pallas instead of a fused kernel that cannot take the call (see resolve_impl) | all |
+| `auto`   | TPU: splash; GPU: cudnn; CPU: xla. pallas instead of a fused kernel that cannot take the call (see choose_impl) | all |
 
-Asking for an implementation the platform cannot run raises an error that names the ones
-it can; nothing falls back silently.
+The platform is the one the program is compiled for: `KernelOptions.platform`, which
+`ModelConfig.for_devices` sets from the mesh's devices (so compiling for a GPU or TPU
+topology from a CPU host picks what running there would), or the default backend when
+unset. Asking for an implementation the platform cannot run raises an error that names
+the ones it can; nothing falls back silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from flt_jax import kernels
 
@@ -149,11 +155,14 @@ class KernelOptions:
   block_q, block_kv: tile sizes (0 = the kernel's default for the platform).
   windows: every value `window_left` can take. splash and cudnn bake the window into the
   kernel, so with a traced window they build one kernel per value and switch on it.
+  platform: the target ("cpu", "gpu", "tpu"; see `platform_of`), "" = the default backend
+  when the call is traced.
   """
 
   block_q: int = 0
   block_kv: int = 0
   windows: tuple[int, ...] = ()
+  platform: str = ""
 
 
 def pallas_attention(
@@ -169,6 +178,7 @@ def pallas_attention(
 ):
   """Our Pallas flash attention: Mosaic on TPU, Triton on GPU, interpreted on CPU."""
   options = options or KernelOptions()
+  lowering, interpret = kernels.lowering_for(options.platform or current_platform())
   return kernels.flash_attention(
     q_BxTxHxD,
     k_BxSxHkvxD,
@@ -179,6 +189,8 @@ def pallas_attention(
     kv_segment_ids_BxS=kv_segment_ids_BxS,
     block_q=options.block_q,
     block_kv=options.block_kv,
+    lowering=lowering,
+    interpret=interpret,
   )
 
 
@@ -240,7 +252,7 @@ _IMPLS = {
   "splash": splash_attention,
   "cudnn": cudnn_attention,
 }
-# Which implementations each platform (jax.default_backend()) can run.
+# Which implementations each platform can run.
 PLATFORM_IMPLS = {
   "cpu": ("xla", "pallas"),
   "gpu": ("xla", "pallas", "cudnn"),
@@ -249,12 +261,31 @@ PLATFORM_IMPLS = {
 # What `auto` picks: the platform's fused kernel where one exists. The TPU and GPU picks
 # are the vendors' tuned kernels; benchmarks/attention_bench.py compares them with pallas.
 AUTO_IMPL = {"cpu": "xla", "gpu": "cudnn", "tpu": "splash"}
+# What each implementation is, for the run's first line and the AOT report.
+IMPL_NAMES = {
+  "xla": "plain XLA",
+  "pallas": "our Pallas flash attention",
+  "splash": "TPU splash attention",
+  "cudnn": "cuDNN flash attention",
+}
+
+
+def platform_name(platform: str) -> str:
+  """A JAX platform name with CUDA and ROCm both called "gpu"."""
+  return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+def platform_of(devices) -> str:
+  """The one platform of `devices` (a program is compiled for one kind of device)."""
+  platforms = {platform_name(d.platform) for d in devices}
+  if len(platforms) != 1:
+    raise ValueError(f"the devices mix platforms {sorted(platforms)}; give devices of one kind")
+  return platforms.pop()
 
 
 def current_platform() -> str:
-  """jax.default_backend() with CUDA and ROCm both called "gpu"."""
-  platform = jax.default_backend()
-  return "gpu" if platform in ("cuda", "rocm") else platform
+  """The default backend's platform (jax.default_backend(), "gpu" for CUDA and ROCm)."""
+  return platform_name(jax.default_backend())
 
 
 def register(name: str, fn, platforms=("cpu", "gpu", "tpu")) -> None:
@@ -265,29 +296,38 @@ def register(name: str, fn, platforms=("cpu", "gpu", "tpu")) -> None:
       PLATFORM_IMPLS[platform] += (name,)
 
 
-def resolve_impl(
+def choose_impl(
   impl: str,
+  platform: str = "",
   *,
   has_segments: bool = False,
   has_offset: bool = False,
   float32: bool = False,
   windows_known: bool = True,
-) -> str:
-  """The implementation `impl` names on this platform; raises if it cannot run here.
+) -> tuple[str, str]:
+  """(implementation, why) for `impl` on `platform` ("" = the default backend).
 
   `auto` takes the platform's fused kernel unless the call needs what it lacks, then
   pallas: cuDNN (via jax.nn) has no segment ids or float32; both fused kernels need
-  queries starting at 0 and the window's possible values at trace time.
+  queries starting at 0 and the window's possible values at trace time. Raises
+  ValueError for an implementation the platform cannot run.
   """
-  platform = current_platform()
+  platform = platform_name(platform or current_platform())
   available = PLATFORM_IMPLS.get(platform, ("xla",))
   if impl == "auto":
-    impl = AUTO_IMPL.get(platform, "xla")
-    if impl == "cudnn" and (has_segments or float32):
-      impl = "pallas"
-    if impl in ("cudnn", "splash") and (has_offset or not windows_known):
-      impl = "pallas"
-    return impl
+    fused = AUTO_IMPL.get(platform, "xla")
+    lacks = []
+    if fused == "cudnn" and has_segments:
+      lacks.append("segment ids (separate_documents)")
+    if fused == "cudnn" and float32:
+      lacks.append("float32 (cuDNN needs bfloat16)")
+    if fused in ("cudnn", "splash") and has_offset:
+      lacks.append("a query offset")
+    if fused in ("cudnn", "splash") and not windows_known:
+      lacks.append("a traced window without its static set")
+    if lacks:
+      return "pallas", f"{platform}; {fused} cannot take {', '.join(lacks)}"
+    return fused, f"{platform}: {IMPL_NAMES[fused]}"
   if impl not in _IMPLS:
     raise ValueError(
       f"attention_impl={impl!r} is unknown; choose one of {sorted(_IMPLS) + ['auto']}"
@@ -297,7 +337,94 @@ def resolve_impl(
       f"attention_impl={impl!r} cannot run on this platform ({platform}); available here: "
       f"{', '.join(available)} (or 'auto')"
     )
-  return impl
+  return impl, f"{platform}: {IMPL_NAMES.get(impl, impl)}"
+
+
+def resolve_impl(impl: str, platform: str = "", **call) -> str:
+  """The implementation `impl` names on `platform` (see choose_impl)."""
+  return choose_impl(impl, platform, **call)[0]
+
+
+def describe_choice(impl: str, platform: str = "", **call) -> str:
+  """One line for a run's start: `attention: auto -> cudnn (gpu: cuDNN flash attention)`."""
+  chosen, why = choose_impl(impl, platform, **call)
+  return f"attention: {impl}" + (f" -> {chosen}" if chosen != impl else "") + f" ({why})"
+
+
+# Logical axes of attend's operands (the model's activation names; head_dim has no rule).
+_Q_AXES = ("batch", "length", "heads", "head_dim")
+_KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
+def _mesh_axes_size(mesh, axes) -> int:
+  names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+  return math.prod(mesh.shape[name] for name in names)
+
+
+def _local_specs(mesh, q, k):
+  """PartitionSpecs (q, k/v, segment ids) of each device's shard: batch and heads split
+  as the logical rules say where the sizes divide, length and head_dim whole. q's and
+  k's heads split alike or not at all, so each shard keeps whole GQA groups."""
+  q_axes, kv_axes = nn.logical_to_mesh_axes(_Q_AXES), nn.logical_to_mesh_axes(_KV_AXES)
+  batch = q_axes[0] if q.shape[0] % _mesh_axes_size(mesh, q_axes[0]) == 0 else None
+  heads, kv_heads = q_axes[2], kv_axes[2]
+  if q.shape[2] % _mesh_axes_size(mesh, heads) or k.shape[2] % _mesh_axes_size(mesh, kv_heads):
+    heads = kv_heads = None
+  return (
+    PartitionSpec(batch, None, heads, None),
+    PartitionSpec(batch, None, kv_heads, None),
+    PartitionSpec(batch, None),
+  )
+
+
+def _per_shard(fn, q, k, v, *, window_left, q_offset, q_segment_ids_BxT, kv_segment_ids_BxS):
+  """fn(q, k, v, window_left=, q_offset=, segment ids) on each device's shard.
+
+  A Pallas kernel is an opaque custom call: Mosaic refuses to be partitioned, and XLA
+  would gather a Triton call's operands onto every device. So under a mesh (the model
+  traced by parallel.sharding's jit, with its logical rules) the kernel runs in
+  shard_map over the batch and head axes, where attention needs no communication.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or not nn.get_logical_axis_rules():
+    return fn(
+      q,
+      k,
+      v,
+      window_left=window_left,
+      q_offset=q_offset,
+      q_segment_ids_BxT=q_segment_ids_BxT,
+      kv_segment_ids_BxS=kv_segment_ids_BxS,
+    )
+  q_spec, kv_spec, seg_spec = _local_specs(mesh, q, k)
+  static_window = isinstance(window_left, int)
+  has_segments = q_segment_ids_BxT is not None
+  operands = [q, k, v]
+  specs = [q_spec, kv_spec, kv_spec]
+  if not static_window:  # traced (the layer scan's): every shard gets the scalar
+    operands.append(jnp.asarray(window_left, jnp.int32))
+    specs.append(PartitionSpec())
+  if has_segments:
+    operands += [q_segment_ids_BxT, kv_segment_ids_BxS]
+    specs += [seg_spec, seg_spec]
+
+  def local(q, k, v, *rest):
+    rest = list(rest)
+    window = window_left if static_window else rest.pop(0)
+    q_seg, kv_seg = rest if has_segments else (None, None)
+    return fn(
+      q,
+      k,
+      v,
+      window_left=window,
+      q_offset=q_offset,
+      q_segment_ids_BxT=q_seg,
+      kv_segment_ids_BxS=kv_seg,
+    )
+
+  return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=q_spec, check_vma=False)(
+    *operands
+  )
 
 
 def attend(
@@ -320,20 +447,22 @@ def attend(
   ids), and static kernel `options` (ModelConfig.attention_options).
   """
   has_offset = not (isinstance(q_offset, int) and q_offset == 0)
+  options = options or KernelOptions()
   impl = resolve_impl(
     impl,
+    options.platform,
     has_segments=q_segment_ids_BxT is not None,
     has_offset=has_offset,
     float32=q_BxTxHxD.dtype == jnp.float32,
-    windows_known=isinstance(window_left, int) or bool(options and options.windows),
+    windows_known=isinstance(window_left, int) or bool(options.windows),
   )
-  return _IMPLS[impl](
-    q_BxTxHxD,
-    k_BxSxHkvxD,
-    v_BxSxHkvxD,
+  fn = functools.partial(_IMPLS[impl], options=options)
+  call = dict(
     window_left=window_left,
     q_offset=q_offset,
     q_segment_ids_BxT=q_segment_ids_BxT,
     kv_segment_ids_BxS=kv_segment_ids_BxS,
-    options=options,
   )
+  if impl == "xla" or has_offset:  # XLA partitions its own ops; decode steps run unsharded
+    return fn(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, **call)
+  return _per_shard(fn, q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, **call)

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from flt_jax.errors import config_error
-from flt_jax.model.attention import KernelOptions
+from flt_jax.model import attention
 
 VARIANTS = ("FLT", "FLT_res", "LT", "LT_i", "LT_ia")
 LOSS_TYPES = ("END", "STEP", "FEW")
@@ -89,6 +89,10 @@ class ModelConfig:
   # Packed rows: attend only within each document and restart RoPE positions per document.
   # Off by default because the official implementation attends across packed documents.
   separate_documents: bool = False
+  # The platform the model is compiled for ("cpu", "gpu", "tpu"; "" = the default backend
+  # when traced), set by for_devices from the mesh's devices. It picks the kernels, and is
+  # no config field: a checkpoint trained on TPU restores on GPU.
+  platform: str = dataclasses.field(default="", metadata={"config": False})
 
   @classmethod
   def from_config(
@@ -96,7 +100,7 @@ class ModelConfig:
   ) -> ModelConfig:
     """Validates `c` and freezes it; `c.vocab_size=0` takes `tokenizer_vocab_size`."""
     validate(c)
-    values = {f.name: c[f.name] for f in dataclasses.fields(cls)}
+    values = {f.name: c[f.name] for f in config_fields()}
     values["vocab_size"] = resolve_vocab_size(c.vocab_size, tokenizer_vocab_size)
     return cls(**values)
 
@@ -123,12 +127,45 @@ class ModelConfig:
     return tuple(sizes)
 
   @property
-  def attention_options(self) -> KernelOptions:
-    """Static kernel settings for `attention.attend`: tiles and the layers' windows."""
-    return KernelOptions(
+  def attention_options(self) -> attention.KernelOptions:
+    """Static kernel settings for `attention.attend`: tiles, the layers' windows and the
+    target platform."""
+    return attention.KernelOptions(
       block_q=self.attention_block_q,
       block_kv=self.attention_block_kv,
       windows=tuple(sorted(set(self.window_sizes))),
+      platform=self.platform,
+    )
+
+  def for_platform(self, platform: str) -> ModelConfig:
+    """This config compiled for `platform`; ConfigError when its attention_impl cannot
+    run there."""
+    platform = attention.platform_name(platform)
+    try:
+      attention.choose_impl(self.attention_impl, platform)
+    except ValueError as e:
+      raise config_error(
+        "model.attention_impl",
+        self.attention_impl,
+        f"it cannot run on {platform}",
+        f"choose one of {attention.PLATFORM_IMPLS.get(platform, ('xla',))} or 'auto'",
+      ) from e
+    return dataclasses.replace(self, platform=platform)
+
+  def for_devices(self, devices) -> ModelConfig:
+    """This config compiled for the platform of `devices` (a mesh's, concrete or
+    compile-only), so a program built for a GPU or TPU topology on a CPU host picks the
+    kernels that running there would."""
+    return self.for_platform(attention.platform_of(devices))
+
+  def describe_attention(self) -> str:
+    """`attention: auto -> cudnn (gpu: cuDNN flash attention)`: what the model's attention
+    calls run on its platform (training, eval and prefill take the same path)."""
+    return attention.describe_choice(
+      self.attention_impl,
+      self.platform,
+      has_segments=self.separate_documents,
+      float32=self.dtype == "float32",
     )
 
   def loss_loops(self, loops: int) -> tuple[int, ...]:
@@ -167,9 +204,14 @@ class ModelConfig:
     return tuple(i for i in self.loss_loops(loops) if i >= first)
 
 
+def config_fields() -> tuple[dataclasses.Field, ...]:
+  """ModelConfig's fields that are `config.model` keys (all but the target platform)."""
+  return tuple(f for f in dataclasses.fields(ModelConfig) if f.metadata.get("config", True))
+
+
 def get_config() -> ml_collections.ConfigDict:
   """Defaults for `config.model`: ModelConfig's field defaults."""
-  return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(ModelConfig)})
+  return ml_collections.ConfigDict({f.name: f.default for f in config_fields()})
 
 
 def resolve_vocab_size(configured: int, tokenizer_vocab_size: int | None) -> int:
@@ -201,7 +243,7 @@ def _positive_int(v) -> bool:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the offending field, its value and what is allowed."""
-  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  known = {f.name for f in config_fields()}
   unknown = sorted(set(c.keys()) - known)
   if unknown:
     raise config_error("model", unknown, "has unknown keys", f"use only {sorted(known)}")

@@ -87,8 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.cpu_devices = 0
   # Host allocator: keep freed memory for reuse instead of unmapping it (glibc mallopt, set
   # before JAX starts; parallel/host_memory.py). XLA:CPU allocates each step's temporary
-  # buffers afresh, so otherwise every step page-faults them in again (45k faults a step
-  # at the benchmark's K=12 L=2). Resident memory stays at its peak. The cpu preset: True.
+  # buffers afresh, so otherwise every step page-faults them in again. Resident memory
+  # stays at its peak. The cpu preset: True.
   c.cpu_reuse_memory = False
   return c
 

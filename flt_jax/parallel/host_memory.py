@@ -1,12 +1,11 @@
 """Keeps freed host memory in the process for reuse (config.mesh.cpu_reuse_memory).
 
 XLA:CPU allocates each execution's temporary buffer afresh (one block per device and
-step: 93 MB per device for the K=12 L=2 benchmark step) and frees it afterwards. glibc
-serves a block that large with mmap, and always so in the per-thread arenas XLA's
-threads use (their heaps are at most 64 MB), then unmaps it on free; so every step
-touches fresh pages, one minor page fault and a zeroed page per 4 KiB: 45k faults per
-step there, 200k without remat. On this project's 2-core development machine (CI's size)
-touching 180 MB of fresh pages took 82 ms more than touching reused ones (1.8 us a page).
+step) and frees it afterwards. glibc serves a block that large with mmap, and always so
+in the per-thread arenas XLA's threads use (their heaps are at most 64 MB), then unmaps
+it on free; so every step touches fresh pages, one minor page fault and a zeroed page
+per 4 KiB. The sizes and costs measured: WORKSPACE.md, "Measurements behind the
+settings".
 
 `reuse_freed_memory` asks glibc (mallopt) to give every thread the main arena, to take
 large blocks from the heap instead of mmap, and never to return the heap's free top to

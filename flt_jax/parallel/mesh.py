@@ -21,9 +21,12 @@ from flt_jax.parallel.config import DCN_FIELDS, MESH_AXES
 
 
 def _num_granules(devices: Sequence) -> tuple[int, bool]:
-  """(number of slices, or of processes when devices carry no slice index; by_process)."""
+  """(number of DCN granules, by_process): TPU slices, or processes (hosts) for GPUs and
+  for devices without a slice index. GPUs report slice_index 0 on every host (the
+  compile-only ones do), so for them the host is the granule."""
   slices = {getattr(d, "slice_index", None) for d in devices}
-  if None not in slices:
+  is_gpu = devices[0].platform in ("gpu", "cuda", "rocm")
+  if None not in slices and not is_gpu:
     return len(slices), False
   return len({d.process_index for d in devices}), True
 
@@ -108,15 +111,6 @@ def make_mesh(mesh_config, devices: Sequence | None = None) -> Mesh:
       "config.mesh.allow_split_physical_axes=True",
     ) from e
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-def axis_sizes(mesh: Mesh) -> dict[str, int]:
-  return dict(mesh.shape)
-
-
-def batch_shards(mesh: Mesh) -> int:
-  """How many ways the batch is split: data * fsdp (global sizes)."""
-  return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def describe(mesh: Mesh) -> str:

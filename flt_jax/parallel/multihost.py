@@ -1,7 +1,7 @@
-"""Multi-host runs: jax.distributed start-up, process-0 duties, workdir checks.
+"""Multi-host runs: jax.distributed start-up and the workdir check.
 
 Every host runs the same command. `initialize` must come before anything touches a JAX
-backend (`jax.devices()`, array creation). On Cloud TPU VMs of a pod slice and on SLURM
+backend (`jax.devices()`, array creation, an Orbax CheckpointManager). On Cloud TPU VMs of a pod slice and on SLURM
 (one task per node) JAX finds the coordinator, process count and index itself; anywhere
 else set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
 JAX_PROCESS_ID.
@@ -15,7 +15,6 @@ from collections.abc import Mapping
 
 import jax
 from absl import logging
-from jax.experimental import multihost_utils
 
 from flt_jax.errors import ConfigError, config_error
 from flt_jax.parallel import host_memory
@@ -137,11 +136,6 @@ def initialize(
   return True
 
 
-def is_main_process() -> bool:
-  """Process 0 logs, writes metrics and evaluation tables (Orbax saves from every host)."""
-  return jax.process_index() == 0
-
-
 def is_remote_path(path) -> bool:
   """A URL every host can reach (gs://, s3://, ...), as opposed to a local path."""
   return "://" in str(path) and not str(path).startswith("file://")
@@ -158,9 +152,3 @@ def check_workdir(workdir, process_count: int, shared_filesystem: bool = False) 
       "--config.mesh.shared_filesystem=True if the path is on a filesystem every host "
       "mounts (NFS, Lustre)."
     )
-
-
-def sync(name: str) -> None:
-  """A barrier across processes (no-op with one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)

@@ -8,25 +8,33 @@ loop.py      train_and_evaluate: the train loop (sync-step rule, profiler window
              preemption, non-finite stop, saves)
 resume.py    restore_or_init: a fresh state or the latest checkpoint, with its checks
 report.py    console/TensorBoard/metrics.jsonl lines, config.txt, a sweep's files
-sweep.py     restore_params, evaluate_checkpoint (loop-count sweep of a checkpoint)
+sweep.py     restore_checkpoint (read-only), evaluate_checkpoint (loop-count sweep)
 """
 
 from flt_jax.run.loop import NonFiniteError, train_and_evaluate
 from flt_jax.run.program import Program, build_program, resolve_config
 from flt_jax.run.report import HOP_METRIC
 from flt_jax.run.setup import RunSetup, open_checkpointer, setup
-from flt_jax.run.sweep import evaluate_checkpoint, hop_data_config, restore_params
+from flt_jax.run.sweep import (
+  RestoredCheckpoint,
+  evaluate_checkpoint,
+  hop_data_config,
+  restore_checkpoint,
+  restore_params,
+)
 
 __all__ = [
   "HOP_METRIC",
   "NonFiniteError",
   "Program",
+  "RestoredCheckpoint",
   "RunSetup",
   "build_program",
   "evaluate_checkpoint",
   "hop_data_config",
   "open_checkpointer",
   "resolve_config",
+  "restore_checkpoint",
   "restore_params",
   "setup",
   "train_and_evaluate",

@@ -17,21 +17,14 @@ import signal
 
 import jax
 import ml_collections
-import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
 from flt_jax.data import pipeline as data_pipeline
 from flt_jax.eval import evaluate as eval_lib
-from flt_jax.run import report, resume
+from flt_jax.run import fits, report, resume
 from flt_jax.run.setup import RunSetup, open_checkpointer, setup
 from flt_jax.train import step as step_lib
-from flt_jax.train.checkpoint import (
-  Checkpointer,
-  CheckpointSaveError,
-  PreemptionHandler,
-  ensure_writable_dir,
-)
+from flt_jax.train.checkpoint import Checkpointer, PreemptionHandler, ensure_writable_dir
 from flt_jax.workdir_lock import WorkdirLock
 
 
@@ -89,25 +82,6 @@ class ProfilerWindow:
       self._tracing = False
 
 
-def _check_save_all_hosts(checkpointer: Checkpointer) -> None:
-  """Multi-host: every host looks at its last save at the same sync step, and all stop
-  together if any host's failed."""
-  error = None
-  try:
-    checkpointer.check_save()
-  except CheckpointSaveError as e:
-    error = e
-  failed = multihost_utils.process_allgather(np.asarray(error is not None, np.int32))
-  if error is not None:
-    raise error
-  if np.any(failed):
-    hosts = [i for i, f in enumerate(np.asarray(failed).reshape(-1)) if f]
-    raise CheckpointSaveError(
-      f"Saving a checkpoint to {checkpointer.directory} failed on host(s) {hosts} (see "
-      "their output); stopped. The checkpoints already saved are intact."
-    )
-
-
 def _check_counters(counters: dict, skipped_seen: int, step: int, limit: int, checkpointer) -> int:
   """Reports non-finite updates skipped since the last sync; NonFiniteError once `limit`
   came in a row. Returns the skipped total."""
@@ -118,11 +92,16 @@ def _check_counters(counters: dict, skipped_seen: int, step: int, limit: int, ch
       f"report ({int(counters['in_a_row'])} in a row, {skipped} in all)"
     )
   if counters["in_a_row"] >= limit:
+    saved = checkpointer.all_steps()
+    kept = (
+      f"The last good checkpoint (step {saved[-1]}) in {checkpointer.directory} is intact"
+      if saved
+      else f"No checkpoint had been saved yet in {checkpointer.directory}"
+    )
     raise NonFiniteError(
       f"{limit} consecutive non-finite updates at step "
-      f"{int(counters['applied']) + skipped}; stopping. The last good checkpoint in "
-      f"{checkpointer.directory} is intact. Lower optim.matrix_lr/embedding_lr, set "
-      "optim.grad_clip, or try model.dtype=float32."
+      f"{int(counters['applied']) + skipped}; stopping. {kept}. Lower "
+      "optim.matrix_lr/embedding_lr, set optim.grad_clip, or try model.dtype=float32."
     )
   return skipped
 
@@ -130,25 +109,35 @@ def _check_counters(counters: dict, skipped_seen: int, step: int, limit: int, ch
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from workdir's latest checkpoint) and returns final metrics."""
   run_setup = setup(config, workdir, training=True)
+  fits.check_host_batch(run_setup)
+  lock = WorkdirLock(workdir, enabled=jax.process_index() == 0)
+  lock.check()  # a second run is refused before it compiles anything
+  # Compiled now, before the workdir is touched, so a step that cannot fit a device is
+  # refused with XLA's estimate; the loop runs these executables.
+  steps = {d: run_setup.compile_train_step(d) for d in (False, True)}
+  for diagnostics, compiled in steps.items():
+    fits.check_step(run_setup, compiled, f"the train step{' (diagnostics)' if diagnostics else ''}")
   ensure_writable_dir(workdir)  # a clear error for a workdir under a file or read-only
   # One run per workdir (process 0 holds it); a stale lock from a killed run is taken over.
   # Taken before the checkpointer opens: opening it writable cleans up unfinished saves,
   # which would delete a live run's in-flight save if a second run got that far.
-  lock = WorkdirLock(workdir, enabled=jax.process_index() == 0).acquire()
+  lock.acquire()
   try:
     checkpointer = open_checkpointer(run_setup, workdir, read_only=False)
-    return _train(run_setup, checkpointer, workdir)
+    return _train(run_setup, checkpointer, workdir, steps)
   finally:
     lock.release()
 
 
-def _train(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str) -> dict:
+def _train(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, steps: dict) -> dict:
   """Restores or initialises the state, then trains to the horizon. Whatever ends it,
   the checkpointer (an in-flight save completes: nothing saved is lost), the profiler
   and the writers are closed; on an error the original error is what the user sees."""
   closers = [checkpointer.close]
   try:
-    start, step, preempted, reporter = _train_steps(run_setup, checkpointer, workdir, closers)
+    start, step, preempted, reporter = _train_steps(
+      run_setup, checkpointer, workdir, steps, closers
+    )
   except BaseException:
     for close in reversed(closers):
       with contextlib.suppress(Exception):
@@ -170,7 +159,7 @@ def _train(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str) -> dic
   return reporter.summary(step)
 
 
-def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, closers):
+def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, steps, closers):
   """The steps from the restored (or fresh) state to the horizon or a preemption:
   (start, step reached, preempted, reporter)."""
   config, total_steps = run_setup.config, run_setup.total_steps
@@ -183,8 +172,7 @@ def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, 
   counters = fetch({"applied": state.step, "skipped": state.nonfinite_total})
   start, skipped_seen = int(counters["applied"] + counters["skipped"]), int(counters["skipped"])
 
-  train_step = run_setup.train_step(diagnostics=False)
-  train_step_diag = run_setup.train_step(diagnostics=True)
+  train_step, train_step_diag = steps[False], steps[True]
   step_keys = step_lib.batch_keys(run_setup.model_cfg)
   eval_fn = run_setup.make_eval_fn()
   reporter = report.Reporter(run_setup, workdir, start)
@@ -195,7 +183,8 @@ def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, 
   single_host = jax.process_count() == 1
 
   # Ctrl-C is treated like preemption: save the step reached, then exit.
-  with PreemptionHandler(signals=(signal.SIGTERM, signal.SIGINT)) as preemption:
+  signals = (signal.SIGTERM, signal.SIGINT)
+  with PreemptionHandler(checkpointer.reached_preemption, signals) as preemption:
     step = start
     while step < total_steps:
       profiler.before_step(step, state)
@@ -223,7 +212,7 @@ def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, 
         )
       )
       if not single_host:  # every host stops at the same sync step
-        _check_save_all_hosts(checkpointer)
+        checkpointer.check_save_all_hosts()
       skipped_seen = _check_counters(
         counters, skipped_seen, step, config.train.max_consecutive_nonfinite, checkpointer
       )
@@ -241,7 +230,8 @@ def _train_steps(run_setup: RunSetup, checkpointer: Checkpointer, workdir: str, 
           ),
         )
       if save_now or preempted:
-        # Orbax decides interval saves; the last step and a preemption are forced.
+        # Orbax's policy decides interval saves (and the multi-host preemption step); the
+        # last step and a preemption are forced.
         checkpointer.save(
           step,
           state,

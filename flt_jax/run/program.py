@@ -139,6 +139,12 @@ class Program:
       )
     return self._steps[key]
 
+  def compile_train_step(self, diagnostics: bool = False):
+    """`train_step(diagnostics)` lowered on `abstract_train_args` and compiled: the
+    executable the train loop calls (and whose memory analysis `run/fits.py` checks
+    before a run starts)."""
+    return self.train_step(diagnostics).lower(*self.abstract_train_args()).compile()
+
   def eval_step(self, loops: int):
     """The jitted `eval_step` at `loops` loops: (params, global batch, token bytes) ->
     sums, sharded like the train step."""
@@ -172,6 +178,8 @@ def build_program(config: ml_collections.ConfigDict, vocab_size: int | None, dev
   config = resolve_config(config, check_data=False)  # run.setup checked it with the data
   model_cfg = model_config_lib.ModelConfig.from_config(config.model, vocab_size)
   config.model.vocab_size = model_cfg.vocab_size
+  # The devices the program is compiled for pick the attention kernels, whatever the host.
+  model_cfg = model_cfg.for_devices(jax.devices() if devices is None else devices)
   num_micro = train_config_lib.grad_accum_steps(config)
   global_batch = config.train.micro_batch_size * num_micro
   model = LoopedTransformer(model_cfg)

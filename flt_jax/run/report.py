@@ -5,6 +5,7 @@ every file is written whole (`flt_jax.files`)."""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import jax
@@ -20,6 +21,8 @@ from flt_jax.train import optimizer as optim_lib
 
 # The multihop sweep's per-hop accuracy: this prefix + the hop count.
 HOP_METRIC = "answer_accuracy_hops"
+# How far above ln(vocab) (a uniform guess) a train loss must be to call a run diverged.
+DIVERGENCE_MARGIN_NATS = 1.0
 
 
 def say(msg: str) -> None:
@@ -53,6 +56,11 @@ class Reporter:
     self._t_last, self._step_last = time.time(), start
     self.first_loss = self.last_loss = None
     self.eval_metrics: dict = {}
+    # A loss above a uniform guess over the vocabulary (plus a margin) means the run has
+    # diverged: warned once, and named in the summary.
+    self._diverged_above = math.log(self._model_cfg.vocab_size) + DIVERGENCE_MARGIN_NATS
+    self.diverged_step: int | None = None
+    self.skipped_total = 0
     cfg, n = self._model_cfg, run_setup.n_params
     say(
       f"{config.experiment or cfg.variant}: {cfg.variant} {loop_count.describe(cfg)} L={cfg.n_layer} "
@@ -76,6 +84,16 @@ class Reporter:
     mfu = metrics_lib.compute_mfu(tok_s, flops_per_token, self._devices, self._peak)
     self.last_loss = float(metrics["loss"])
     self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
+    self.skipped_total = skipped_total
+    if self.diverged_step is None and not self.last_loss <= self._diverged_above:
+      self.diverged_step = step
+      say(
+        f"warning: step {step}: loss {self.last_loss:.4g} is above a uniform guess over the "
+        f"vocabulary (ln {self._model_cfg.vocab_size} = "
+        f"{self._diverged_above - DIVERGENCE_MARGIN_NATS:.2f}) by more than "
+        f"{DIVERGENCE_MARGIN_NATS:g} nat: the run has diverged. Lower optim.matrix_lr / "
+        "embedding_lr, set optim.grad_clip, or restart from an earlier checkpoint"
+      )
     scalars = {
       **metrics_lib.step_scalars(metrics),
       **drawn,
@@ -98,13 +116,32 @@ class Reporter:
 
   def summary(self, step: int) -> dict:
     evals = {f"eval_{k}": v for k, v in self.eval_metrics.items()}
+    extra = {k: v for k, v in evals.items() if k != "eval_tokens"}
+    steps = step - self._start
+    if self.skipped_total:
+      extra["skipped (non-finite)"] = f"{self.skipped_total} of {step} updates"
+    if self.diverged_step is not None:
+      extra["DIVERGED"] = f"since step {self.diverged_step}"
     self._console.summary(
       step,
       self.last_loss if self.last_loss is not None else float("nan"),
-      (step - self._start) * self._tokens_per_step,
-      extra={k: v for k, v in evals.items() if k != "eval_tokens"},
+      steps * self._tokens_per_step,
+      extra=extra,
     )
-    return {"step": step, "first_loss": self.first_loss, "final_loss": self.last_loss, **evals}
+    if steps and self.skipped_total > step // 2:
+      say(
+        f"warning: {self.skipped_total} of {step} updates were skipped as non-finite: the "
+        "model barely trained. Lower the learning rates, set optim.grad_clip, or try "
+        "model.dtype=float32"
+      )
+    return {
+      "step": step,
+      "first_loss": self.first_loss,
+      "final_loss": self.last_loss,
+      "diverged_step": self.diverged_step,
+      "skipped_updates": self.skipped_total,
+      **evals,
+    }
 
   def close(self) -> None:
     self._writer.close()

@@ -23,7 +23,7 @@ def restore_or_init(
   latest = checkpointer.latest_step()
   if latest is None:
     return run_setup.init_state()
-  saved = checkpointer.restore_config(latest)
+  saved = checkpointer.saved_config(latest)  # read once: the guard read it at open
   warn_if_schedule_changed(run_setup, saved, latest)
   data_item, verify = {}, {}
   if run_setup.config.checkpoint.restore_data:

@@ -54,13 +54,15 @@ class RunSetup(Program):
     return eval_fn
 
   def describe_devices(self) -> str:
-    """The startup line: devices, processes, mesh, per-device batch, parameters."""
+    """The startup line: devices, processes, mesh, per-device batch, parameters, and the
+    attention kernel chosen for the devices' platform."""
     shards = sharding_lib.batch_shards(self.mesh, self.rules)
     micro = self.config.train.micro_batch_size
     return (
       f"devices: {mesh_lib.describe(self.mesh)} in {jax.process_count()} process(es) | "
       f"per-device batch {micro // shards} sequence(s) x {self.num_micro} micro-batch(es) "
-      f"of {self.model_cfg.seq_len} tokens | {self.n_params['total']:,} params"
+      f"of {self.model_cfg.seq_len} tokens | {self.n_params['total']:,} params | "
+      f"{self.model_cfg.describe_attention()}"
     )
 
   def eval_batches(self, data_config=None) -> data_pipeline.Pipeline:

@@ -1,12 +1,14 @@
 """A checkpoint evaluated: its params restored onto this machine's devices
-(`restore_params`, read-only, safe beside a live run), then swept over loop counts K'
-(`evaluate_checkpoint`: test-time compute)."""
+(`restore_checkpoint`, read-only, safe beside a live run), then swept over loop counts
+K' (`evaluate_checkpoint`: test-time compute)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
+from typing import Any
 
 import jax
 import ml_collections
@@ -18,36 +20,70 @@ from flt_jax.errors import config_error
 from flt_jax.eval import evaluate as eval_lib
 from flt_jax.eval import sweep_report
 from flt_jax.parallel import config as parallel_config
+from flt_jax.parallel import multihost
 from flt_jax.run import report
-from flt_jax.run.setup import RunSetup, open_checkpointer, setup
-from flt_jax.train.checkpoint import read_saved_config
+from flt_jax.run.program import resolve_config
+from flt_jax.run.setup import RunSetup, setup
+from flt_jax.train.checkpoint import Checkpointer
+
+_MACHINE_FIELDS = (
+  parallel_config.MESH_AXES + parallel_config.DCN_FIELDS + ("cpu_devices", "cpu_reuse_memory")
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredCheckpoint:
+  """A checkpoint's params on this machine's mesh, with the config saved with them."""
+
+  run_setup: RunSetup
+  params: Any
+  step: int
+  saved_config: dict  # as saved with the step, before defaults or --config
+
+  @property
+  def trained_loops(self) -> int:
+    """The loop count K it was trained at (the saved config's)."""
+    saved = int((self.saved_config.get("model") or {}).get("loops", 0) or 0)
+    return saved or self.run_setup.model_cfg.loops
+
+
+def restore_checkpoint(
+  workdir: str, config: ml_collections.ConfigDict | None = None, step: int | None = None
+) -> RestoredCheckpoint:
+  """The params of a checkpoint of `workdir` (default: its latest), sharded over this
+  run's mesh. With `config` None the config saved in that checkpoint is used, so a
+  workdir alone is enough. Read-only: nothing in the workdir is created or changed, and
+  the saved config and record are read once."""
+  if config is None:
+    mesh_config = parallel_config.get_config()
+  else:
+    config = resolve_config(config)
+    mesh_config = config.mesh
+  # Orbax starts JAX's backends: a host joins its cluster first.
+  multihost.initialize(mesh_config)
+  with Checkpointer(workdir, read_only=True) as checkpointer:
+    step = checkpointer.step_to_read(step)
+    saved = checkpointer.saved_config(step, required=True)
+    if config is None:
+      config = flt_config.with_defaults(saved)
+      # The mesh describes the machine it ran on, not the model: lay the saved run's
+      # state over this machine's devices (all on fsdp, JAX's CPU device count), whatever
+      # mesh wrote it.
+      for field in _MACHINE_FIELDS:
+        config.mesh[field] = mesh_config[field]
+    run_setup = setup(config, workdir, training=False)
+    checkpointer.check_run(step, run_setup.config, run_setup.tokenizer.identity())
+    checkpointer.check_param_shapes(step, run_setup.abstract_state.params)
+    params = checkpointer.restore(step, run_setup.restore_target)["state"].params
+  return RestoredCheckpoint(run_setup, params, step, saved)
 
 
 def restore_params(
   workdir: str, config: ml_collections.ConfigDict | None = None, step: int | None = None
 ) -> tuple[RunSetup, dict, int]:
-  """(run setup, params, step) from a checkpoint of `workdir` (default: its latest),
-  sharded over this run's mesh. With `config` None the config saved in that checkpoint
-  is used, so a workdir alone is enough. Nothing in the workdir is created or changed."""
-  saved, step = read_saved_config(workdir, step)
-  if config is None:
-    config = flt_config.with_defaults(saved)
-    # The mesh describes the machine it ran on, not the model: lay the saved run's state
-    # over this machine's devices (all on fsdp, JAX's CPU device count), whatever mesh
-    # wrote it.
-    defaults = parallel_config.get_config()
-    for field in (
-      parallel_config.MESH_AXES + parallel_config.DCN_FIELDS + ("cpu_devices", "cpu_reuse_memory")
-    ):
-      config.mesh[field] = defaults[field]
-  run_setup = setup(config, workdir, training=False)
-  checkpointer = open_checkpointer(run_setup, workdir, read_only=True)
-  try:
-    checkpointer.check_param_shapes(step, run_setup.abstract_state.params)
-    params = checkpointer.restore(step, run_setup.restore_target)["state"].params
-  finally:
-    checkpointer.close()
-  return run_setup, params, step
+  """(run setup, params, step) of `restore_checkpoint`."""
+  restored = restore_checkpoint(workdir, config, step)
+  return restored.run_setup, restored.params, restored.step
 
 
 def _h_change_batch(run_setup: RunSetup):
@@ -119,14 +155,13 @@ def evaluate_checkpoint(
   bad = [k for k in loops_list or [] if k < 1]
   if bad:
     raise config_error("--eval_loops", bad, "every loop count must be >= 1", "e.g. 1,2,4,12")
-  saved, step = read_saved_config(workdir, step)
-  trained_loops = int(saved.get("model", {}).get("loops", 0)) or None
-  run_setup, params, step = restore_params(workdir, config, step)
-  suffix, data_record = _eval_data(run_setup, saved)
+  restored = restore_checkpoint(workdir, config, step)
+  run_setup, params, step = restored.run_setup, restored.params, restored.step
+  trained_loops = restored.trained_loops
+  suffix, data_record = _eval_data(run_setup, restored.saved_config)
   table_path = epath.Path(workdir) / f"eval_step{step}{suffix}.json"
   earlier = report.read_sweep_table(table_path)  # a damaged table stops us before the work
   model_cfg = run_setup.model_cfg
-  trained_loops = trained_loops or model_cfg.loops
   loops_list = sorted(set(loops_list or [trained_loops]))
   eval_fn = run_setup.make_eval_fn()
   results = eval_lib.loop_sweep(

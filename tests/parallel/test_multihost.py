@@ -67,6 +67,9 @@ def test_two_hosts_train_resume_and_evaluate_on_one(tmp_path):
   assert steps_logged == [1, 2, 3, 4]
   data_states = sorted(p.name for p in (tmp_path / "full/checkpoints/4/data").glob("*.json"))
   assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]
+  # Each host's data position is checksummed in the record (process 0 writes it).
+  metadata = json.loads((tmp_path / "full/checkpoints/4/_CHECKPOINT_METADATA").read_text())
+  assert len(metadata["custom_metadata"]["flt_record"]["item_checksums"]["data"]) == 2
 
   _two_hosts(tmp_path / "resumed", 2)
   _two_hosts(tmp_path / "resumed", 4)

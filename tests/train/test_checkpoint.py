@@ -1,6 +1,8 @@
-"""Checkpointer (Orbax manager), config guard and preemption handler."""
+"""Checkpointer (Orbax manager), its record (new and legacy forms), config guard and
+preemption handler."""
 
 import os
+import shutil
 import signal
 
 import jax
@@ -88,8 +90,8 @@ def test_round_trip_keep_n_and_resume(tmp_path):
   abstract = _abstract(_state(0))
   _assert_same(ck2.restore(7, abstract)["state"], saved[7])
   _assert_same(ck2.restore(6, abstract)["state"], saved[6])
-  assert ck2.restore_config(6)["model"]["loops"] == 2
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 2 .*\[6, 7\]"):
+  assert ck2.saved_config(6)["model"]["loops"] == 2
+  with pytest.raises(ValueError, match=r"step 2 .*\[6, 7\]"):
     ck2.restore(2, abstract)
   ck2.close()
 
@@ -168,11 +170,10 @@ def test_preemption_handler_sets_flag_and_restores():
   previous = lambda signum, frame: calls.append(signum)
   old = signal.signal(signal.SIGTERM, previous)
   try:
-    with ckpt_lib.PreemptionHandler() as handler:
-      assert not handler.should_stop()
+    with ckpt_lib.PreemptionHandler(reached_preemption=lambda step: False) as handler:
+      assert not handler.should_stop(1)
       os.kill(os.getpid(), signal.SIGTERM)
-      assert handler.should_stop()
-      assert handler.should_stop(step=5)
+      assert handler.should_stop(2)
       assert calls == []  # our handler replaced the previous one
     assert signal.getsignal(signal.SIGTERM) is previous
     os.kill(os.getpid(), signal.SIGTERM)
@@ -341,3 +342,175 @@ def test_save_is_refused_before_writing_when_the_disk_is_too_small(tmp_path, mon
   with pytest.raises(ckpt_lib.CheckpointSaveError, match="^Not starting: a checkpoint of this"):
     ck.check_space(jax.eval_shape(lambda: _state(2)))  # at the start of a run
   ck.close()
+
+
+def _data_state(position=123):
+  return {"position": position, "window": [1, 2, 3]}
+
+
+def _save_with_a_record_item(workdir, step, state, tokenizer, data):
+  """A checkpoint as versions before the record moved into Orbax's step metadata wrote
+  it: a JSON `record` item whose item checksums hold the sha256 itself."""
+  from flt_jax.train.checkpoint import guard, integrity
+
+  record = {
+    "tokenizer": tokenizer,
+    "checksum_format": integrity.FORMAT,
+    "checksums": integrity.checksums(state),
+    "item_checksums": {"data": integrity.json_checksum(data)},
+  }
+  manager = ocp.CheckpointManager(workdir / "checkpoints")
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      config=ocp.args.JsonSave(guard.config_json(_config())),
+      record=ocp.args.JsonSave(record),
+      data=ocp.args.JsonSave(data),
+    ),
+    force=True,
+  )
+  manager.close()
+
+
+def _restore_with_data(ck, step, state, data):
+  """Restores `step`; the data item is verified as the loop verifies the iterator's
+  position: `data` stands for the content as restored."""
+  return ck.restore(
+    step,
+    _abstract(state),
+    extra_restore_args={"data": ocp.args.JsonRestore()},
+    verify_extra={"data": lambda: data},
+  )
+
+
+def test_the_record_lives_in_orbax_step_metadata(tmp_path):
+  ck = ckpt_lib.Checkpointer(
+    tmp_path, config=_config(), every_steps=10, keep=0, async_save=True, tokenizer=_identity()
+  )
+  ck.save(
+    1,
+    _state(1),
+    extra_save_args={"data": ocp.args.JsonSave(_data_state())},
+    force=True,
+    extra_states={"data": _data_state()},
+  )
+  ck.close()
+  step_dir = tmp_path / "checkpoints" / "1"
+  assert sorted(p.name for p in step_dir.iterdir() if p.is_dir()) == ["config", "data", "state"]
+  from flt_jax.train.checkpoint import integrity
+
+  record = ocp.metadata.get_step_metadata(step_dir).custom_metadata["flt_record"]
+  assert record["tokenizer"] == _identity()
+  assert record["checksums"] == integrity.checksums(_state(1))
+  assert record["item_checksums"] == {"data": [integrity.json_checksum(_data_state())]}
+  again = ckpt_lib.Checkpointer(tmp_path, config=_config(), tokenizer=_identity(), read_only=True)
+  out = _restore_with_data(again, 1, _state(1), _data_state())
+  _assert_same(out["state"], _state(1))
+  with pytest.raises(ckpt_lib.CorruptCheckpointError, match="'data' item"):
+    _restore_with_data(again, 1, _state(1), _data_state(124))
+  again.close()
+
+
+def test_a_checkpoint_with_a_record_item_restores_and_is_verified(tmp_path, caplog):
+  state = {**_state(1), "w": jax.random.normal(jax.random.PRNGKey(1), (64, 64))}
+  for step in (1, 2):
+    _save_with_a_record_item(tmp_path, step, state, _identity(), _data_state())
+  # Its tokenizer is checked, from the record item.
+  with pytest.raises(ValueError, match="was trained with another tokenizer"):
+    ckpt_lib.Checkpointer(tmp_path, config=_config(), tokenizer=_identity("b" * 64))
+  ck = ckpt_lib.Checkpointer(tmp_path, config=_config(), tokenizer=_identity())
+  _assert_same(_restore_with_data(ck, 2, state, _data_state())["state"], state)
+  assert "not verified" not in caplog.text
+  with pytest.raises(ckpt_lib.CorruptCheckpointError, match="'data' item"):
+    _restore_with_data(ck, 2, state, _data_state(124))
+  _flip_a_byte(tmp_path / "checkpoints" / "2")
+  with pytest.raises(ckpt_lib.CorruptCheckpointError, match="arrays .* do not match"):
+    ck.restore(2, _abstract(state))
+  # A run resuming there saves its next steps the new way, beside the old ones.
+  ck.save(3, state, force=True)
+  ck.close()
+  assert not (tmp_path / "checkpoints" / "3" / "record").exists()
+  # A record item that was saved and is gone is refused, not skipped.
+  shutil.rmtree(tmp_path / "checkpoints" / "1" / "record")
+  reader = ckpt_lib.Checkpointer(tmp_path, read_only=True)
+  with pytest.raises(ckpt_lib.CorruptCheckpointError, match=r"'record' item .* is missing"):
+    reader.restore(1, _abstract(state))
+  _assert_same(reader.restore(3, _abstract(state))["state"], state)
+  reader.close()
+
+
+def test_a_missing_step_metadata_file_is_refused(tmp_path):
+  ck = _checkpointer(tmp_path, async_save=False)
+  ck.save(1, _state(1), force=True)
+  ck.save(2, _state(2), force=True)
+  ck.close()
+  (tmp_path / "checkpoints" / "2" / "_CHECKPOINT_METADATA").unlink()
+  reader = ckpt_lib.Checkpointer(tmp_path, read_only=True)
+  with pytest.raises(ckpt_lib.CorruptCheckpointError) as e:
+    reader.restore(2, _abstract(_state(2)))
+  msg = str(e.value)
+  assert "_CHECKPOINT_METADATA" in msg and "resume from step 1" in msg and "\n" not in msg
+  _assert_same(reader.restore(1, _abstract(_state(1)))["state"], _state(1))
+  reader.close()
+
+
+def test_the_saved_config_and_record_are_read_once(tmp_path, orbax_reads):
+  ck = _checkpointer(tmp_path, async_save=False)
+  ck.save(1, _state(1), force=True)
+  ck.close()
+  orbax_reads.clear()
+  resumed = ckpt_lib.Checkpointer(tmp_path, config=_config(), tokenizer=_identity())
+  assert sorted(orbax_reads) == ["config", "metadata"]  # the guard's reads
+  assert resumed.saved_config(1)["model"]["d_model"] == 16
+  resumed.restore(1, _abstract(_state(1)))
+  assert sorted(orbax_reads) == ["config", "metadata", "state"]
+  resumed.close()
+
+
+def test_a_multi_host_preemption_stops_every_host_at_the_sync_step(tmp_path, monkeypatch):
+  from jax.experimental import multihost_utils
+
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step == 5)
+  ck = _checkpointer(tmp_path)  # every_steps=1000
+  assert not ck.should_save(4) and ck.should_save(5)  # Orbax's policy saves the sync step
+  assert ck.reached_preemption(5)
+  before = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with ckpt_lib.PreemptionHandler(ck.reached_preemption) as handler:
+    assert signal.getsignal(signal.SIGTERM) is before  # JAX's notifier keeps SIGTERM
+    assert [handler.should_stop(step) for step in (4, 5)] == [False, True]
+  monkeypatch.undo()
+  ck.close()
+
+
+def test_a_failed_save_on_another_host_stops_this_one(tmp_path, monkeypatch):
+  from jax.experimental import multihost_utils
+
+  ck = _checkpointer(tmp_path)
+  ck.check_save_all_hosts()  # one host, nothing pending
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda flag: np.array([flag, 1]))
+  with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
+    ck.check_save_all_hosts()
+  monkeypatch.undo()
+  assert str(e.value) == (
+    f"Saving a checkpoint to {tmp_path / 'checkpoints'} failed on host(s) [1] (see their "
+    "output); stopped. The checkpoints already saved are intact."
+  )
+  ck.close()
+
+
+def test_each_host_checks_its_own_data_position(monkeypatch):
+  from flt_jax.train.checkpoint import record
+
+  new = {"item_checksums": {"data": ["aa", "bb"]}}
+  legacy = {"item_checksums": {"data": "aa"}}  # process 0's alone
+  for index, want_new, want_legacy in ((0, "aa", "aa"), (1, "bb", None)):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    assert record.item_checksum(new, "data") == want_new
+    assert record.item_checksum(legacy, "data") == want_legacy
+    assert record.item_checksum(new, "other") is None
+  monkeypatch.setattr(jax, "process_count", lambda: 3)  # another host count: not checked
+  assert record.item_checksum(new, "data") is None

@@ -1,27 +1,28 @@
-"""Checkpointing, one module per job.
+"""Checkpointing on Orbax, one module per job.
 
 * `manager`: `Checkpointer`, the Orbax CheckpointManager over `<workdir>/checkpoints`
-  (async saves, keep-N, the save interval, clear errors for unwritable or corrupt
-  directories);
+  (async saves, keep-N, the save interval and preemption policy) with what Orbax lacks:
+  verified restores, the free-space check, read-only mode for readers;
+* `record`: what each checkpoint records to be verified against (tokenizer, checksums),
+  kept in Orbax's per-step custom metadata;
+* `integrity`: checksums of the state's arrays and of JSON items;
 * `guard`: refuses a workdir whose checkpoints were written by a model of another shape
   or with another tokenizer;
-* `integrity`: checksums of the state's arrays, written at save, verified on restore;
-* `preemption`: turns SIGTERM into a flag the train loop polls, so it saves and exits.
+* `preemption`: when the train loop saves and stops (SIGTERM on one host, JAX's
+  preemption sync point on several);
+* `messages`: the errors and every message they carry.
 
 Layout: `<workdir>/checkpoints/<step>/` holds the items `state` (the train state),
-`config` (the run's config as JSON, read by the guard), `record` (JSON: the tokenizer's
-identity and the state's checksums) and any extra items the caller adds (the data
-iterator's state).
+`config` (the run's config as JSON, read by the guard) and any extra items the caller
+adds (the data iterator's state), and Orbax's `_CHECKPOINT_METADATA` with the record.
 """
 
 from flt_jax.train.checkpoint.guard import check_compatible, check_tokenizer
-from flt_jax.train.checkpoint.manager import (
-  Checkpointer,
+from flt_jax.train.checkpoint.manager import Checkpointer, ensure_writable_dir
+from flt_jax.train.checkpoint.messages import (
   CheckpointError,
   CheckpointSaveError,
   CorruptCheckpointError,
-  ensure_writable_dir,
-  read_saved_config,
 )
 from flt_jax.train.checkpoint.preemption import PreemptionHandler
 
@@ -34,5 +35,4 @@ __all__ = [
   "check_compatible",
   "check_tokenizer",
   "ensure_writable_dir",
-  "read_saved_config",
 ]

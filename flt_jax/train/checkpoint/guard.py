@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from flt_jax.train.checkpoint import messages
+
 # Model fields whose change makes a checkpoint unusable. `loops` and `loss_type` are
 # absent on purpose: a checkpoint may be evaluated or fine-tuned at another loop count.
 MODEL_SHAPE_FIELDS = (
@@ -55,19 +57,7 @@ def check_compatible(saved_config: Mapping, config: Mapping) -> None:
     if a != b:
       diffs.append(f"model.{field}: saved {show(a)}, now {show(b)}")
   if diffs:
-    raise ValueError(
-      "The checkpoints in this workdir were written by a model with a different shape ("
-      + "; ".join(diffs)
-      + "). Use a new --workdir for the new model, or restore the saved values "
-      "(e.g. --config.model.<field>=<saved value>)."
-    )
-
-
-def _describe(identity: Mapping) -> str:
-  return (
-    f"{identity.get('name')} tokenizer, vocab {identity.get('vocab_size')}, separator id "
-    f"{identity.get('eos_id')}, sha256 {str(identity.get('sha256'))[:12]}"
-  )
+    raise ValueError(messages.other_model_shape(diffs))
 
 
 def check_tokenizer(saved: Mapping | None, current: Mapping, where) -> None:
@@ -75,18 +65,7 @@ def check_tokenizer(saved: Mapping | None, current: Mapping, where) -> None:
   this run's (`Tokenizer.identity()`): the same ids would stand for other text. A
   checkpoint without a record (older versions) is accepted with a warning."""
   if not saved:
-    logging.warning(
-      "%s records no tokenizer (saved by an older version); not checked that this run's "
-      "tokenizer (%s) is the one it was trained with.",
-      where,
-      _describe(current),
-    )
+    logging.warning(messages.no_tokenizer_recorded(where, current))
     return
   if saved.get("sha256") != current.get("sha256"):
-    raise ValueError(
-      f"The checkpoint {where} was trained with another tokenizer (saved: "
-      f"{_describe(saved)}; now: {_describe(current)}), so its token ids would stand for "
-      "other text. Use the tokenizer it was trained with (the same data.tokenizer, "
-      "data.tokenizer_path, and for a trained BPE the same training text: data.path, "
-      "data.bpe_train_bytes, data.bpe_vocab_size), or a new --workdir."
-    )
+    raise ValueError(messages.other_tokenizer(where, saved, current))
