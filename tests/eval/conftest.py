@@ -4,22 +4,20 @@ log-likelihood to check the eval scorers against."""
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flt_jax.data.tokenizers import BytesTokenizer
-from flt_jax.model.config import ModelConfig, get_config
 from flt_jax.model.looped import LoopedTransformer
+from tests.helpers.models import model_config, random_params
 
 
 @functools.cache
 def _forward(model, loops):
-  """Compiled (params, tokens_1xT) -> logits; cheap backend optimisation compiles faster."""
-  compile_fast = {"xla_backend_optimization_level": 0}
-  return jax.jit(lambda p, t: model.apply({"params": p}, t, loops), compiler_options=compile_fast)
+  """Compiled (params, tokens_1xT) -> logits."""
+  return jax.jit(lambda p, t: model.apply({"params": p}, t, loops))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +47,15 @@ class TinyLM:
 @pytest.fixture(scope="session")
 def tiny_lm():
   tokenizer = BytesTokenizer()
-  c = get_config()
-  c.update(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=tokenizer.vocab_size)
-  c.update(seq_len=32, loops=2, window_pattern="L", kv_lora_rank=0)
-  model = LoopedTransformer(ModelConfig.from_config(c))
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros([1, 8], jnp.int32))
-  rng = np.random.default_rng(0)
-  # Every matrix random (the init's zero c_proj would make each block the identity).
-  params = jax.tree.map(
-    lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32),
-    nn.meta.unbox(shapes["params"]),
+  cfg = model_config(
+    n_layer=2,
+    d_model=32,
+    n_head=2,
+    n_kv_head=2,
+    vocab_size=tokenizer.vocab_size,
+    seq_len=32,
+    loops=2,
+    window_pattern="L",
+    kv_lora_rank=0,
   )
-  return TinyLM(model, params, tokenizer)
+  return TinyLM(LoopedTransformer(cfg), random_params(cfg), tokenizer)

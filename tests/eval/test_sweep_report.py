@@ -5,7 +5,6 @@ a direct numpy computation from separately run loop counts."""
 import io
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +12,8 @@ import pytest
 from matplotlib import image as mpl_image
 
 from flt_jax.eval import sweep_report
-from flt_jax.model.config import ModelConfig, get_config
 from flt_jax.model.looped import LoopedTransformer
+from tests.helpers.models import model_config, random_params
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -88,10 +87,10 @@ def test_hop_table_and_heatmap(tmp_path):
 
 
 def _model(variant, loops=4):
-  c = get_config()
-  c.update(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=64, seq_len=16)
-  c.update(loops=loops, variant=variant, window_pattern="L", kv_lora_rank=0)
-  return LoopedTransformer(ModelConfig.from_config(c))
+  shape = dict(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=64, seq_len=16)
+  return LoopedTransformer(
+    model_config(**shape, loops=loops, variant=variant, window_pattern="L", kv_lora_rank=0)
+  )
 
 
 def _tokens(batch=2, length=8, seed=0):
@@ -99,12 +98,7 @@ def _tokens(batch=2, length=8, seed=0):
 
 
 def _random_params(model, seed=0):
-  shapes = jax.eval_shape(model.init, jax.random.key(0), _tokens())
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-    lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32),
-    nn.meta.unbox(shapes["params"]),
-  )
+  return random_params(model.cfg, seed)
 
 
 def test_h_change_is_zero_at_a_fixed_point():
@@ -131,8 +125,7 @@ def test_h_change_matches_numpy_from_separate_loop_counts():
 
   def last_h(loops):
     apply = jax.jit(
-      lambda p, t: model.apply({"params": p}, t, loops, method=model.hidden_states)[0],
-      compiler_options={"xla_backend_optimization_level": 0},
+      lambda p, t: model.apply({"params": p}, t, loops, method=model.hidden_states)[0]
     )
     return np.asarray(apply(params, tokens), np.float64)
 
