@@ -44,3 +44,15 @@ jax.devices()
 def pytest_unconfigure(config):
   if _OWN_CACHE:
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+# The longest single tests (over a minute on 2 cores) start first: pytest-xdist hands out
+# tests in collection order, and one of these started last would leave the other workers
+# idle at the end.
+_LONGEST = ("tests/parallel/test_devices8.py", "tests/parallel/test_aot.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(
+    key=lambda item: not item.nodeid.startswith(_LONGEST)
+  )  # stable: the rest keep their order
