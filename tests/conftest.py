@@ -25,6 +25,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu takes a machine-wide lock file; tests compile in several processes at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
+if os.environ.get("FLT_DEVICES8") == "1":  # tests/parallel/devices8: eight CPU devices
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _OWN_CACHE = tempfile.mkdtemp(prefix="flt_jax_tests_xla_cache_")
@@ -36,7 +38,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Start JAX's backends now, with the devices the environment gives (one CPU device, or
-# the devices8 child's eight): a run's config.mesh.cpu_devices (the cpu preset's 2) then
+# the devices8 run's eight): a run's config.mesh.cpu_devices (the cpu preset's 2) then
 # cannot change the device count for the tests that follow in this process.
 jax.devices()
 

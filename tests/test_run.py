@@ -179,9 +179,8 @@ def test_divergence_counts_as_non_finite_and_stops(tmp_path):
 
 
 def test_profile_steps_write_a_trace(tmp_path):
-  c = tiny_run_config()
-  # The window closes at the top of step 3's successor: 4 steps suffice; no eval needed.
-  c.train.update(dict(profile_steps="1,3", steps=4, eval_every=0))
+  c = tiny_run_config()  # the uninterrupted run's programs: compiled once (conftest's cache)
+  c.train.profile_steps = "1,3"
   run.train_and_evaluate(c, str(tmp_path / "profiled"))
   assert list((tmp_path / "profiled" / "profile").rglob("*.xplane.pb"))
 

@@ -19,13 +19,8 @@ from tests.parallel import common
 
 
 def test_eight_devices_then_restore_on_one(tmp_path):
-  env = dict(
-    os.environ,
-    FLT_DEVICES8="1",
-    FLT_DEVICES8_OUT=str(tmp_path),
-    # conftest's fast-compile flags (already in XLA_FLAGS) and eight devices.
-    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-  )
+  # FLT_DEVICES8=1: tests/conftest.py gives the child eight CPU devices.
+  env = dict(os.environ, FLT_DEVICES8="1", FLT_DEVICES8_OUT=str(tmp_path))
   result = subprocess.run(
     [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/parallel/devices8"],
     cwd=REPO,
