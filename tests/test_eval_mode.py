@@ -4,13 +4,13 @@ import subprocess
 from pathlib import Path
 
 from flt_jax import run
-from tests.test_run import main_command, tiny_config
+from tests.helpers.runs import main_command, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_eval_mode_applies_the_configs_cpu_devices_without_a_warning(tmp_path):
-  c = tiny_config()
+  c = tiny_run_config()
   c.train.update(steps=2, eval_every=0)
   run.train_and_evaluate(c, str(tmp_path / "run"))
   out = subprocess.run(

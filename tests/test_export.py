@@ -2,21 +2,18 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from flt_jax import export, interop, run
-from tests.test_run import tiny_config
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.runs import REPO, tiny_run_config
 
 
 def test_export_then_import_gives_the_same_params_and_logits(tmp_path):
   workdir = tmp_path / "run"
-  c = tiny_config()
+  c = tiny_run_config()
   c.train.update(dict(steps=3, eval_every=0))
   run.train_and_evaluate(c, str(workdir))
   out = tmp_path / "export" / "model.npz"

@@ -19,7 +19,7 @@ from flt_jax.eval.generate import Generator
 from flt_jax.model import config as model_config
 from flt_jax.train import config as train_config
 from flt_jax.train import optimizer
-from tests.test_run import tiny_config
+from tests.helpers.runs import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -298,7 +298,7 @@ def test_a_prompt_longer_than_the_rotary_table_says_by_how_much():
 
 def test_load_workdir_gives_what_the_npz_read_back_needs(tmp_path):
   workdir = tmp_path / "run"
-  c = tiny_config()
+  c = tiny_run_config()
   c.train.update(dict(steps=2, eval_every=0))
   run.train_and_evaluate(c, str(workdir))
   out = tmp_path / "model.npz"

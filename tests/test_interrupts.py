@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_run import main_command
+from tests.helpers.runs import main_command
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from flt_jax import export, run, sample
 from flt_jax.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
-from tests.test_run import checkpoint_listing, main_command, tiny_config
+from tests.helpers.runs import checkpoint_listing, main_command, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 IN_FLIGHT = "4.orbax-checkpoint-tmp-1234567"  # Orbax's name for a save being written
@@ -33,7 +33,7 @@ def _readers(workdir: Path, out_dir: Path, live=None) -> None:
   run.evaluate_checkpoint(None, str(workdir), [1])
   export.export_npz(str(workdir), str(out_dir / "x.npz"))
   sample.generate_text(str(workdir), "1", max_new_tokens=2, write=lambda _: None)
-  c = tiny_config()
+  c = tiny_run_config()
   c.train.steps = 1  # if the live run has just finished, this one has nothing to do
   try:
     run.train_and_evaluate(c, str(workdir))
@@ -47,7 +47,7 @@ def _readers(workdir: Path, out_dir: Path, live=None) -> None:
 
 def test_readers_leave_an_in_flight_save_alone(tmp_path):
   workdir = tmp_path / "run"
-  c = tiny_config()
+  c = tiny_run_config()
   c.train.steps = 3
   run.train_and_evaluate(c, str(workdir))
   # A live run (a process that is alive: this one's child) holding the workdir, with a
@@ -70,7 +70,7 @@ def test_readers_leave_an_in_flight_save_alone(tmp_path):
 
 def test_readers_work_on_a_read_only_workdir(tmp_path):
   workdir = tmp_path / "run"
-  c = tiny_config()
+  c = tiny_run_config()
   c.train.steps = 3
   run.train_and_evaluate(c, str(workdir))
   before = checkpoint_listing(workdir)

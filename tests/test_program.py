@@ -6,7 +6,7 @@ import jax
 
 from flt_jax import aot, run
 from flt_jax.train import step as step_lib
-from tests.test_run import tiny_config
+from tests.helpers.runs import tiny_run_config
 
 _SOURCE_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
 
@@ -41,7 +41,7 @@ def _aot_step_hlo(config, vocab_size: int) -> str:
 
 
 def test_aot_compiles_the_step_that_trains(tmp_path):
-  c = tiny_config()
+  c = tiny_run_config()
   c.train.max_consecutive_nonfinite = 3  # a setting the old AOT builder dropped
   vocab = run.setup(c, str(tmp_path), training=False).model_cfg.vocab_size
   trained = _training_step_hlo(c, tmp_path / "a")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from flt_jax import export, run, sample
-from tests.test_run import tiny_config
+from tests.helpers.runs import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_each_start_reads_the_saved_config_and_the_record_once(trained, tmp_path, orbax_reads):
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
-  resumed = tiny_config()
+  resumed = tiny_run_config()
   resumed.train.update(steps=4, eval_every=0)
   starts = {
     "eval": lambda: run.evaluate_checkpoint(None, str(workdir), [1]),

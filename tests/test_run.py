@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,83 +19,21 @@ from flt_jax.run import loop
 from flt_jax.train import step as step_lib
 from flt_jax.train.checkpoint import Checkpointer
 from flt_jax.workdir_lock import WorkdirLockedError
-
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 6
-
-
-def tiny_config(**model):
-  c = presets.make("FLT", 2, "cpu")
-  c.model.update(dict(n_layer=1, d_model=32, n_head=1, n_kv_head=1, seq_len=24))
-  c.model.update(model)
-  c.data.update(dict(source="multihop", loss_on_answer_only=False, num_validation_examples=8))
-  c.data.multihop.update(dict(num_nodes=4, hops_min=1, hops_max=2))
-  c.train.update(
-    dict(
-      steps=STEPS,
-      micro_batch_size=4,
-      total_batch_tokens=96,
-      log_every=1,
-      eval_every=3,
-      eval_steps=1,
-    )
-  )
-  c.checkpoint.update(dict(every_steps=3, keep=3))
-  # One CPU device, as in this test process (conftest), so that its subprocesses train
-  # bit for bit like it (test_two_cpu_devices_train_like_one runs the preset's two).
-  c.mesh.cpu_devices = 0
-  return c
-
-
-def overrides(c):
-  """The tiny config as --config.x.y=v flags for a subprocess."""
-  flat = []
-  for section in ("model", "data", "train", "checkpoint", "mesh"):
-    for k, v in c[section].items():
-      if not hasattr(v, "items"):
-        flat.append(f"--config.{section}.{k}={v}")
-  for k, v in c.data.multihop.items():
-    flat.append(f"--config.data.multihop.{k}={v}")
-  return flat
-
-
-def main_command(workdir, *extra):
-  """The main command on the tiny config (K=2) in workdir, `extra` flags last."""
-  return [
-    sys.executable,
-    "-m",
-    "flt_jax.main",
-    "--config=experiments/flt_12loop.py",
-    f"--workdir={workdir}",
-    "--config.model.loops=2",
-    *overrides(tiny_config()),
-    *extra,
-  ]
-
-
-def losses(workdir):
-  """step -> train loss, the last record of each step winning (a resumed run appends)."""
-  out = {}
-  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    rec = json.loads(line)
-    if "train/loss" in rec:
-      out[rec["step"]] = rec["train/loss"]
-  return out
-
-
-def checkpoint_listing(workdir):
-  root = Path(workdir) / "checkpoints"
-  return sorted(
-    (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
-    for p in root.rglob("*")
-    if p.is_file()
-  )
+from tests.helpers.runs import (
+  REPO,
+  STEPS,
+  checkpoint_listing,
+  config_flags,
+  logged_losses,
+  main_command,
+  tiny_run_config,
+)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  summary = run.train_and_evaluate(tiny_config(), str(workdir))
+  summary = run.train_and_evaluate(tiny_run_config(), str(workdir))
   return workdir, summary
 
 
@@ -108,7 +45,7 @@ def test_trains_and_checkpoints(uninterrupted):
     3,
     6,
   ]
-  assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
+  assert sorted(logged_losses(workdir)) == list(range(1, STEPS + 1))
   assert list((workdir / "tb").glob("events.out.tfevents.*"))
 
 
@@ -137,11 +74,11 @@ def test_resume_after_sigkill_equals_uninterrupted_run(uninterrupted, tmp_path):
     "--config=experiments/flt_12loop.py",
     f"--workdir={workdir}",
     "--config.model.loops=2",
-  ] + overrides(tiny_config())
+  ] + config_flags(tiny_run_config())
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  assert max(losses(workdir)) == 3
-  summary = run.train_and_evaluate(tiny_config(), str(workdir))
+  assert max(logged_losses(workdir)) == 3
+  summary = run.train_and_evaluate(tiny_run_config(), str(workdir))
   assert summary["step"] == STEPS
   logged = [
     json.loads(l)["step"]
@@ -149,7 +86,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(uninterrupted, tmp_path):
     if "train/loss" in l
   ]
   assert logged == list(range(1, STEPS + 1))  # resumed at 4, nothing retrained
-  want, got = losses(uninterrupted[0]), losses(workdir)
+  want, got = logged_losses(uninterrupted[0]), logged_losses(workdir)
   for step in range(4, STEPS + 1):
     np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-6)
 
@@ -162,7 +99,7 @@ def test_two_cpu_devices_train_like_one(uninterrupted, tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "devices: data=2 fsdp=1 tensor=1 (2 devices, cpu)" in proc.stdout, proc.stdout
-  want, got = losses(uninterrupted[0]), losses(workdir)
+  want, got = logged_losses(uninterrupted[0]), logged_losses(workdir)
   assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
   for step in want:
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5)
@@ -171,7 +108,7 @@ def test_two_cpu_devices_train_like_one(uninterrupted, tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_saves_the_step_it_reached(tmp_path, signum):
   workdir = tmp_path / "preempted"
-  c = tiny_config()
+  c = tiny_run_config()
   cmd = main_command(
     workdir,
     "--config.train.steps=100000",
@@ -183,7 +120,7 @@ def test_sigterm_or_ctrl_c_saves_the_step_it_reached(tmp_path, signum):
   )
   try:
     deadline = time.time() + 240
-    while not (workdir / "metrics.jsonl").exists() or not losses(workdir):
+    while not (workdir / "metrics.jsonl").exists() or not logged_losses(workdir):
       assert proc.poll() is None and time.time() < deadline, "training did not start"
       time.sleep(0.2)
     if signum == signal.SIGTERM:  # meanwhile, a second run on the workdir is refused
@@ -203,30 +140,30 @@ def test_mismatched_workdir_is_refused_and_untouched(uninterrupted):
   workdir, _ = uninterrupted
   before = checkpoint_listing(workdir)
   with pytest.raises(ValueError, match=r"model.d_model: saved 32, now 64"):
-    run.train_and_evaluate(tiny_config(d_model=64), str(workdir))
+    run.train_and_evaluate(tiny_run_config(d_model=64), str(workdir))
   assert checkpoint_listing(workdir) == before
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
-  missing = tiny_config()
+  missing = tiny_run_config()
   del missing.train["seed"]
   with pytest.raises(ValueError, match=r"config.train=\['seed'\] is invalid: lacks these keys"):
     run.train_and_evaluate(missing, str(tmp_path / "a"))
-  unknown = tiny_config()
+  unknown = tiny_run_config()
   unknown.model.unlock()
   unknown.model.n_layers = 3
   with pytest.raises(ValueError, match=r"config.model=\['n_layers'\] is invalid: has unknown keys"):
     run.train_and_evaluate(unknown, str(tmp_path / "b"))
-  indivisible = tiny_config()
+  indivisible = tiny_run_config()
   indivisible.train.total_batch_tokens = 100
   with pytest.raises(ValueError, match="total_batch_tokens"):
     run.train_and_evaluate(indivisible, str(tmp_path / "c"))
   a_file = tmp_path / "file"
   a_file.write_text("x")
   with pytest.raises(ValueError, match="writable --workdir"):
-    run.train_and_evaluate(tiny_config(), str(a_file / "run"))
+    run.train_and_evaluate(tiny_run_config(), str(a_file / "run"))
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-  negative = tiny_config()
+  negative = tiny_run_config()
   negative.train.steps = -5
   with pytest.raises(ValueError, match=r"config.train.steps=-5 is invalid"):
     run.train_and_evaluate(negative, str(tmp_path / "d"))
@@ -235,7 +172,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
 def test_divergence_counts_as_non_finite_and_stops(tmp_path):
   """A huge learning rate blows the residual stream up to inf while the softcapped loss
   stays finite; that must count as non-finite and stop the run, not train a dead model."""
-  c = tiny_config()
+  c = tiny_run_config()
   c.optim.matrix_lr = 1e30
   c.train.max_consecutive_nonfinite = 2
   with pytest.raises(run.NonFiniteError, match="consecutive non-finite updates"):
@@ -243,7 +180,7 @@ def test_divergence_counts_as_non_finite_and_stops(tmp_path):
 
 
 def test_profile_steps_write_a_trace(tmp_path):
-  c = tiny_config()
+  c = tiny_run_config()  # the uninterrupted run's programs: compiled once (conftest's cache)
   c.train.profile_steps = "1,3"
   run.train_and_evaluate(c, str(tmp_path / "profiled"))
   assert list((tmp_path / "profiled" / "profile").rglob("*.xplane.pb"))
@@ -251,7 +188,7 @@ def test_profile_steps_write_a_trace(tmp_path):
 
 def test_eval_at_other_loop_counts(uninterrupted):
   workdir, summary = uninterrupted
-  results = run.evaluate_checkpoint(tiny_config(), str(workdir), [2, 1, 5])
+  results = run.evaluate_checkpoint(tiny_run_config(), str(workdir), [2, 1, 5])
   assert sorted(results) == [1, 2, 5]
   np.testing.assert_allclose(results[2]["loss"], summary["eval_loss"], rtol=1e-5)
   assert results[1]["loss"] != results[2]["loss"] != results[5]["loss"]
@@ -267,7 +204,7 @@ def test_eval_from_the_workdir_alone_adds_to_the_results(uninterrupted, capsys):
   np.testing.assert_allclose(first[2]["loss"], summary["eval_loss"], rtol=1e-5)
   assert 0.0 <= first[2]["h_change"] < 1.0
   # Another config's K (a K=1 config on this K=2 workdir) does not change the trained K.
-  other = tiny_config()
+  other = tiny_run_config()
   other.model.loops = 1
   run.evaluate_checkpoint(other, str(workdir), [3])
   assert "trained at K=2" in capsys.readouterr().out
@@ -285,7 +222,7 @@ def test_eval_from_the_workdir_alone_adds_to_the_results(uninterrupted, capsys):
 
 
 def test_hop_data_config_holds_only_that_hop_count():
-  c = tiny_config()
+  c = tiny_run_config()
   data = run.hop_data_config(c.data, 2)
   assert (data.multihop.hops_min, data.multihop.hops_max) == (2, 2)
   assert (c.data.multihop.hops_min, c.data.multihop.hops_max) == (1, 2)  # not changed
@@ -342,7 +279,7 @@ def test_longer_run_on_resume_warns_about_the_schedule(uninterrupted, tmp_path, 
   workdir, _ = uninterrupted
   copy = tmp_path / "longer"
   shutil.copytree(workdir, copy)
-  c = tiny_config()
+  c = tiny_run_config()
   c.train.steps = STEPS + 2
   run.train_and_evaluate(c, str(copy))
   out = capsys.readouterr().out
@@ -360,13 +297,16 @@ def _nan_loss(monkeypatch):
   )
 
 
-def test_nonfinite_updates_stop_the_run_and_keep_the_checkpoint(tmp_path, monkeypatch, capsys):
+def test_nonfinite_updates_stop_the_run_and_keep_the_checkpoint(
+  uninterrupted, tmp_path, monkeypatch, capsys
+):
+  # The uninterrupted run as it stood after step 3: its checkpoint 6 removed.
   workdir = tmp_path / "nan"
-  c = tiny_config()
-  c.train.steps = 3
-  run.train_and_evaluate(c, str(workdir))
+  shutil.copytree(uninterrupted[0], workdir)
+  shutil.rmtree(workdir / "checkpoints" / "6")
   before = checkpoint_listing(workdir)
   _nan_loss(monkeypatch)
+  c = tiny_run_config()
   # Resumed at step 3; steps 4 and 5 are non-finite, so step 5 trips the rule. Step 5 is
   # not a sync step (log only at the first step, checkpoints every 3): the loop finds
   # the trip at step 6 and still reports step 5, without saving step 6.
@@ -410,7 +350,7 @@ def unwrap(tree):
 def test_no_device_reads_between_sync_steps(tmp_path, monkeypatch):
   """Between log, eval and checkpoint steps the loop only dispatches: nothing it does
   reads a device value, so the host never waits for the device there."""
-  c = tiny_config()
+  c = tiny_run_config()
   c.train.update(dict(steps=7, log_every=3, eval_every=0))
   c.checkpoint.every_steps = 5
   steps_read = []
@@ -449,4 +389,4 @@ def test_no_device_reads_between_sync_steps(tmp_path, monkeypatch):
   assert summary["step"] == 7
   # Logs at 1 (first), 3, 6, 7 (last); checkpoints at 5 and 7. Steps 2 and 4: no read.
   assert steps_read == [0, 1, 3, 5, 6, 7]  # 0: the step it starts from
-  assert sorted(losses(tmp_path / "guarded")) == [1, 3, 6, 7]
+  assert sorted(logged_losses(tmp_path / "guarded")) == [1, 3, 6, 7]

@@ -2,9 +2,9 @@
 another tokenizer, damaged checkpoint bytes, a failed asynchronous save, and data
 problems found before the first step."""
 
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,16 +12,29 @@ from flt_jax import run
 from flt_jax.data import tokenizers as tok_lib
 from flt_jax.errors import ConfigError
 from flt_jax.train.checkpoint import CorruptCheckpointError
-from tests.test_run import checkpoint_listing, losses, overrides, tiny_config
+from tests.helpers.runs import (
+  REPO,
+  checkpoint_listing,
+  config_flags,
+  logged_losses,
+  tiny_run_config,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def test_a_changed_data_setting_on_resume_is_refused_naming_it(tmp_path):
-  workdir = tmp_path / "run"
-  c = tiny_config()
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+  """A workdir trained 3 steps (checkpoint 3); tests change a copy of it."""
+  workdir = tmp_path_factory.mktemp("three_steps") / "run"
+  c = tiny_run_config()
   c.train.steps = 3
   run.train_and_evaluate(c, str(workdir))
+  return workdir
+
+
+def test_a_changed_data_setting_on_resume_is_refused_naming_it(three_steps, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(three_steps, workdir)
+  c = tiny_run_config()
   before = checkpoint_listing(workdir)
   c.train.steps = 6
   c.data.shuffle = False
@@ -35,11 +48,11 @@ def test_a_changed_data_setting_on_resume_is_refused_naming_it(tmp_path):
   # The way out it names: keep the trained state, start the new data stream afresh.
   c.checkpoint.restore_data = False
   assert run.train_and_evaluate(c, str(workdir))["step"] == 6
-  assert sorted(losses(workdir)) == list(range(1, 7))
+  assert sorted(logged_losses(workdir)) == list(range(1, 7))
 
 
 def _text_config(tmp_path, tokenizer_path):
-  c = tiny_config()
+  c = tiny_run_config()
   corpus = tmp_path / "corpus.txt"  # one file: split by lines into train and validation
   corpus.write_text("".join(f"line {i}: {'lorem ipsum dolor ' * (i % 5)}\n" for i in range(60)))
   c.data.update(dict(source="text", path=str(corpus), tokenizer="file"))
@@ -65,11 +78,9 @@ def test_another_tokenizer_of_the_same_size_is_refused_on_resume(tmp_path):
   assert checkpoint_listing(workdir) == before
 
 
-def test_damaged_checkpoint_bytes_are_refused_on_restore(tmp_path):
+def test_damaged_checkpoint_bytes_are_refused_on_restore(three_steps, tmp_path):
   workdir = tmp_path / "run"
-  c = tiny_config()
-  c.train.steps = 3
-  run.train_and_evaluate(c, str(workdir))
+  shutil.copytree(three_steps, workdir)
   step_dir = workdir / "checkpoints" / "3"
   files = sorted(step_dir.glob("state/ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
   data = bytearray(files[-1].read_bytes())
@@ -83,7 +94,7 @@ def test_damaged_checkpoint_bytes_are_refused_on_restore(tmp_path):
 
 
 def test_data_problems_are_found_before_anything_is_written(tmp_path):
-  no_validation = tiny_config()
+  no_validation = tiny_run_config()
   no_validation.data.update(dict(source="stdlib", validation_fraction=0.0))
   with pytest.raises(
     ConfigError, match=r"config.data.validation_fraction=0.0 is invalid.*eval_every"
@@ -91,7 +102,7 @@ def test_data_problems_are_found_before_anything_is_written(tmp_path):
     run.train_and_evaluate(no_validation, str(tmp_path / "a"))
   one_line = tmp_path / "one.txt"
   one_line.write_text("just one line")
-  lone = tiny_config()
+  lone = tiny_run_config()
   lone.data.update(dict(source="text", path=str(one_line)))
   with pytest.raises(ConfigError, match="single document of one line"):
     run.train_and_evaluate(lone, str(tmp_path / "b"))
@@ -126,9 +137,9 @@ app.run(main.main, flags_parser=main.parse_flags)
 
 def test_a_failed_async_save_stops_the_run_with_one_message(tmp_path):
   workdir = tmp_path / "run"
-  c = tiny_config()
+  c = tiny_run_config()
   cmd = [sys.executable, "-c", _FAILING_SAVE, "--config=experiments/flt_12loop.py"]
-  cmd += [f"--workdir={workdir}", "--config.model.loops=2", *overrides(c)]
+  cmd += [f"--workdir={workdir}", "--config.model.loops=2", *config_flags(c)]
   cmd += ["--config.train.eval_every=0", "--config.train.log_every=100"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   out = proc.stdout + proc.stderr

@@ -12,13 +12,13 @@ from flt_jax import run
 from flt_jax.model import loop_count
 from flt_jax.model.config import ModelConfig
 from flt_jax.train import checkpoint as checkpoint_lib
-from tests.test_run import REPO, STEPS, losses, main_command, tiny_config
+from tests.helpers.runs import REPO, STEPS, logged_losses, main_command, tiny_run_config
 
 RANDOM = dict(loop_sampling="uniform", max_loops=4, backprop_loops=2, loss_type="STEP")
 
 
 def random_config():
-  c = tiny_config(**RANDOM)
+  c = tiny_run_config(**RANDOM)
   c.train.seed = 3
   return c
 
@@ -89,10 +89,10 @@ def test_resume_after_a_kill_draws_the_same_counts(uninterrupted, tmp_path, monk
   with pytest.raises(Killed):
     run.train_and_evaluate(random_config(), str(workdir))
   monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", real_save)
-  assert max(losses(workdir)) == 3
+  assert max(logged_losses(workdir)) == 3
   run.train_and_evaluate(random_config(), str(workdir))
   want_loops, got_loops = logged(uninterrupted, "train/loops"), logged(workdir, "train/loops")
-  want, got = losses(uninterrupted), losses(workdir)
+  want, got = logged_losses(uninterrupted), logged_losses(workdir)
   assert sorted(got) == list(range(1, STEPS + 1))
   for step in range(4, STEPS + 1):
     assert got_loops[step] == want_loops[step], step
@@ -108,6 +108,6 @@ def test_two_cpu_devices_draw_and_train_like_one(uninterrupted, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "(2 devices, cpu)" in proc.stdout, proc.stdout
   assert logged(workdir, "train/loops") == logged(uninterrupted, "train/loops")
-  want, got = losses(uninterrupted), losses(workdir)
+  want, got = logged_losses(uninterrupted), logged_losses(workdir)
   for step in want:
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5)

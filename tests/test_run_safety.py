@@ -11,7 +11,7 @@ import pytest
 from flt_jax import export, files, run
 from flt_jax.train import metrics as metrics_lib
 from flt_jax.train.checkpoint import CorruptCheckpointError
-from tests.test_run import checkpoint_listing, tiny_config
+from tests.helpers.runs import checkpoint_listing, tiny_run_config
 
 
 class _Killed(BaseException):
@@ -60,7 +60,7 @@ def test_a_sweep_on_other_data_writes_under_its_own_name(trained, tmp_path):
   own = run.evaluate_checkpoint(None, str(workdir), [1])
   table = json.loads((workdir / "eval_step3.json").read_text())
   assert table["data"]["source"] == "multihop"
-  other = tiny_config()
+  other = tiny_run_config()
   other.data.multihop.hops_max = 1  # another validation set
   other_results = run.evaluate_checkpoint(other, str(workdir), [1])
   assert json.loads((workdir / "eval_step3.json").read_text()) == table  # untouched
@@ -122,7 +122,7 @@ def test_an_edited_data_position_is_refused_on_resume(trained, tmp_path):
   state["next_index"] = int(state.get("next_index", 0)) + 7
   state_file.write_text(json.dumps(state, indent=4))
   before = checkpoint_listing(workdir)
-  c = tiny_config()
+  c = tiny_run_config()
   c.train.steps = 5
   with pytest.raises(CorruptCheckpointError) as e:
     run.train_and_evaluate(c, str(workdir))
@@ -138,7 +138,7 @@ def test_a_deleted_record_is_refused_not_skipped(trained, tmp_path):
   # The record is kept in Orbax's step metadata file (a legacy `record` item:
   # tests/train/test_checkpoint.py).
   (workdir / "checkpoints" / "3" / "_CHECKPOINT_METADATA").unlink()
-  c = tiny_config()
+  c = tiny_run_config()
   c.train.steps = 5
   with pytest.raises(CorruptCheckpointError, match="_CHECKPOINT_METADATA .* is missing"):
     run.train_and_evaluate(c, str(workdir))

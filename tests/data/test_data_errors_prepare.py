@@ -153,12 +153,13 @@ def test_a_single_text_file_is_split_by_lines(tmp_path):
 
 
 def test_a_single_row_group_parquet_is_split_by_rows(tmp_path):
-  import pandas as pd  # pylint: disable=g-import-not-at-top
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
   rows = [f"document {i}" for i in range(10)]
   path = tmp_path / "small.parquet"
-  pd.DataFrame({"text": rows}).to_parquet(path)  # what pandas writes: one row group
+  # One row group, as pandas' to_parquet writes a small frame.
+  pq.write_table(pa.table({"text": rows}), path)
   assert pq.ParquetFile(path).metadata.num_row_groups == 1
   texts = _split_texts(_cfg(source="parquet", path=str(path), validation_fraction=0.2))
   assert texts == {"train": rows[:8], "validation": rows[8:]}

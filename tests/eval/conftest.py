@@ -5,7 +5,6 @@ on this process's first device (the default mesh: params laid out as in training
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,12 +12,12 @@ import pytest
 
 from flt_jax.data.tokenizers import BytesTokenizer
 from flt_jax.eval.evaluator import Evaluator
-from flt_jax.model.config import ModelConfig, get_config
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.parallel import config as parallel_config
 from flt_jax.parallel import mesh as mesh_lib
 from flt_jax.parallel import sharding as sharding_lib
 from flt_jax.train import state as state_lib
+from tests.helpers.models import model_config, random_params
 
 
 def one_device_evaluator(model, rows, token_bytes_V=None):
@@ -46,9 +45,8 @@ def make_evaluator():
 
 @functools.cache
 def _forward(model, loops):
-  """Compiled (params, tokens_1xT) -> logits; cheap backend optimisation compiles faster."""
-  compile_fast = {"xla_backend_optimization_level": 0}
-  return jax.jit(lambda p, t: model.apply({"params": p}, t, loops), compiler_options=compile_fast)
+  """Compiled (params, tokens_1xT) -> logits."""
+  return jax.jit(lambda p, t: model.apply({"params": p}, t, loops))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +76,15 @@ class TinyLM:
 @pytest.fixture(scope="session")
 def tiny_lm():
   tokenizer = BytesTokenizer()
-  c = get_config()
-  c.update(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=tokenizer.vocab_size)
-  c.update(seq_len=32, loops=2, window_pattern="L", kv_lora_rank=0)
-  model = LoopedTransformer(ModelConfig.from_config(c))
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros([1, 8], jnp.int32))
-  rng = np.random.default_rng(0)
-  # Every matrix random (the init's zero c_proj would make each block the identity).
-  params = jax.tree.map(
-    lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32),
-    nn.meta.unbox(shapes["params"]),
+  cfg = model_config(
+    n_layer=2,
+    d_model=32,
+    n_head=2,
+    n_kv_head=2,
+    vocab_size=tokenizer.vocab_size,
+    seq_len=32,
+    loops=2,
+    window_pattern="L",
+    kv_lora_rank=0,
   )
-  return TinyLM(model, params, tokenizer)
+  return TinyLM(LoopedTransformer(cfg), random_params(cfg), tokenizer)

@@ -10,9 +10,10 @@ import pytest
 
 from flt_jax.eval.generate import Generator, padded_length
 from flt_jax.model.looped import LoopedTransformer
-from tests.model.test_decode import make_cfg, random_params
+from tests.helpers.models import model_config, random_params
 
 LOOPS = 3
+VOCAB = 70
 NEW = 12
 PROMPTS = [[5, 9, 3, 22, 1], [40, 2, 2, 17, 8]]
 
@@ -20,7 +21,18 @@ PROMPTS = [[5, 9, 3, 22, 1], [40, 2, 2, 17, 8]]
 @functools.cache
 def setup(variant="LT_ia"):
   # GQA, a window of 4 on layer 0 (shorter than prompt + NEW), full context on layer 1
-  cfg = make_cfg(variant=variant, n_head=4, n_kv_head=2, window_pattern="SL")
+  cfg = model_config(
+    variant=variant,
+    n_layer=2,
+    d_model=32,
+    vocab_size=VOCAB,
+    seq_len=16,
+    loops=LOOPS,
+    kv_lora_rank=0,
+    n_head=4,
+    n_kv_head=2,
+    window_pattern="SL",
+  )
   params = random_params(cfg)
   model = LoopedTransformer(cfg)
   return cfg, params, jax.jit(lambda p, t: model.apply({"params": p}, t, LOOPS))
@@ -92,6 +104,6 @@ def test_requests_beyond_the_rotary_table_are_refused():
     generator(params, PROMPTS[0], 0)
   with pytest.raises(ValueError, match="--top_p=0.0 is invalid"):
     Generator(cfg, loops=LOOPS, temperature=1.0, top_p=0.0)
-  with pytest.raises(ValueError, match="--stop_token=70 is outside the vocabulary"):
-    Generator(cfg, loops=LOOPS, stop_token=70)
+  with pytest.raises(ValueError, match=f"--stop_token={VOCAB} is outside the vocabulary"):
+    Generator(cfg, loops=LOOPS, stop_token=VOCAB)
   assert padded_length(5) == 16 and padded_length(17) == 32

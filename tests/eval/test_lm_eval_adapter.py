@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 lm_eval = pytest.importorskip(
   "lm_eval", reason="lm-eval is an optional dependency: pip install -r requirements-eval.txt"
 )
+pytestmark = pytest.mark.needs_extra  # .ci/run runs it after installing the extra
 
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
@@ -28,8 +29,6 @@ FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "lm_eval"
 EOS = 256  # BytesTokenizer's document separator
 MAX_LENGTH = 16
 LOOPS = 2
-
-pytestmark = pytest.mark.needs_extra
 
 
 def _from_evaluator(tiny_lm, make_evaluator, max_length):

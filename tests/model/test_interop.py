@@ -8,30 +8,17 @@ import numpy as np
 import pytest
 
 from flt_jax import interop
-from flt_jax.model.config import ModelConfig, get_config
 from flt_jax.model.looped import LoopedTransformer
+from tests.helpers.models import model_config
 
 B, T = 2, 12
 
 
 def _cfg(**overrides):
-  c = get_config()
-  c.update(
-    dict(
-      variant="FLT",
-      loops=2,
-      n_layer=2,
-      d_model=32,
-      n_head=4,
-      n_kv_head=2,
-      vocab_size=100,
-      seq_len=T,
-      window_pattern="L",
-      kv_lora_rank=0,
-    )
+  shape = dict(n_layer=2, d_model=32, n_head=4, n_kv_head=2, vocab_size=100, seq_len=T)
+  return model_config(
+    **{"variant": "FLT", "loops": 2, "window_pattern": "L", "kv_lora_rank": 0, **shape, **overrides}
   )
-  c.update(overrides)
-  return ModelConfig.from_config(c)
 
 
 def reference_state_dict(cfg, seed=0):

@@ -5,8 +5,7 @@ K-independent parameters, remat-invariant gradients, loss placement (END/STEP/FE
 changeable at inference, and a bfloat16 compute path.
 
 Compilation dominates the runtime on CPU, so every compiled function is built
-once per (config, shapes) with XLA's backend optimisation turned off (faster to
-compile, same semantics) and shared between tests through caches.
+once per (config, shapes) and shared between tests through caches.
 """
 
 import functools
@@ -20,10 +19,11 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals  # public only as print_saved_residuals
 from jax.extend import core as jax_core
 
-from flt_jax.model.config import CHECKPOINT_NAMES, ModelConfig, get_config, remat_policy
+from flt_jax.model.config import CHECKPOINT_NAMES, ModelConfig, remat_policy
 from flt_jax.model.layers import Block, rope_tables
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.model.loss import loss_fn
+from tests.helpers.models import model_config, random_params
 
 VARIANTS = ("FLT", "FLT_res", "LT", "LT_i", "LT_ia")
 B, T = 2, 16
@@ -46,38 +46,21 @@ ATTENTION = {
   "swa": dict(window_pattern="SL", n_head=4, n_kv_head=1),
   "mla": dict(kv_lora_rank=16, n_head=4, n_kv_head=2),
 }
-_FAST = {"xla_backend_optimization_level": 0}
 
 
 def make_cfg(**overrides) -> ModelConfig:
-  c = get_config()
-  c.update({**BASE, **overrides})
-  return ModelConfig.from_config(c)
+  return model_config(**{**BASE, **overrides})
 
 
 def _key(d):
   return tuple(sorted(d.items()))
 
 
-class fast_jit:  # pylint: disable=invalid-name
-  """jax.jit, compiled once per argument shapes with cheap backend optimisation."""
-
-  def __init__(self, fn):
-    self._jit, self._compiled = jax.jit(fn), {}
-
-  def __call__(self, *args):
-    leaves, tree = jax.tree_util.tree_flatten(args)
-    sig = (tree, tuple((np.shape(x), np.result_type(x)) for x in leaves))
-    if sig not in self._compiled:
-      self._compiled[sig] = self._jit.lower(*args).compile(_FAST)
-    return self._compiled[sig](*args)
-
-
 @functools.cache
 def forward(cfg_key, loops=(1, 3)):
   """Compiled fn(params, tokens) -> tuple of logits, one per loop count."""
   model = LoopedTransformer(make_cfg(**dict(cfg_key)))
-  return fast_jit(lambda p, tok: tuple(model.apply({"params": p}, tok, k) for k in loops))
+  return jax.jit(lambda p, tok: tuple(model.apply({"params": p}, tok, k) for k in loops))
 
 
 @functools.cache
@@ -86,18 +69,7 @@ def noisy_params(cfg_key, seed=0, block_std=0.05, head_std=0.05):
   lm_head N(0, head_std), block matrices N(0, block_std) (so that zero-initialised
   projections cannot hide bugs)."""
   cfg = make_cfg(**dict(cfg_key))
-  shapes = jax.eval_shape(
-    LoopedTransformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((B, T), jnp.int32)
-  )
-  shapes = nn.meta.unbox(shapes["params"])
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    std = 1.0 if "wte" in name else head_std if "lm_head" in name else block_std
-    return jnp.asarray(rng.normal(0.0, std, s.shape).astype(np.float32))
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return random_params(cfg, seed, block_std, embedding_std=1.0, head_std=head_std)
 
 
 def tokens(seed=0, batch=B, length=T):
@@ -350,7 +322,7 @@ def test_parameter_count_independent_of_loops():
 def _value_and_grad(cfg_key, loops):
   model = LoopedTransformer(make_cfg(**dict(cfg_key)))
   fn = lambda p, x, y: loss_fn(p, model, x, y, loops=loops)[0]
-  return fast_jit(jax.value_and_grad(fn))
+  return jax.jit(jax.value_and_grad(fn))
 
 
 def test_loss_and_grads_finite_at_k12():
@@ -372,7 +344,7 @@ def _reference_value_and_grad(cfg_key, loops):
     logz = jax.nn.logsumexp(logits, axis=-1)
     return jnp.mean(logz - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0])
 
-  return fast_jit(jax.value_and_grad(loss))
+  return jax.jit(jax.value_and_grad(loss))
 
 
 @pytest.mark.parametrize(
@@ -505,7 +477,7 @@ def _loss_and_per_loop(variant, loss_type, loops):
     )
     return loss, loss_nodiag, aux["loop_loss"], aux["residual_norm"], logits
 
-  return fast_jit(fn)
+  return jax.jit(fn)
 
 
 @pytest.mark.parametrize(
@@ -555,7 +527,7 @@ def test_few_uses_last_third():
 def test_params_initialised_at_one_k_run_at_another():
   cfg2 = make_cfg(variant="FLT", loops=2, **ATTENTION["gqa"])
   toks = tokens()
-  variables = fast_jit(LoopedTransformer(cfg2).init)(jax.random.PRNGKey(1), toks)
+  variables = jax.jit(LoopedTransformer(cfg2).init)(jax.random.PRNGKey(1), toks)
   params = nn.meta.unbox(variables["params"])
   # the reference init zeroes both c_proj; perturb so that K matters
   rng = np.random.default_rng(7)
@@ -568,7 +540,7 @@ def test_params_initialised_at_one_k_run_at_another():
   assert np.abs(at5 - at2).max() > 1e-3
   # the same params under a model configured with loops=5 (used by default) agree
   model5 = LoopedTransformer(make_cfg(variant="FLT", loops=5, **ATTENTION["gqa"]))
-  default5 = fast_jit(lambda p, x: model5.apply({"params": p}, x))(params, toks)
+  default5 = jax.jit(lambda p, x: model5.apply({"params": p}, x))(params, toks)
   np.testing.assert_allclose(np.asarray(default5), at5, atol=1e-6, rtol=0)
 
 

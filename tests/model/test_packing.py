@@ -15,19 +15,38 @@ import pytest
 
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.model.loss import loss_fn
-from tests.model.test_looped import VOCAB, B, T, _key, fast_jit, make_cfg, noisy_params
+from tests.helpers.models import model_config, random_params
 
+B, T, VOCAB = 2, 16, 70
 # GQA (4 query heads over 2 kv heads) and a sliding window: layer 0 is 'S' with a window
 # of seq_len // 4 = 4 tokens, shorter than the documents below; layer 1 is full.
-PACKED = dict(n_head=4, n_kv_head=2, window_pattern="SL")
+PACKED = dict(
+  n_layer=2,
+  d_model=32,
+  n_head=4,
+  n_kv_head=2,
+  window_pattern="SL",
+  kv_lora_rank=0,
+  vocab_size=VOCAB,
+  seq_len=T,
+  loops=3,
+)
+
+
+def make_cfg(**fields):
+  return model_config(**{**PACKED, **fields})
+
+
+@functools.cache
+def noisy_params():
+  """Every matrix non-zero: embedding N(0, 1), the rest N(0, 0.05)."""
+  return random_params(make_cfg(), std=0.05, embedding_std=1.0)
 
 
 @functools.cache
 def _forward(variant, separate_documents):
-  model = LoopedTransformer(
-    make_cfg(variant=variant, separate_documents=separate_documents, **PACKED)
-  )
-  return fast_jit(
+  model = LoopedTransformer(make_cfg(variant=variant, separate_documents=separate_documents))
+  return jax.jit(
     lambda p, tok, seg, pos: model.apply(
       {"params": p}, tok, 3, segment_ids_BxT=seg, positions_BxT=pos
     )
@@ -60,7 +79,7 @@ def _doc_logits(logits, starts, n=8):
 
 @pytest.mark.parametrize("variant", ["FLT", "LT"])
 def test_logits_do_not_depend_on_the_document_packed_before(variant):
-  params = noisy_params(_key(PACKED))
+  params = noisy_params()
   toks, seg, pos, starts = _rows()
   doc = _doc_logits(_forward(variant, True)(params, toks, seg, pos), starts)
   _check_doc_logits(doc)
@@ -79,7 +98,7 @@ def _check_doc_logits(doc):
 @pytest.mark.parametrize("variant", ["FLT", "LT"])
 def test_without_the_flag_the_previous_document_leaks_in(variant):
   """The official behaviour: shows that the test above can fail."""
-  params = noisy_params(_key(PACKED))
+  params = noisy_params()
   toks, seg, pos, starts = _rows()
   doc = _doc_logits(_forward(variant, False)(params, toks, seg, pos), starts)
   for row in (1, 2):
@@ -87,19 +106,19 @@ def test_without_the_flag_the_previous_document_leaks_in(variant):
 
 
 def test_flag_without_segments_is_the_unpacked_model():
-  params = noisy_params(_key(PACKED))
+  params = noisy_params()
   toks, _, _, _ = _rows()
-  on = LoopedTransformer(make_cfg(variant="FLT", separate_documents=True, **PACKED))
-  got = fast_jit(lambda p, x: on.apply({"params": p}, x, 3))(params, toks)
+  on = LoopedTransformer(make_cfg(variant="FLT", separate_documents=True))
+  got = jax.jit(lambda p, x: on.apply({"params": p}, x, 3))(params, toks)
   want = _forward("FLT", False)(params, toks, None, None)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_loss_fn_passes_segments_through():
   """The loss of the shared document's tokens is the same in rows 0 and 1 with the flag."""
-  params = noisy_params(_key(PACKED))
+  params = noisy_params()
   toks, seg, pos, starts = _rows()
-  model = LoopedTransformer(make_cfg(variant="FLT", separate_documents=True, **PACKED))
+  model = LoopedTransformer(make_cfg(variant="FLT", separate_documents=True))
 
   def doc_loss(p, row):
     targets = (
@@ -111,7 +130,7 @@ def test_loss_fn_passes_segments_through():
     kw = dict(loops=3, segment_ids_BxT=seg[sl], positions_BxT=pos[sl])
     return loss_fn(p, model, toks[sl], targets, **kw)[0]
 
-  fn = fast_jit(lambda p: (doc_loss(p, 0), doc_loss(p, 1)))
+  fn = jax.jit(lambda p: (doc_loss(p, 0), doc_loss(p, 1)))
   a, b = fn(params)
   np.testing.assert_allclose(float(a), float(b), atol=1e-5, rtol=0)
   assert float(a) > 0
@@ -123,8 +142,8 @@ def _jaxpr_text(model, params):
 
 
 def test_activation_sharding_hooks_are_a_no_op_without_rules():
-  params = noisy_params(_key(PACKED))
-  model = LoopedTransformer(make_cfg(variant="FLT", **PACKED))
+  params = noisy_params()
+  model = LoopedTransformer(make_cfg(variant="FLT"))
   assert "sharding_constraint" not in _jaxpr_text(model, params)
   # With a rules table and a mesh the same hooks do constrain the activations.
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))

@@ -93,6 +93,11 @@ class ShardedRun:
       self._compiled = self.step.lower(state, batch).compile()
     return self._compiled
 
+  def compiled_text(self) -> str:
+    """The compiled step's HLO (after a run compiled it)."""
+    assert self._compiled is not None, "run() compiles the step first"
+    return self._compiled.as_text()
+
   def run(self, state, host_batches, after_step=None):
     """Steps through the batches with no host transfer inside a step; returns
     (state, losses)."""

@@ -17,10 +17,10 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from flt_jax import run  # noqa: E402
-from tests.parallel import run_config  # noqa: E402
+from tests.helpers.runs import two_micro_batch_config  # noqa: E402
 
 workdir, steps = sys.argv[1], int(sys.argv[2])
-c = run_config.config(steps=steps, data=2, fsdp=-1)
+c = two_micro_batch_config(steps=steps, data=2, fsdp=-1)
 c.mesh.shared_filesystem = True  # both "hosts" see this machine's disk
 summary = run.train_and_evaluate(c, workdir)
 out = Path(workdir) / f"summary_process{jax.process_index()}.json"

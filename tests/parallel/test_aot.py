@@ -4,22 +4,17 @@ libtpu's compile-only client (no TPU attached). Skipped without libtpu; install 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import re
 import subprocess
 import sys
 
-import pytest
+from tests.helpers.extras import needs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(
-  importlib.util.find_spec("libtpu") is None,
-  reason="libtpu is not installed: compiling for a TPU topology needs its compile-only "
-  "client (pip install -r requirements-tpu.txt)",
-)
+pytestmark = needs("libtpu", "requirements-tpu.txt", "compiling for a TPU topology")
 
 
 def _python(args: list[str], timeout: int) -> subprocess.CompletedProcess:

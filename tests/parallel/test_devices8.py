@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -15,22 +14,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flt_jax import run as run_lib
-from tests.parallel import common, run_config
-from tests.test_run import losses as logged_losses
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-# Unoptimised CPU code generation halves the compile time of the many small steps;
-# numerics are unchanged (every mesh and the reference compile the same way).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+from tests.helpers.runs import REPO, logged_eval_losses, logged_losses, two_micro_batch_config
+from tests.parallel import common
 
 
 def test_eight_devices_then_restore_on_one(tmp_path):
-  env = dict(
-    os.environ,
-    FLT_DEVICES8="1",
-    FLT_DEVICES8_OUT=str(tmp_path),
-    XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}",
-  )
+  # FLT_DEVICES8=1: tests/conftest.py gives the child eight CPU devices.
+  env = dict(os.environ, FLT_DEVICES8="1", FLT_DEVICES8_OUT=str(tmp_path))
   result = subprocess.run(
     [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/parallel/devices8"],
     cwd=REPO,
@@ -54,23 +44,14 @@ def test_eight_devices_then_restore_on_one(tmp_path):
 
   # The run layer: the 8-device run's first two steps and its eval match one device,
   # and its checkpoint resumes here on one device to the same steps 3 and 4.
-  reference = run_lib.train_and_evaluate(run_config.config(steps=4), str(tmp_path / "ref1"))
+  reference = run_lib.train_and_evaluate(two_micro_batch_config(steps=4), str(tmp_path / "ref1"))
   ref_losses = logged_losses(tmp_path / "ref1")
   eight = logged_losses(tmp_path / "run8")
   np.testing.assert_allclose([eight[1], eight[2]], [ref_losses[1], ref_losses[2]], rtol=1e-5)
-  resumed = run_lib.train_and_evaluate(run_config.config(steps=4), str(tmp_path / "run8"))
+  eval8_step2 = logged_eval_losses(tmp_path / "run8")[2]
+  resumed = run_lib.train_and_evaluate(two_micro_batch_config(steps=4), str(tmp_path / "run8"))
   assert resumed["step"] == 4
   after = logged_losses(tmp_path / "run8")
   np.testing.assert_allclose([after[3], after[4]], [ref_losses[3], ref_losses[4]], rtol=1e-5)
   np.testing.assert_allclose(resumed["eval_loss"], reference["eval_loss"], rtol=1e-5)
-  eval8 = [
-    json.loads(line)["eval/loss"]
-    for line in (tmp_path / "run8" / "metrics.jsonl").read_text().splitlines()
-    if json.loads(line).get("step") == 2 and "eval/loss" in line
-  ]
-  ref_eval2 = [
-    json.loads(line)["eval/loss"]
-    for line in (tmp_path / "ref1" / "metrics.jsonl").read_text().splitlines()
-    if json.loads(line).get("step") == 2 and "eval/loss" in line
-  ]
-  np.testing.assert_allclose(eval8[:1], ref_eval2[:1], rtol=1e-5)
+  np.testing.assert_allclose(eval8_step2, logged_eval_losses(tmp_path / "ref1")[2], rtol=1e-5)

@@ -1,13 +1,14 @@
 """Multi-host training simulated with two processes on this machine (jax.distributed over
 localhost, two CPU devices each): each host feeds only its share of the batch, process 0
-alone writes metrics, both save their data-iterator state, and a run stopped and resumed
-across hosts continues exactly like an uninterrupted one. One process then evaluates the
-two-host checkpoint (restore onto another mesh)."""
+alone writes metrics, both save their data-iterator state, and a run resumed across hosts
+from its step-2 checkpoint continues exactly like the uninterrupted one. One process then
+evaluates the two-host checkpoint (restore onto another mesh)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from flt_jax import run
-from tests.test_run import losses
+from tests.helpers.runs import logged_losses
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
@@ -34,7 +35,7 @@ def _two_hosts(workdir: Path, steps: int) -> list[dict]:
     env = dict(
       os.environ,
       JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
       JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
       JAX_NUM_PROCESSES="2",
       JAX_PROCESS_ID=str(process_id),
@@ -71,10 +72,22 @@ def test_two_hosts_train_resume_and_evaluate_on_one(tmp_path):
   metadata = json.loads((tmp_path / "full/checkpoints/4/_CHECKPOINT_METADATA").read_text())
   assert len(metadata["custom_metadata"]["flt_record"]["item_checksums"]["data"]) == 2
 
-  _two_hosts(tmp_path / "resumed", 2)
-  _two_hosts(tmp_path / "resumed", 4)
-  want, got = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+  # The same run stopped after its step-2 checkpoint, resumed on two hosts.
+  shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed/checkpoints/4")
+  resumed = _two_hosts(tmp_path / "resumed", 4)
+  assert resumed[0]["summary"]["step"] == 4
+  steps_logged = [
+    json.loads(line)["step"]
+    for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    if "train/loss" in line
+  ]
+  assert steps_logged == [1, 2, 3, 4, 3, 4]  # steps 3 and 4 trained again, nothing else
+  want, got = logged_losses(tmp_path / "full"), logged_losses(tmp_path / "resumed")
   np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=1e-6)
+  np.testing.assert_allclose(
+    resumed[0]["summary"]["eval_loss"], full[0]["summary"]["eval_loss"], rtol=1e-6
+  )
 
   # The two-host checkpoint evaluated in this single process (one device).
   results = run.evaluate_checkpoint(None, str(tmp_path / "full"), [2])

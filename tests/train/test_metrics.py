@@ -10,27 +10,13 @@ import pytest
 from etils import epath
 from tensorboardX.proto import event_pb2
 
-from flt_jax.model import config as model_config
 from flt_jax.train import metrics as m
+from tests.helpers.models import model_config
 
 
 def _model(**kw):
-  c = model_config.get_config()
-  c.update(
-    dict(
-      vocab_size=100,
-      n_layer=2,
-      d_model=64,
-      n_head=2,
-      n_kv_head=1,
-      kv_lora_rank=0,
-      loops=3,
-      loss_type="STEP",
-      seq_len=32,
-    )
-  )
-  c.update(kw)
-  return model_config.ModelConfig.from_config(c)
+  shape = dict(vocab_size=100, n_layer=2, d_model=64, n_head=2, n_kv_head=1, seq_len=32)
+  return model_config(**{**shape, "kv_lora_rank": 0, "loops": 3, "loss_type": "STEP", **kw})
 
 
 def _block_shapes(c):

@@ -11,6 +11,7 @@ import pytest
 
 from flt_jax.train import config as train_config
 from flt_jax.train import optimizer as opt_lib
+from tests.helpers.models import model_config
 
 L, D, V = 3, 8, 24
 TOTAL = 10
@@ -320,23 +321,11 @@ def test_config_validation_messages():
 @pytest.mark.parametrize("kv_lora_rank", [0, 8])
 def test_labels_on_the_real_model_tree(kv_lora_rank):
   """Muon gets exactly the block matrices, AdamW exactly embedding and lm_head."""
-  from flt_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
   from flt_jax.model.looped import LoopedTransformer  # pylint: disable=g-import-not-at-top
   from flt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
-  c = model_config.get_config()
-  c.update(
-    dict(
-      vocab_size=64,
-      n_layer=2,
-      d_model=32,
-      n_head=2,
-      n_kv_head=1,
-      kv_lora_rank=kv_lora_rank,
-      seq_len=8,
-    )
-  )
-  model = LoopedTransformer(model_config.ModelConfig.from_config(c))
+  shape = dict(vocab_size=64, n_layer=2, d_model=32, n_head=2, n_kv_head=1, seq_len=8)
+  model = LoopedTransformer(model_config(**shape, kv_lora_rank=kv_lora_rank))
   params = jax.eval_shape(lambda: state_lib.init_params(model, jax.random.PRNGKey(0), 8))
   labels = {
     jax.tree_util.keystr(p): l

@@ -8,31 +8,18 @@ import numpy as np
 import optax
 import pytest
 
-from flt_jax.model import config as model_config
 from flt_jax.model import loop_count
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.train import config as train_config
 from flt_jax.train import optimizer as optim_lib
 from flt_jax.train import state as state_lib
 from flt_jax.train import step as step_lib
+from tests.helpers.models import model_config
 
 
 def _model(**overrides):
-  c = model_config.get_config()
-  c.update(
-    dict(
-      vocab_size=64,
-      n_layer=2,
-      d_model=32,
-      n_head=2,
-      n_kv_head=1,
-      loops=2,
-      seq_len=8,
-      loss_type="STEP",
-    )
-  )
-  c.update(overrides)
-  return LoopedTransformer(model_config.ModelConfig.from_config(c))
+  shape = dict(vocab_size=64, n_layer=2, d_model=32, n_head=2, n_kv_head=1, seq_len=8)
+  return LoopedTransformer(model_config(**{**shape, "loops": 2, "loss_type": "STEP", **overrides}))
 
 
 def _batch(B, T=8, seed=0, ignore_frac=0.2):

@@ -10,16 +10,16 @@ import os
 import jax
 
 from flt_jax import run
-from tests.parallel import run_config
+from tests.helpers.runs import two_micro_batch_config
 
 
 def test_run_layer_trains_and_checkpoints_on_the_mesh(capsys):
   workdir = os.path.join(os.environ.get("FLT_DEVICES8_OUT") or "/tmp", "run8")
-  summary = run.train_and_evaluate(run_config.config(steps=2, data=2, fsdp=4), workdir)
+  summary = run.train_and_evaluate(two_micro_batch_config(steps=2, data=2, fsdp=4), workdir)
   assert summary["step"] == 2
   printed = capsys.readouterr().out
   assert "data=2 fsdp=4 tensor=1 (8 devices" in printed  # the startup line
-  run_setup = run.setup(run_config.config(steps=2, data=2, fsdp=4), workdir, training=False)
+  run_setup = run.setup(two_micro_batch_config(steps=2, data=2, fsdp=4), workdir, training=False)
   checkpointer = run.open_checkpointer(run_setup, workdir, read_only=True)
   state = checkpointer.restore(2, run_setup.restore_target)["state"]
   checkpointer.close()

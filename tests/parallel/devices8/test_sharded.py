@@ -116,10 +116,12 @@ def test_one_device_reference_is_the_plain_jit_step():
   its strided micro-batches) gives the losses of the plain jax.jit of train_step."""
   prog = common.program("gqa", jax.devices()[:1], **ONE_DEVICE)
   state = jax.jit(prog.init_fn)(jax.random.PRNGKey(0))
-  step = jax.jit(prog.step_fn())
+  batches = [jax.device_put(b, jax.devices()[0]) for b in common.host_batches(STEPS)]
+  # Compiled once: the initial state's types (weak ones included) serve every step.
+  step = jax.jit(prog.step_fn()).lower(state, batches[0]).compile()
   losses = []
-  for batch in common.host_batches(STEPS):
-    state, metrics = step(state, jax.device_put(batch, jax.devices()[0]))
+  for batch in batches:
+    state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
   np.testing.assert_allclose(_run("gqa", "one")["losses"], losses, rtol=1e-5, atol=1e-5)
 
@@ -148,7 +150,6 @@ def _all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
 
 
 def test_data_parallel_step_never_gathers_the_activations():
-  batch = common.host_batches(1)[0]
   d_model, seq_len = 64, common.SEQ_LEN
   activations = {
     (common.MICRO_BATCH, seq_len, d_model),
@@ -157,12 +158,10 @@ def test_data_parallel_step_never_gathers_the_activations():
     (common.GLOBAL_BATCH * seq_len, d_model),
   }
   data = _run("gqa", "data8")["run"]
-  text = data.compiled(data.init(), data.global_batch(batch)).as_text()
-  gathered = _all_gather_shapes(text)
+  gathered = _all_gather_shapes(data.compiled_text())
   assert not [s for s in gathered if s in activations], gathered
   # The parser does find all-gathers where there are some: FSDP gathers its weights.
-  fsdp = _run("gqa", "fsdp8")["run"]
-  fsdp_text = fsdp.compiled(fsdp.init(), fsdp.global_batch(batch)).as_text()
+  fsdp_text = _run("gqa", "fsdp8")["run"].compiled_text()
   assert (2, 64, 256) in _all_gather_shapes(fsdp_text)  # mlp c_fc of both layers
 
 
