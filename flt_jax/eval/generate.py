@@ -54,8 +54,10 @@ class Generation(NamedTuple):
   exit_loops: per row, the loops each of its new tokens ran (K without an exit rule).
   step_loops: loop iterations the decoding steps ran, summed over steps (a step's loops
   run while any unfinished row is active, so a batch runs its slowest row's);
-  prefill_loops: the prompt pass's. Block evaluations actually run = loops x n_layer
-  (`step_block_evaluations`, `prefill_block_evaluations`), each over the whole batch.
+  prefill_loops: the prompt pass's; steps: the decoding steps run (one per new token with
+  an exit rule; without one the first token comes from the prompt pass). Block
+  evaluations actually run = loops x n_layer (`step_block_evaluations`,
+  `prefill_block_evaluations`), each over the whole batch.
   """
 
   rows: list[list[int]]
@@ -209,8 +211,10 @@ class Generator:
         row = row[: row.index(self.stop_token) + 1]
       rows.append(row)
       exits.append(loops[: len(row)])
+    # Without an exit rule the first new token comes from the prompt pass, not a step.
+    decode_steps = int(steps) - (self.exit_rule is None)
     return Generation(
-      rows, exits, int(step_loops), int(prefill_loops), int(steps), self.model_cfg.n_layer
+      rows, exits, int(step_loops), int(prefill_loops), decode_steps, self.model_cfg.n_layer
     )
 
   def teacher_forced(self, params, tokens_BxT, real_BxT=None) -> TeacherForced:
@@ -280,35 +284,26 @@ class Generator:
     def ended(tokens_B):
       return jnp.zeros_like(tokens_B, bool) if stop is None else tokens_B == stop
 
-    def first_logits(params, prompt_BxTp, prompt_len, cache):
-      """The logits of the first new token: (logits, cache, its exit loops, the step's
-      loops, the prefill's loops)."""
-      B = prompt_BxTp.shape[0]
-      if self.exit_rule is None:  # the whole prompt in one pass
-        logits_BxV, cache = decoder.prefill(params, prompt_BxTp, prompt_len, cache, loops=loops)
-        return logits_BxV, cache, jnp.full([B], loops, jnp.int32), jnp.int32(0), jnp.int32(loops)
-      # The prompt but its last token side by side, then that token alone: the first new
-      # token's loops are a step's, counted as such.
-      _, cache, prefill = decoder.prefill_exit(
-        params, prompt_BxTp, prompt_len - 1, cache, self.exit_rule, loops=loops
-      )
-      last_B = jnp.take(prompt_BxTp, prompt_len - 1, axis=1)
-      logits_BxV, cache, exit_B, loops_run = self._decode_step(
-        params, last_B, cache, jnp.ones([B], bool)
-      )
-      return logits_BxV, cache, exit_B, loops_run, prefill.loops_run
-
     def run(params, prompt_BxTp, prompt_len, rng):
       B, Tp = prompt_BxTp.shape
       # Positions 0..Tp-1 hold the padded prompt, then up to N - 1 fed-back tokens.
       cache = decoder.init_cache(loops, B, Tp + N - 1)
-      logits_BxV, cache, exit_B, step_loops, prefill_loops = first_logits(
-        params, prompt_BxTp, prompt_len, cache
-      )
-      token_B = choose(rng, 0, logits_BxV)
-      out_BxN = jnp.full([B, N], fill, jnp.int32).at[:, 0].set(token_B)
-      exits_BxN = jnp.zeros([B, N], jnp.int32).at[:, 0].set(exit_B)
-      emit(0, token_B)
+      out_BxN = jnp.full([B, N], fill, jnp.int32)
+      exits_BxN = jnp.full([B, N], loops, jnp.int32)
+      if self.exit_rule is None:  # the whole prompt in one pass gives the first token
+        logits_BxV, cache = decoder.prefill(params, prompt_BxTp, prompt_len, cache, loops=loops)
+        token_B = choose(rng, 0, logits_BxV)
+        out_BxN = out_BxN.at[:, 0].set(token_B)
+        emit(0, token_B)
+        first_step, done_B, prefill_loops = 1, ended(token_B), jnp.int32(loops)
+      else:
+        # The prompt but its last token side by side; that token is the first step's, so
+        # the first new token's loops are counted as a step's.
+        _, cache, prefill = decoder.prefill_exit(
+          params, prompt_BxTp, prompt_len - 1, cache, self.exit_rule, loops=loops
+        )
+        token_B = jnp.take(prompt_BxTp, prompt_len - 1, axis=1)
+        first_step, done_B, prefill_loops = 0, jnp.zeros([B], bool), prefill.loops_run
 
       def cond(state):
         step, _, done_B, *_ = state
@@ -324,7 +319,7 @@ class Generator:
         done_B = done_B | ended(token_B)
         return step + 1, token_B, done_B, out_BxN, exits_BxN, step_loops + loops_run, cache
 
-      state = (jnp.int32(1), token_B, ended(token_B), out_BxN, exits_BxN, step_loops, cache)
+      state = (jnp.int32(first_step), token_B, done_B, out_BxN, exits_BxN, jnp.int32(0), cache)
       steps, _, _, out_BxN, exits_BxN, step_loops, _ = jax.lax.while_loop(cond, body, state)
       return out_BxN, exits_BxN, steps, step_loops, prefill_loops
 
