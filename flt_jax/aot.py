@@ -45,7 +45,7 @@ from absl import app, flags
 from jax.experimental import topologies
 from ml_collections import config_flags
 
-from flt_jax import gpu_targets, quiet_start
+from flt_jax import cli, gpu_targets, quiet_start
 from flt_jax.errors import ConfigError
 from flt_jax.parallel import mesh as mesh_lib
 from flt_jax.run import Program, build_program
@@ -442,7 +442,8 @@ def format_report(report: CompileReport, title: str = "") -> str:
     "per device and step, FLOPs",
     f"  model           {r.model_flops:.4g}   (train.metrics.flops_per_token x tokens / devices)",
     f"  traced matmuls  {r.traced_flops:.4g}   ({r.traced_flops / r.model_flops:.3f} x model; "
-    "every dot_general of the step, scan lengths and remat recompute included)",
+    "every dot_general of the step, scan lengths and remat recompute included; attention "
+    "inside a fused kernel's custom call is not a dot_general)",
     f"  XLA cost        {r.compiled_flops:.4g}   ({r.compiled_flops / r.model_flops:.3f} x model; "
     "cost_analysis() of the compiled step, which counts each loop body once)"
     if math.isfinite(r.compiled_flops)
@@ -512,4 +513,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

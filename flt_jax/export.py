@@ -10,21 +10,40 @@ names and torch layouts (`transformer.wte.weight`, `transformer.h.{l}.attn.c_q.w
 
   torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in np.load("model.npz").items()})
 
-`interop.load_reference_npz(path, model_cfg)` reads it back into flt_jax params.
+`interop.load_reference_npz(path, model_cfg)` reads it back into flt_jax params, with
+the model config from `load_workdir(DIR)`.
 """
 
 from __future__ import annotations
 
 import io
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
-from flt_jax import files, interop, run
+from flt_jax import cli, files, interop, run
 from flt_jax.errors import ConfigError
+from flt_jax.model.config import ModelConfig
 from flt_jax.train.checkpoint import CheckpointError
+
+
+def _on_host(params):
+  """The params as numpy arrays, whole on every host."""
+  if jax.process_count() > 1:  # every host holds part of each array: gather them
+    return multihost_utils.process_allgather(params, tiled=True)
+  return jax.device_get(params)
+
+
+def load_workdir(workdir: str, step: int | None = None) -> tuple[ModelConfig, nn.Module, dict]:
+  """(model_cfg, model, params) of `workdir`'s checkpoint `step` (default: the latest),
+  restored with the config saved in it, the params as numpy arrays: what
+  `model.apply({"params": params}, tokens_BxT)` and `interop.load_reference_npz(path,
+  model_cfg)` need. Raises ValueError or CheckpointError with a one-line message."""
+  run_setup, params, _ = run.restore_params(workdir, None, step)
+  return run_setup.model_cfg, run_setup.model, _on_host(params)
 
 
 def export_npz(workdir: str, out: str, step: int | None = None) -> dict:
@@ -32,10 +51,7 @@ def export_npz(workdir: str, out: str, step: int | None = None) -> dict:
   the reference's state dict. Returns {'step', 'path', 'model_cfg', 'names'}."""
   files.check_writable_file(out)  # a bad --out is named before the restore's work
   run_setup, params, step = run.restore_params(workdir, None, step)
-  if jax.process_count() > 1:  # every host holds part of each array: gather them
-    params = multihost_utils.process_allgather(params, tiled=True)
-  else:
-    params = jax.device_get(params)
+  params = _on_host(params)
   state_dict = interop.to_reference(params, run_setup.model_cfg)
   if jax.process_index() == 0:
     buffer = io.BytesIO()
@@ -75,4 +91,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

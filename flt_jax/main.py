@@ -15,13 +15,14 @@ README.md ("Configuration") and the get_config() of each flt_jax/*/config.py.
 """
 
 import os
+import re
 import sys
 import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flt_jax import run
+from flt_jax import cli, run
 from flt_jax.errors import ConfigError
 from flt_jax.files import FileWriteError
 from flt_jax.model import exit as exit_lib
@@ -147,6 +148,30 @@ def _one_line(message: str) -> str:
   return "; ".join(lines)
 
 
+def _unknown_key(argv, error: Exception) -> str:
+  """One line for an override of a field that does not exist: which override, which
+  section lacks the field, and ml_collections' suggestion when it has one (its KeyError,
+  or an AttributeError wrapping one, holds the quoted key, then 'Did you mean "..."')."""
+  inner = error.args[0] if error.args else ""
+  if isinstance(inner, KeyError):
+    inner = inner.args[0] if inner.args else ""
+  text = str(inner)
+  key = re.match(r"'?([^'\n]*)", text).group(1)
+  guess = re.search(r'Did you mean "([^"]+)"', text)
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  for arg in overrides:
+    path = arg.removeprefix("--").split("=", 1)[0].split(".")
+    if key in path[1:]:
+      parent = ".".join(path[: path.index(key, 1)])
+      hint = f" (did you mean {parent}.{guess.group(1)}?)" if guess else ""
+      return (
+        f"unknown config key {arg.split('=', 1)[0]}: {parent} has no field {key!r}{hint}. "
+        "Fix: name an existing field; --print_config lists them all"
+      )
+  names = [a.split("=", 1)[0] for a in overrides]
+  return f"unknown config key {key!r} in {', '.join(names)}. Fix: --print_config lists every field"
+
+
 def parse_flags(argv):
   """absl's parser, with a clear message for an override of a key that does not exist."""
   try:
@@ -156,12 +181,7 @@ def parse_flags(argv):
   except OSError as e:  # ml_collections: the config file cannot be loaded
     raise SystemExit(f"error: --config: {_one_line(str(e))}") from None
   except (AttributeError, KeyError) as e:
-    bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    raise SystemExit(
-      f"error: unknown config key in {bad} ({e}); every override must "
-      "name an existing field, see flt_jax/presets.py and the "
-      "get_config() of flt_jax/{model,data,train}/config.py"
-    ) from None
+    raise SystemExit(f"error: {_unknown_key(argv, e)}") from None
 
 
 def main(argv):
@@ -219,37 +239,24 @@ def main(argv):
     os._exit(130)
 
 
+def _closed_event_loop(error) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
 def _ignore_closed_event_loop_errors() -> None:
   """Orbax's restore reads arrays through tensorstore callbacks onto an asyncio loop; when
   a read fails (a deleted or truncated array file), the one-line error is reported and
-  the loop closed, but reads still in flight call back into the closed loop and each
-  prints a traceback of that RuntimeError. They say nothing the error did not."""
-  default = sys.excepthook
-
-  def hook(kind, value, tb):
-    if kind is RuntimeError and str(value) == "Event loop is closed":
-      return
-    default(kind, value, tb)
-
-  sys.excepthook = hook
-  default_unraisable = sys.unraisablehook
-
-  def unraisable(args):
-    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
-      return
-    default_unraisable(args)
-
-  sys.unraisablehook = unraisable
-  default_thread = threading.excepthook
-
-  def thread_hook(args):
-    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
-      return
-    default_thread(args)
-
-  threading.excepthook = thread_hook
+  the loop closed, but reads still in flight call back into the closed loop, each with a
+  traceback of that RuntimeError (through whichever hook the calling thread reaches).
+  They say nothing the error did not."""
+  excepthook, unraisable, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
+  sys.excepthook = lambda kind, value, tb: (
+    None if _closed_event_loop(value) else excepthook(kind, value, tb)
+  )
+  sys.unraisablehook = lambda a: None if _closed_event_loop(a.exc_value) else unraisable(a)
+  threading.excepthook = lambda a: None if _closed_event_loop(a.exc_value) else thread_hook(a)
 
 
 if __name__ == "__main__":
   _ignore_closed_event_loop_errors()
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, flags_parser=parse_flags)

@@ -12,10 +12,9 @@ Presets
             (two XLA CPU devices, the batch split over them).
   multihop  trains on the embedded multi-hop pointer-chasing task (4 nodes,
             1-3 hops, loss on the answer only; d_model 64, 4 heads, Muon lr
-            0.005) for 1,000 steps of 128 examples, about 11 minutes on 2 CPU
-            cores, and reports answer accuracy; `--mode=eval` adds the hops x K'
-            table. Measured: FLT K=12 reaches 1.00 at 1, 2 and 3 hops; evaluated
-            at K'=1 it gets 0.38, at K'=4 0.97 (loops do the hops).
+            0.005) for 1,000 steps of 128 examples and reports answer accuracy;
+            `--mode=eval` adds the hops x K' table (README, "Evaluate at other
+            loop counts"; benchmarks/readme_figures.py regenerates it).
   paper     the paper's shapes and recipe: n_layer 6, d_model 384,
             sequence 1024, 524,288-token batches, bf16 compute, 20 tokens per
             parameter, fineweb-edu Parquet shards at --config.data.path and a

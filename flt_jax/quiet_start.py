@@ -54,7 +54,12 @@ def tpu_present() -> bool:
     return True
   if glob.glob("/dev/vfio/[0-9]*"):
     return True
-  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+  return google_pci_device()
+
+
+def google_pci_device(pci_root: str = "/sys/bus/pci/devices") -> bool:
+  """A PCI device of Google's vendor id: the TPU chips of a Cloud TPU VM."""
+  for vendor in glob.glob(os.path.join(pci_root, "*", "vendor")):
     try:
       with open(vendor) as f:
         if f.read().strip() == _GOOGLE_PCI_VENDOR:

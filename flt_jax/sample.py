@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 from absl import app, flags, logging
 
-from flt_jax import run
+from flt_jax import cli, run
 from flt_jax.errors import ConfigError
 from flt_jax.eval.generate import Generation, Generator
 from flt_jax.model import decode
@@ -86,9 +86,12 @@ def generate_text(
   """The generated continuation of `prompt` (its text; the stop token not included),
   written piece by piece to `write` as it is generated; `log` gets the lines saying
   what it ran (describe_generation). Raises ValueError (or CheckpointError) with a
-  one-line message naming the problem and the fix."""
-  if loops is not None and loops < 1:
-    raise ValueError(f"--loops={loops} is invalid: a looped model needs at least one loop")
+  one-line message naming the problem and the fix. `loops` None runs at the trained K."""
+  if loops is not None and loops < 1:  # before any work: 0 is not "the default"
+    raise ValueError(
+      f"--loops={loops} is invalid: a looped model needs at least one loop; omit --loops "
+      "to run at the trained K, or give K' >= 1"
+    )
   rule = None
   if exit_rule:  # checked before the restore; max_loops is --loops, or the trained K
     rule = exit_lib.parse_exit(exit_rule, flag="--exit", min_loops=min_loops, max_loops=loops or 0)
@@ -97,7 +100,8 @@ def generate_text(
   restored = run.restore_checkpoint(workdir, None, step)
   run_setup, params = restored.run_setup, restored.params
   tokenizer = run_setup.tokenizer
-  loops = loops or restored.trained_loops
+  if loops is None:
+    loops = restored.trained_loops
   slots = decode.parse_kv_loops(kv_loops, loops)
   if rule is not None:
     rule = exit_lib.with_max_loops(rule, loops)
@@ -156,7 +160,7 @@ def define_flags() -> None:
   flags are global, so the commands' functions can be imported side by side."""
   flags.DEFINE_string("workdir", None, "Run directory whose checkpoint to sample from.")
   flags.DEFINE_string("prompt", "", "Text to continue (may be empty).")
-  flags.DEFINE_integer("loops", None, "Loop count K' (default: the trained K).")
+  flags.DEFINE_integer("loops", None, "Loop count K' >= 1 (default: the trained K).")
   flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate at most.")
   flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy.")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = off.")
@@ -224,4 +228,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

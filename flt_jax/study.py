@@ -16,39 +16,96 @@ A run that already finished in DIR/<name> is not retrained (rerunning redraws th
 from __future__ import annotations
 
 import csv
+import difflib
 import importlib.util
 import io
 import json
 import math
 import re
 
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 
-from flt_jax import files, run
+from flt_jax import cli, files, run
+from flt_jax.train.checkpoint import CheckpointError
+from flt_jax.workdir_lock import WorkdirLockedError
+
+
+def known_experiments(experiments_dir: str) -> list[str]:
+  """The experiment files' names in `experiments_dir` (not packages' __init__ or helpers)."""
+  return sorted(
+    p.stem
+    for p in epath.Path(experiments_dir).glob("*.py")
+    if not p.stem.startswith("_") and p.stem != "base"
+  )
 
 
 def load_experiment(experiments_dir: str, name: str, preset: str):
   path = epath.Path(experiments_dir) / f"{name}.py"
-  if not path.exists():
-    known = sorted(p.stem for p in epath.Path(experiments_dir).glob("*.py") if p.stem != "base")
-    raise ValueError(f"no experiment {name!r} in {experiments_dir}; known: {known}")
+  if not name or name.startswith("_") or not path.exists():
+    known = known_experiments(experiments_dir)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ValueError(
+      f"--experiments: no experiment {name!r} in {experiments_dir}{hint}; known: "
+      f"{', '.join(known) or 'none'}"
+    )
   spec = importlib.util.spec_from_file_location(f"_study_{name}", str(path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(preset)
 
 
+def _parse_value(text: str, current):
+  """`text` as a value of the type of `current` (the field's value in the config)."""
+  if isinstance(current, bool):
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ValueError("not a boolean (true or false)")
+  if isinstance(current, str):
+    return text
+  if isinstance(current, int):
+    number = float(text)  # 64, 64.0 and 1e3 are whole numbers; 64.5 is not
+    if not number.is_integer():
+      raise ValueError("not a whole number")
+    return int(number)
+  if isinstance(current, float):
+    return float(text)
+  return json.loads(text)
+
+
 def apply_override(config, assignment: str) -> None:
+  """`--set section.field=value` on `config`; ValueError naming the assignment and the
+  fix for a key that does not exist or a value of the wrong type."""
   key, sep, text = assignment.partition("=")
-  if not sep:
-    raise ValueError(f"--set {assignment!r} is not section.field=value")
-  *sections, field = key.split(".")
+  if not sep or not key:
+    raise ValueError(f"--set={assignment!r} is not section.field=value, e.g. model.d_model=64")
+  names = key.split(".")
   node = config
-  for s in sections:
-    node = node[s]
+  for depth, name in enumerate(names):
+    if not hasattr(node, "keys") or name not in node:
+      parent = ".".join(names[:depth])
+      close = difflib.get_close_matches(name, list(node.keys()) if hasattr(node, "keys") else [])
+      hint = f" (did you mean {'.'.join([*names[:depth], close[0]])}?)" if close else ""
+      raise ValueError(
+        f"--set={assignment}: {'config.' + parent if parent else 'config'} has no field "
+        f"{name!r}{hint}; --set takes an existing section.field (python -m flt_jax.main "
+        "--config=FILE --print_config lists them)"
+      )
+    if depth < len(names) - 1:
+      node = node[name]
+  field = names[-1]
   current = node[field]
-  value = type(current)(json.loads(text) if not isinstance(current, str) else text)
+  try:
+    value = _parse_value(text, current)
+  except ValueError as e:
+    raise ValueError(
+      f"--set={assignment}: {key} is {type(current).__name__} ({current!r}), and {text!r} "
+      f"is not one ({e})"
+    ) from None
   node[field] = value
 
 
@@ -181,12 +238,17 @@ def plot(out: epath.Path, runs: dict[str, dict[str, list]]) -> None:
   plt.close(fig)
 
 
-def run_study(
-  experiments, *, out, steps, log_every, preset="cpu", experiments_dir="experiments", overrides=()
-) -> str:
-  out = epath.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  runs, rows = {}, []
+def study_configs(
+  experiments, *, steps, log_every, preset="cpu", experiments_dir="experiments", overrides=()
+) -> dict:
+  """{name: resolved config} of every run of the study. Every name, override and field is
+  checked here (ValueError / ConfigError naming it), before anything is written."""
+  if not experiments or not all(experiments):
+    raise ValueError(
+      f"--experiments={','.join(experiments or [])!r} names no experiment: give one or more "
+      "comma-separated names, e.g. --experiments=lt_12loop,flt_12loop"
+    )
+  configs = {}
   for name in experiments:
     config = load_experiment(experiments_dir, name, preset)
     config.train.steps = steps
@@ -194,6 +256,28 @@ def run_study(
     config.train.eval_every = steps
     for assignment in overrides:
       apply_override(config, assignment)
+    configs[name] = run.resolve_config(config)
+  return configs
+
+
+def run_study(
+  experiments, *, out, steps, log_every, preset="cpu", experiments_dir="experiments", overrides=()
+) -> str:
+  configs = study_configs(
+    experiments,
+    steps=steps,
+    log_every=log_every,
+    preset=preset,
+    experiments_dir=experiments_dir,
+    overrides=overrides,
+  )
+  out = epath.Path(out)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--out={out} cannot be created ({e}); choose another directory") from None
+  runs, rows = {}, []
+  for name, config in configs.items():
     workdir = out / name
     run.train_and_evaluate(config, str(workdir))
     metrics = read_metrics(workdir)
@@ -221,19 +305,29 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  table = run_study(
-    flags.FLAGS.experiments,
-    out=flags.FLAGS.out,
-    steps=flags.FLAGS.steps,
-    log_every=flags.FLAGS.log_every,
-    preset=flags.FLAGS.preset,
-    experiments_dir=flags.FLAGS.experiments_dir,
-    overrides=flags.FLAGS.set,
-  )
+  logging.set_verbosity(logging.WARNING)  # the runs' own lines, not absl's and Orbax's INFO
+  try:
+    table = run_study(
+      flags.FLAGS.experiments,
+      out=flags.FLAGS.out,
+      steps=flags.FLAGS.steps,
+      log_every=flags.FLAGS.log_every,
+      preset=flags.FLAGS.preset,
+      experiments_dir=flags.FLAGS.experiments_dir,
+      overrides=flags.FLAGS.set,
+    )
+  except (
+    ValueError,
+    CheckpointError,
+    run.NonFiniteError,
+    WorkdirLockedError,
+    files.FileWriteError,
+  ) as e:
+    raise SystemExit(f"error: {e}") from None
   print(table)
   print(f"figure: {epath.Path(flags.FLAGS.out) / 'study.png'}")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

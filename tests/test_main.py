@@ -13,7 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
   "override,message",
   [
-    ("--config.model.n_layers=3", "unknown config key in ['--config.model.n_layers']"),
+    (
+      "--config.model.n_layers=3",
+      "unknown config key --config.model.n_layers: config.model has no field 'n_layers' "
+      "(did you mean config.model.n_layer?)",
+    ),
     ("--config.model.loops=x", "flag --config.model.loops=x: invalid literal"),
     ("--config.model.variant=XLT", "config.model.variant='XLT' is invalid"),
   ],

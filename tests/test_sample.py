@@ -123,7 +123,7 @@ def test_a_request_beyond_the_rotary_table_is_one_line(workdir):
   # seq_len 24: a rotary table of 240 positions; eos + 8 prompt bytes + 240 > 240
   with pytest.raises(ValueError, match=r"needs 248 positions, more than the rotary table's 240"):
     sample.generate_text(str(workdir), PROMPT, max_new_tokens=240)
-  with pytest.raises(ValueError, match="shorten the prompt or lower --max_new_tokens") as e:
+  with pytest.raises(ValueError, match="the prompt is 301 tokens, 61 more than the 240") as e:
     sample.generate_text(str(workdir), "x" * 300, max_new_tokens=1)
   _one_line(e)
 

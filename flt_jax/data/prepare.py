@@ -49,9 +49,7 @@ def train_tokenizer(args) -> dict:
   t0 = time.time()
   texts = sources.training_texts(d, int(args.max_bytes))
   nbytes = sum(len(t.encode("utf-8")) for t in texts)
-  tok = tokenizers_lib.train_bpe(
-    tqdm.tqdm(texts, desc="train bpe", unit="doc"), int(args.vocab_size)
-  )
+  tok = tokenizers_lib.train_bpe_checked(texts, int(args.vocab_size), "--max_bytes", args.max_bytes)
   tok.save(args.out)
   n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
   summary = {

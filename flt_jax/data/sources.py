@@ -17,6 +17,7 @@ last validation_fraction of lines / rows / tokens is the validation split.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import functools
 import glob
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from flt_jax.errors import config_error
 
@@ -168,11 +170,35 @@ def split_keys(keys: list[str], fraction: float) -> tuple[list[int], list[int]]:
   return [i for i in range(len(keys)) if i not in val_set], sorted(val_set)
 
 
+def invalid_utf8_bytes(raw: bytes) -> int:
+  """How many bytes of `raw` are not valid UTF-8 (each a lone surrogate when decoded with
+  surrogateescape)."""
+  return sum(1 for c in raw.decode("utf-8", "surrogateescape") if "\udc80" <= c <= "\udcff")
+
+
+def decode_utf8(raw: bytes, where: str) -> str:
+  """`raw` as text, invalid UTF-8 replaced by U+FFFD as before, with a warning naming
+  `where` and how many bytes were replaced (a binary file, or text in another encoding,
+  would otherwise train on replacement characters unnoticed)."""
+  text = raw.decode("utf-8", "replace")
+  if "\ufffd" in text:  # a replacement, or a U+FFFD the file holds: count the bad bytes
+    bad = invalid_utf8_bytes(raw)
+    if bad:
+      logging.warning(
+        "%s: %s of its %s bytes are not UTF-8 and become U+FFFD (a binary file, or text in "
+        "another encoding? convert it with iconv, or leave it out of data.path)",
+        where,
+        f"{bad:,}",
+        f"{len(raw):,}",
+      )
+  return text
+
+
 @functools.lru_cache(maxsize=4096)
 def _read_text(path: str, mtime: float) -> str:
-  del mtime  # cache key only
+  del mtime  # cache key only (and the warning is given once per file and version)
   with open(path, "rb") as f:
-    return f.read().decode("utf-8", "replace")
+    return decode_utf8(f.read(), path)
 
 
 def _text_docs(path: str) -> list[str]:
@@ -185,22 +211,24 @@ def _jsonl_docs(path: str, column: str, mtime: float) -> tuple[str, ...]:
   del mtime
   out = []
   with open(path, "rb") as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno} is not valid JSON ({e})") from e
-      if not isinstance(obj, dict) or column not in obj:
-        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(
-          f"{path}:{lineno} has no field data.text_column={column!r} "
-          f"(fields: {keys}); set data.text_column"
-        )
-      if obj[column]:
-        out.append(str(obj[column]))
+    raw = f.read().removeprefix(codecs.BOM_UTF8)  # as json.loads(bytes) read it
+  # Lines end at "\n" only, as in the file's bytes: JSON strings may hold U+2028 or U+0085.
+  for lineno, line in enumerate(decode_utf8(raw, path).split("\n"), 1):
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{lineno} is not valid JSON ({e})") from e
+    if not isinstance(obj, dict) or column not in obj:
+      keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+      raise ValueError(
+        f"{path}:{lineno} has no field data.text_column={column!r} "
+        f"(fields: {keys}); set data.text_column"
+      )
+    if obj[column]:
+      out.append(str(obj[column]))
   return tuple(out)
 
 
@@ -267,6 +295,48 @@ def _load_token_doc(unit) -> list[np.ndarray]:
   return [np.asarray(arr[start:end], dtype=np.int32)]
 
 
+# -------------------------------------------------------------------- memory
+# Text and JSONL corpora are held in memory as decoded text (1 byte a character for
+# ASCII, up to 4), and the unit being tokenized holds its ids and their copies: 8 bytes a
+# token (at most one token a byte) measured with no read thread, for a one-line 50 MB
+# file. The estimate takes the worst case of both.
+HELD_BYTES_PER_TEXT_BYTE = 4
+TOKENIZE_BYTES_PER_BYTE = 10
+
+
+def available_memory_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+  """The memory the kernel says new work can use (MemAvailable), or None if unknown."""
+  try:
+    with open(meminfo) as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    return None
+  return None
+
+
+def check_text_fits_memory(path, files: list[str], available: int | None = None) -> None:
+  """ConfigError with an estimate when text/JSONL `files` would not fit in memory: all
+  held as text, the largest tokenized at once."""
+  available = available_memory_bytes() if available is None else available
+  if available is None or not files:
+    return
+  sizes = [os.path.getsize(f) for f in files]
+  needed = HELD_BYTES_PER_TEXT_BYTE * sum(sizes) + TOKENIZE_BYTES_PER_BYTE * max(sizes)
+  if needed > available:
+    gib = lambda n: f"{n / 2**30:.1f} GiB"
+    raise config_error(
+      "data.path",
+      path,
+      f"its {len(files)} file(s) ({gib(sum(sizes))}, the largest {gib(max(sizes))}) would "
+      f"take about {gib(needed)} of memory as text, more than the {gib(available)} "
+      "available",
+      "tokenize them once (python -m flt_jax.data.prepare tokenize ... --out_dir=shards) "
+      "and train on data.source='tokens', data.path='shards/*.bin', which reads from disk",
+    )
+
+
 # -------------------------------------------------------------------- splits
 @dataclasses.dataclass
 class Split:
@@ -274,6 +344,9 @@ class Split:
   load: Callable[[Any], list]  # unit -> docs (str, or int arrays ending in eos)
   kind: str  # 'text' (docs are str) or 'tokens' (docs are id arrays)
   description: str
+  # At least as many tokens as the largest unit yields (a tokenizer gives at most a token
+  # per UTF-8 byte): what one unit in flight costs the pipeline.
+  max_unit_tokens: int = 0
 
 
 def _tail_count(n: int, fraction: float) -> int:
@@ -341,6 +414,8 @@ def get_split(data_config, split: str, tokenizer=None) -> Split:
       "'tokens')"
     )
   keys = [os.path.relpath(f, root) for f in files]
+  if source in ("text", "jsonl"):  # held in memory: refuse before reading what cannot fit
+    check_text_fits_memory(d.path, files)
 
   if source in ("stdlib", "text"):
     per_file = [_text_docs(f) for f in files]
@@ -394,7 +469,24 @@ def get_split(data_config, split: str, tokenizer=None) -> Split:
     load=load,
     kind=kind,
     description=f"{source}:{split} {len(units)} units from {len(files)} files",
+    max_unit_tokens=_max_unit_tokens(source, units),
   )
+
+
+def _max_unit_tokens(source: str, units: list) -> int:
+  """An upper bound on the tokens of any unit of `units` (see Split.max_unit_tokens)."""
+  if source == "parquet":
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+    sizes = [
+      md.row_group(g).total_byte_size
+      for md in (pq.ParquetFile(f).metadata for f in sorted({u[0] for u in units}))
+      for g in range(md.num_row_groups)
+    ]
+    return max(sizes, default=0)
+  if source == "tokens":
+    return max((end - start for _, start, end in units), default=0)
+  return max((len(u.encode("utf-8")) for u in units), default=0)
 
 
 def _identity_list(unit):

@@ -11,11 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import sys
 import threading
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from flt_jax.errors import ConfigError
 
 EOS_TOKEN = "<|endoftext|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|eos|>", "<eos>", "<|bos|>", "<s>")
@@ -210,7 +216,48 @@ def load_tokenizer_file(path: str, eos_token: str = "") -> HFTokenizer:
   return HFTokenizer(tok, eos_token=eos_token, name="file")
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+# BPE training time grows with the square of the longest word the pre-tokenizer makes (a
+# run of letters, of digits, of other symbols or of whitespace): a 100 KB word took 5-9 s
+# on 2 cores, a 400 KB one 257 s. The estimate uses the slower rate.
+BPE_SECONDS_PER_SQUARED_BYTE = 1.6e-9
+BPE_SLOW_SECONDS = 30.0  # longer: say so, with the estimate, and show progress
+BPE_MAX_SECONDS = 900.0  # longer: refuse, saying how to shorten it
+# Runs of 1,000 characters or more (shorter words train in milliseconds).
+_LONG_WORD = re.compile(r"[^\W\d_]{1000,}|\d{1000,}|[^\s\w]{1000,}|\s{1000,}")
+
+
+def longest_word_bytes(texts: Iterable[str]) -> int:
+  """UTF-8 bytes of the longest pre-tokenized word of `texts` (0 when none reaches
+  1,000 characters)."""
+  return max(
+    (len(m.group().encode("utf-8")) for t in texts for m in _LONG_WORD.finditer(t)), default=0
+  )
+
+
+def bpe_training_seconds(word_bytes: int) -> float:
+  """Estimated BPE training time for a text whose longest word has `word_bytes` bytes."""
+  return BPE_SECONDS_PER_SQUARED_BYTE * float(word_bytes) ** 2
+
+
+def check_bpe_training(texts: Sequence[str], budget_name: str, budget: int) -> float:
+  """The estimated training time of a BPE on `texts`; ConfigError when it is beyond
+  BPE_MAX_SECONDS, naming the byte budget that bounds a word (`budget_name`, e.g.
+  config.data.bpe_train_bytes, = `budget`)."""
+  word = longest_word_bytes(texts)
+  seconds = bpe_training_seconds(word)
+  if seconds > BPE_MAX_SECONDS:
+    max_word = int(math.sqrt(BPE_MAX_SECONDS / BPE_SECONDS_PER_SQUARED_BYTE))
+    raise ConfigError(
+      f"{budget_name}={budget!r} is invalid: the text it takes for BPE training holds a "
+      f"word of {word:,} bytes with no break (a run of letters, digits, symbols or "
+      "whitespace), and BPE training time grows with the square of a word's length: about "
+      f"{seconds / 60:,.0f} min. Fix: set {budget_name} to at most {max_word:,}, break the "
+      "text into lines or words, or use the bytes tokenizer."
+    )
+  return seconds
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> HFTokenizer:
   """Trains a byte-level BPE (lossless: decode(encode(s)) == s)."""
   import tokenizers  # pylint: disable=g-import-not-at-top
   from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
@@ -221,7 +268,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
   trainer = trainers.BpeTrainer(
     vocab_size=vocab_size,
     min_frequency=2,
-    show_progress=False,
+    show_progress=show_progress,
     special_tokens=[EOS_TOKEN],
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
   )
@@ -229,12 +276,43 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
   return HFTokenizer(tok, eos_token=EOS_TOKEN, name="bpe")
 
 
+def train_bpe_checked(
+  texts: Sequence[str], vocab_size: int, budget_name: str, budget: int
+) -> HFTokenizer:
+  """train_bpe after check_bpe_training; a training estimated to take long is announced
+  on stderr with its estimate, shows the trainer's progress bars on a terminal, and says
+  how long it took."""
+  seconds = check_bpe_training(texts, budget_name, budget)
+  slow = seconds > BPE_SLOW_SECONDS
+  if slow:
+    size = sum(len(t.encode("utf-8")) for t in texts)
+    print(
+      f"training a BPE tokenizer (vocabulary {vocab_size:,}) on {size:,} bytes of text: "
+      f"about {seconds:,.0f} s, as its longest word has {longest_word_bytes(texts):,} bytes "
+      f"(lower {budget_name} to train faster)",
+      file=sys.stderr,
+      flush=True,
+    )
+  start = time.monotonic()
+  tok = train_bpe(texts, vocab_size, show_progress=slow)
+  if slow:
+    print(f"trained the BPE tokenizer in {time.monotonic() - start:,.0f} s", file=sys.stderr)
+  return tok
+
+
 _BPE_CACHE: dict[str, HFTokenizer] = {}
 _BPE_LOCK = threading.Lock()
 
 
-def bpe_from_texts(texts: Sequence[str], vocab_size: int, cache_path: str = "") -> HFTokenizer:
-  """Trains (or loads from the memory / disk cache) a BPE on `texts`."""
+def bpe_from_texts(
+  texts: Sequence[str],
+  vocab_size: int,
+  cache_path: str = "",
+  budget_name: str = "config.data.bpe_train_bytes",
+  budget: int = 0,
+) -> HFTokenizer:
+  """Trains (or loads from the memory / disk cache) a BPE on `texts`, which are at most
+  `budget` bytes (the setting `budget_name`), checked by train_bpe_checked."""
   h = hashlib.sha256(f"bpe-v1:{vocab_size}:{len(texts)}".encode())
   for t in texts:
     h.update(hashlib.sha256(t.encode("utf-8", "replace")).digest())
@@ -251,7 +329,7 @@ def bpe_from_texts(texts: Sequence[str], vocab_size: int, cache_path: str = "") 
           _BPE_CACHE[key] = tok
           return tok
       logging.info("BPE cache %s is for another corpus; retraining", cache_path)
-    tok = train_bpe(texts, vocab_size)
+    tok = train_bpe_checked(texts, vocab_size, budget_name, budget)
     if cache_path:
       tok.save(cache_path)
       with open(meta_path, "w") as f:

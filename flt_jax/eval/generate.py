@@ -145,6 +145,13 @@ class Generator:
     if prompt_len < 1:
       raise ValueError("the prompt is empty: generation needs at least one prompt token")
     table = self.model_cfg.rope_table_len
+    if prompt_len > table:  # no room left for even one new token
+      raise ValueError(
+        f"the prompt is {prompt_len} tokens, {prompt_len - table} more than the "
+        f"{table} positions of the model's rotary table (config.model.rope_max_len, 0 = 10 "
+        f"* seq_len); shorten it by at least {prompt_len + max_new_tokens - 1 - table} "
+        f"tokens to generate --max_new_tokens={max_new_tokens}"
+      )
     needed = prompt_len + max_new_tokens - 1  # the last new token is never fed back
     if needed > table:
       raise ValueError(

@@ -27,10 +27,26 @@ METRIC_TITLES = {
   "loss": "validation loss (nats/token)",
   "bpb": "bits per byte",
   "answer_accuracy": "answer accuracy",
-  "h_change": "relative change of h, last loop",
+  "h_change": "relative change of h, last loop (none at K'=1)",
 }
+# Why h_change is nan at one loop, for wherever the value is shown.
+H_CHANGE_AT_ONE_LOOP = "n/a (one loop: no earlier h to compare with)"
 LOOPS_COLUMN = "loops"
 TRAINED_COLUMN = "trained_loops"
+
+
+def describe(metrics: Mapping[str, float]) -> str:
+  """One sweep row as text, 'loss 1.2345 | bpb ... | h_change ...', with the reason
+  h_change has no value at K'=1 instead of a bare nan."""
+  parts = []
+  for name, v in metrics.items():
+    if name == "tokens":
+      continue
+    if name == "h_change" and (v is None or math.isnan(v)):
+      parts.append(f"h_change {H_CHANGE_AT_ONE_LOOP}")
+    else:
+      parts.append(f"{name} {v:.4f}")
+  return " | ".join(parts)
 
 
 def _format(value) -> str:

@@ -9,13 +9,13 @@ JAX_PROCESS_ID.
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Mapping
 
 import jax
 from absl import logging
 
+from flt_jax import quiet_start
 from flt_jax.errors import ConfigError, config_error
 from flt_jax.parallel import host_memory
 
@@ -23,20 +23,9 @@ from flt_jax.parallel import host_memory
 _COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
 
-# PCI vendor id of Google's TPU chips (how JAX's own cloud_tpu_init recognises a TPU VM).
-_GOOGLE_PCI_VENDOR = "0x1ae0"
-
-
 def has_tpu_chips(pci_root: str = "/sys/bus/pci/devices") -> bool:
   """Whether this machine has TPU chips attached (a Cloud TPU VM)."""
-  for vendor in glob.glob(os.path.join(pci_root, "*", "vendor")):
-    try:
-      with open(vendor) as f:
-        if f.read().strip() == _GOOGLE_PCI_VENDOR:
-          return True
-    except OSError:
-      continue
-  return False
+  return quiet_start.google_pci_device(pci_root)
 
 
 def detect_cluster(
@@ -122,9 +111,9 @@ def configure_cpu_devices(mesh_config, environ: Mapping[str, str] | None = None)
 def initialize(
   mesh_config, environ: Mapping[str, str] | None = None, tpu_vm: bool | None = None
 ) -> bool:
-  """Sets the host allocator (config.mesh.cpu_reuse_memory) and the CPU device count
-  (configure_cpu_devices), then starts jax.distributed when `config.mesh.distributed` asks
-  for it (see should_initialize); returns whether it did. Safe to call twice."""
+  """Sets the host allocator (config.mesh.cpu_reuse_memory) and the CPU device count (configure_cpu_devices), then starts jax.distributed when
+  `config.mesh.distributed` asks for it (see should_initialize); returns whether it did.
+  Safe to call twice."""
   if mesh_config.get("cpu_reuse_memory", False):
     host_memory.reuse_freed_memory()
   configure_cpu_devices(mesh_config, environ)

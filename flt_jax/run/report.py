@@ -172,8 +172,7 @@ def read_sweep_table(path: epath.Path) -> dict:
 def print_sweep(step: int, workdir: str, variant: str, trained_loops: int, results) -> None:
   say(f"checkpoint step {step} of {workdir} ({variant}, trained at K={trained_loops}):")
   for k, m in results.items():
-    shown = " | ".join(f"{name} {v:.4f}" for name, v in m.items() if name != "tokens")
-    say(f"  loops {k:3d}: {shown}")
+    say(f"  loops {k:3d}: {sweep_report.describe(m)}")
 
 
 def write_sweep(

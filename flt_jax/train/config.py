@@ -25,6 +25,9 @@ import ml_collections
 
 from flt_jax.errors import config_error
 
+# The step counters (TrainState.step, optax's update count) are int32.
+MAX_STEPS = 2**31 - 1
+
 
 def get_optim_config() -> ml_collections.ConfigDict:
   """Optimizer section (Muon for block matrices, AdamW for wte / lm_head)."""
@@ -215,6 +218,13 @@ def validate(config) -> None:
       "must be a positive step count, or -1 for the tokens_per_param horizon",
       "set --config.train.steps=N (N >= 1) or -1",
     )
+  if steps > MAX_STEPS:
+    raise config_error(
+      "train.steps",
+      steps,
+      f"must be at most {MAX_STEPS:,} (the step counters are 32-bit integers)",
+      "set a smaller --config.train.steps, or -1 for the tokens_per_param horizon",
+    )
   profile = t.profile_steps
   if profile and not re.fullmatch(r"\d+,\d+", str(profile)):
     raise config_error(
@@ -253,15 +263,14 @@ def validate(config) -> None:
       raise config_error("model.seq_len", seq_len, "must be a positive integer")
     tokens_per_micro = micro * seq_len
     if total % tokens_per_micro != 0:
-      lower = max(1, total // tokens_per_micro) * tokens_per_micro
-      upper = (total // tokens_per_micro + 1) * tokens_per_micro
+      below, above = nearest_multiples(total, tokens_per_micro)
       raise config_error(
         "train.total_batch_tokens",
         total,
         f"must be divisible by train.micro_batch_size * model.seq_len = "
         f"{micro} * {seq_len} = {tokens_per_micro} (one micro-batch)",
         f"set --config.train.total_batch_tokens to a multiple of "
-        f"{tokens_per_micro} (e.g. {lower} or {upper}), or change "
+        f"{tokens_per_micro} (e.g. {below} or {above}), or change "
         f"train.micro_batch_size / model.seq_len",
       )
 
@@ -287,6 +296,15 @@ def validate(config) -> None:
     fix="use a positive FLOP/s value, or 0 for the built-in table",
   )
   _check_bool(m, "metrics", "tensorboard")
+
+
+def nearest_multiples(value: int, unit: int) -> tuple[int, int]:
+  """Two distinct positive multiples of `unit` around `value`: the ones just below and
+  above it, or the first two when `value` is below one unit."""
+  below = value // unit * unit
+  if below < unit:
+    return unit, 2 * unit
+  return below, below + unit
 
 
 def grad_accum_steps(config) -> int:

@@ -55,6 +55,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flt_jax.errors import config_error
+from flt_jax.train import config as train_config_lib
+
 MUON = "muon"
 ADAMW = "adamw"
 
@@ -96,10 +99,12 @@ def lr_multiplier(step, total_steps: int, warmup_steps: int = 0, warmdown_frac: 
   warmup_steps = int(warmup_steps)
   warmdown = int(round(warmdown_frac * total_steps))
   if _is_traced_or_array(step):
+    # Every bound enters as a float32 constant: a Python int beyond int32 would overflow.
     s = jnp.asarray(step, jnp.float32)
-    warm = (s + 1.0) / max(warmup_steps, 1)
-    down = (total_steps - s) / max(warmdown, 1)
-    m = jnp.where(s < warmup_steps, warm, jnp.where(s <= total_steps - warmdown, 1.0, down))
+    total, warmup = jnp.float32(total_steps), jnp.float32(warmup_steps)
+    warm = (s + 1.0) / jnp.float32(max(warmup_steps, 1))
+    down = (total - s) / jnp.float32(max(warmdown, 1))
+    m = jnp.where(s < warmup, warm, jnp.where(s <= total - jnp.float32(warmdown), 1.0, down))
     return jnp.clip(m, 0.0, 1.0)
   s = float(step)
   if s < warmup_steps:
@@ -289,7 +294,16 @@ def resolve_total_steps(train_config, num_params: int, tokens_per_step: int) -> 
       f"{tokens_per_step}. Set --config.train.steps explicitly."
     )
   target_tokens = float(train_config.tokens_per_param) * num_params
-  return max(1, int(math.ceil(target_tokens / tokens_per_step)))
+  steps = max(1, math.ceil(target_tokens / tokens_per_step))
+  if steps > train_config_lib.MAX_STEPS:
+    raise config_error(
+      "train.tokens_per_param",
+      train_config.tokens_per_param,
+      f"its horizon of {steps:,} steps ({target_tokens:.3g} tokens at {tokens_per_step:,} a "
+      f"step) is beyond the {train_config_lib.MAX_STEPS:,} steps the 32-bit step counters hold",
+      "lower train.tokens_per_param, raise train.total_batch_tokens, or set train.steps",
+    )
+  return steps
 
 
 def muon_hyperparams(opt_state) -> dict[str, Any]:
