@@ -34,6 +34,10 @@ REMAT_POLICIES = {
 }
 # Tensors tagged with jax.ad_checkpoint.checkpoint_name inside a block.
 CHECKPOINT_NAMES = ("qkv", "attn_out", "mlp_in", "mlp_hidden")
+# How training picks each step's loop count (model/loop_count.py): always `loops`; a
+# Poisson-lognormal draw of mean `loops` (Huginn, arXiv 2502.05171); uniform on
+# 1..max_loops.
+LOOP_SAMPLINGS = ("fixed", "poisson_lognormal", "uniform")
 
 
 def remat_policy(name: str):
@@ -50,6 +54,13 @@ class ModelConfig:
   variant: str = "FLT"
   loops: int = 12  # K; can be changed at evaluation time
   loss_type: str = "END"
+  # Training's loop count per step: one of LOOP_SAMPLINGS. Random draws are the same on
+  # every device and host, a function of (train.seed, step) only; eval uses `loops`.
+  loop_sampling: str = "fixed"
+  max_loops: int = 0  # bound of every random draw (>= loops); unused by 'fixed'
+  # Gradient through the last k loops of a step only (0 = all): the loops before run
+  # without gradient and keep no activations, so memory is bounded by k.
+  backprop_loops: int = 0
   vocab_size: int = 0  # true vocabulary (padded internally); 0 in a config = the tokenizer's
   vocab_pad_multiple: int = 64
   n_layer: int = 2
@@ -165,6 +176,33 @@ class ModelConfig:
       return tuple(range(2 * loops // 3, loops))
     return (loops - 1,)
 
+  @property
+  def windowed(self) -> bool:
+    """Whether training runs the loops as model/windowed.py does (a loop count chosen
+    per step, a gradient window) rather than the plain K-loop scan."""
+    return self.loop_sampling != "fixed" or self.backprop_loops > 0
+
+  @property
+  def max_count(self) -> int:
+    """The most loops a training step can run: `loops`, or `max_loops` for a random draw."""
+    return self.loops if self.loop_sampling == "fixed" else self.max_loops
+
+  @property
+  def gradient_window(self) -> int:
+    """Loops with gradient, at most (the windowed scan's static length)."""
+    if self.backprop_loops:
+      return min(self.backprop_loops, self.max_count)
+    return self.max_count
+
+  def trained_loss_loops(self, loops: int) -> tuple[int, ...]:
+    """The loops whose losses a training step of `loops` loops averages: the loss type's
+    loops (relative to that count) that lie in the gradient window, the last
+    min(loops, gradient_window) loops. Without a window, `loss_loops`."""
+    if not self.windowed:
+      return self.loss_loops(loops)
+    first = loops - min(loops, self.gradient_window)
+    return tuple(i for i in self.loss_loops(loops) if i >= first)
+
 
 def config_fields() -> tuple[dataclasses.Field, ...]:
   """ModelConfig's fields that are `config.model` keys (all but the target platform)."""
@@ -216,6 +254,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field, allowed in (
     ("variant", VARIANTS),
     ("loss_type", LOSS_TYPES),
+    ("loop_sampling", LOOP_SAMPLINGS),
     ("remat", REMAT_PLACES),
     ("dtype", DTYPES),
     ("attention_impl", ATTENTION_IMPLS),
@@ -233,6 +272,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for field in ("loops", "n_layer", "d_model", "n_head", "n_kv_head", "vocab_pad_multiple"):
     if not _positive_int(c[field]):
       fail(field, "must be an integer >= 1")
+  for field in ("max_loops", "backprop_loops"):
+    if not (_positive_int(c[field]) or c[field] == 0):
+      fail(field, "must be an integer >= 0")
+  if c.loop_sampling != "fixed" and c.max_loops < c.loops:
+    fail(
+      "max_loops",
+      f"loop_sampling={c.loop_sampling!r} draws up to max_loops loops, which must be >= "
+      f"loops={c.loops}",
+      f"set model.max_loops (e.g. {2 * c.loops})",
+    )
   if not (_positive_int(c.vocab_size) or c.vocab_size == 0):
     fail("vocab_size", "must be an integer >= 1, or 0 for the tokenizer's size")
   if not isinstance(c.seq_len, int) or c.seq_len < 2:

@@ -1,6 +1,10 @@
 """The looped decoder: an nn.scan over K loops with shared (broadcast) params,
 around an nn.scan over the L distinct layers with stacked params. What enters each loop
 and each layer per variant (LT, LT_i, LT_ia, FLT_res, FLT) is model/variants.py's.
+
+`hidden_states` runs a static number of loops; `loop_inputs` and `run_loops` expose the
+same scan for callers that run the loops in pieces (model/windowed.py: a traced loop
+count, with gradient through the last loops only).
 """
 
 from __future__ import annotations
@@ -72,8 +76,21 @@ class _Loop(nn.Module):
 
   @nn.compact
   def __call__(
-    self, h_BxTxD, loop_index, x0_BxTxD, x0_normed, cos, sin, segment_ids_BxT, keep_all_loops
+    self,
+    h_BxTxD,
+    loop_index,
+    x0_BxTxD,
+    x0_normed,
+    cos,
+    sin,
+    segment_ids_BxT,
+    keep_all_loops,
+    skip_negative=False,
   ):
+    """With `skip_negative` (static), a negative loop_index is an empty slot: h passes
+    through unchanged and its residual norm is 0 (a fixed-length scan that runs fewer
+    loops)."""
+    h_in_BxTxD = h_BxTxD
     has_h = loop_index > 0
     variant = self.cfg.variant
     h_BxTxD = constrain_activation(h_BxTxD)
@@ -85,6 +102,10 @@ class _Loop(nn.Module):
     # The paper's residual-explosion signal: mean L2 norm of the stream before norm.
     residual_norm = jnp.mean(jnp.linalg.norm(x_BxTxD.astype(jnp.float32), axis=-1))
     h_BxTxD = loop_output(x_BxTxD)
+    if skip_negative:
+      live = loop_index >= 0
+      h_BxTxD = jnp.where(live, h_BxTxD, h_in_BxTxD)
+      residual_norm = jnp.where(live, residual_norm, 0.0)
     return h_BxTxD, (h_BxTxD if keep_all_loops else None, residual_norm)
 
 
@@ -123,15 +144,18 @@ class LoopedTransformer(nn.Module):
       loop = nn.remat(
         _Loop,
         prevent_cse=False,
-        # a Python bool that decides the outputs' structure, so it must be static
-        static_argnums=(_argnum(_Loop.__call__, "keep_all_loops"),),
+        # Python bools that decide the outputs' structure or the body's ops: static
+        static_argnums=(
+          _argnum(_Loop.__call__, "keep_all_loops"),
+          _argnum(_Loop.__call__, "skip_negative"),
+        ),
         policy=remat_policy(self.cfg.remat_policy),
       )
     scanned = nn.scan(
       loop,
       variable_broadcast="params",
       split_rngs={"params": False},
-      in_axes=(0,) + (nn.broadcast,) * 6,
+      in_axes=(0,) + (nn.broadcast,) * 7,
     )
     self.blocks = scanned(self.cfg)
 
@@ -159,6 +183,18 @@ class LoopedTransformer(nn.Module):
     loops = cfg.loops if loops is None else loops
     if loops < 1:
       raise ValueError(f"loops={loops} is invalid: a looped model needs at least one loop")
+    inputs = self.loop_inputs(
+      tokens_BxT, segment_ids_BxT=segment_ids_BxT, positions_BxT=positions_BxT
+    )
+    h_last, (h_all, residual_norm_K) = self.run_loops(
+      inputs[1], jnp.arange(loops), inputs, all_loops
+    )
+    return (h_all if all_loops else h_last), residual_norm_K
+
+  def loop_inputs(self, tokens_BxT, *, segment_ids_BxT=None, positions_BxT=None):
+    """What every loop reads besides h: (x0, norm(x0), cos, sin, segment_ids_BxT). The
+    first loop's carry is norm(x0)."""
+    cfg = self.cfg
     T = tokens_BxT.shape[1]
     if cfg.rope_table_len < T:
       raise ValueError(
@@ -169,10 +205,16 @@ class LoopedTransformer(nn.Module):
       segment_ids_BxT = positions_BxT = None
     cos, sin = self._rope(T, positions_BxT)
     x0, x0_normed = self.embed(tokens_BxT)
-    h_last, (h_all, residual_norm_K) = self.blocks(
-      x0_normed, jnp.arange(loops), x0, x0_normed, cos, sin, segment_ids_BxT, all_loops
+    return x0, x0_normed, cos, sin, segment_ids_BxT
+
+  def run_loops(self, h_BxTxD, loop_indices, inputs, all_loops: bool, skip_negative: bool = False):
+    """The loops `loop_indices` ([n] int32, in order) from carry h with `loop_inputs`'
+    inputs: (h_last, (h_all [n, B, T, D] or None, residual_norm [n])). With
+    `skip_negative`, negative indices are empty slots (see _Loop)."""
+    x0, x0_normed, cos, sin, segment_ids_BxT = inputs
+    return self.blocks(
+      h_BxTxD, loop_indices, x0, x0_normed, cos, sin, segment_ids_BxT, all_loops, skip_negative
     )
-    return (h_all if all_loops else h_last), residual_norm_K
 
   def embed(self, tokens_BxT):
     """(x0, norm(x0)): the float32 token embedding every loop may restart from."""

@@ -106,6 +106,7 @@ class Program:
       num_micro=self.num_micro,
       diagnostics=bool(diagnostics),
       max_consecutive_nonfinite=self.config.train.max_consecutive_nonfinite,
+      loop_seed=self.config.train.seed,  # random loop counts: a function of (seed, step)
     )
 
   def init_state(self) -> state_lib.TrainState:

@@ -17,6 +17,7 @@ from etils import epath
 
 from flt_jax.eval import exit_report, sweep_report
 from flt_jax.files import write_atomic
+from flt_jax.model import loop_count
 from flt_jax.train import metrics as metrics_lib
 from flt_jax.train import optimizer as optim_lib
 
@@ -48,6 +49,7 @@ class Reporter:
     )
     self._devices = run_setup.mesh.devices.size
     self._flops_per_token = metrics_lib.flops_per_token(self._model_cfg)
+    self._seed = config.train.seed  # the loop-count draws' (model/loop_count.py)
     self._writer = metrics_lib.MetricsWriter(
       workdir, config.metrics.tensorboard, jsonl=True, warn=say
     )
@@ -63,7 +65,7 @@ class Reporter:
     self.skipped_total = 0
     cfg, n = self._model_cfg, run_setup.n_params
     say(
-      f"{config.experiment or cfg.variant}: {cfg.variant} K={cfg.loops} L={cfg.n_layer} "
+      f"{config.experiment or cfg.variant}: {cfg.variant} {loop_count.describe(cfg)} L={cfg.n_layer} "
       f"d={cfg.d_model} vocab={cfg.vocab_size} | {n['total']:,} params "
       f"({n['non_embedding']:,} non-embedding) | {self._total_steps} steps x "
       f"{self._tokens_per_step:,} tokens ({run_setup.num_micro} micro-batches)"
@@ -72,8 +74,16 @@ class Reporter:
   def train(self, step: int, metrics, skipped_total: int) -> None:
     now = time.time()
     tok_s = (step - self._step_last) * self._tokens_per_step / max(now - self._t_last, 1e-9)
+    flops_per_token, extra, drawn = self._flops_per_token, None, {}
+    if "loops" in metrics:  # drawn per step: FLOPs of the counts drawn since the last line
+      counts = loop_count.draws_on_host(self._model_cfg, self._seed, range(self._step_last, step))
+      flops_per_token = float(
+        np.mean([metrics_lib.flops_per_token(self._model_cfg, int(n)) for n in counts])
+      )
+      extra = {"loops": int(metrics["loops"])}
+      drawn = {"train/loops_mean": float(np.mean(counts))}
     self._t_last, self._step_last = now, step
-    mfu = metrics_lib.compute_mfu(tok_s, self._flops_per_token, self._devices, self._peak)
+    mfu = metrics_lib.compute_mfu(tok_s, flops_per_token, self._devices, self._peak)
     self.last_loss = float(metrics["loss"])
     self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
     self.skipped_total = skipped_total
@@ -88,6 +98,7 @@ class Reporter:
       )
     scalars = {
       **metrics_lib.step_scalars(metrics),
+      **drawn,
       "perf/tokens_per_s": tok_s,
       "train/nonfinite_total": skipped_total,
       **optim_lib.current_learning_rates(
@@ -97,7 +108,7 @@ class Reporter:
     if mfu is not None:
       scalars["perf/mfu"] = mfu
     self._writer.write_scalars(step, scalars)
-    self._console.log(step, self.last_loss, tok_s, mfu)
+    self._console.log(step, self.last_loss, tok_s, mfu, extra)
 
   def eval(self, step: int, eval_metrics: dict) -> None:
     self.eval_metrics = eval_metrics

@@ -16,6 +16,15 @@ FLOPs per trained token (forward + backward, `flops_per_token`)::
   (the causal mask is NOT halved) and sliding windows are NOT discounted.
 * Vpad: `ModelConfig.padded_vocab_size` (the lm_head matmul size).
 * Norms, rotary, softcap, softmax and the loss itself are ignored.
+
+Random loop counts and gradient windows (`model.loop_sampling`, `model.backprop_loops`;
+model/windowed.py): a step of n loops with window k runs min(n, k) loops forward and
+backward (the two terms above per loop) and n - min(n, k) forward only (a third of
+them), and lm_head for `ModelConfig.trained_loss_loops(n)`. These are model FLOPs of the
+loops the model ran: when n < k the window's empty slots still execute and are not
+counted, nor is any rematerialisation. `flops_per_token(cfg, n)` is one count's figure;
+without n, a random draw's expectation over `loop_count.probabilities`. The run's
+progress lines use the mean over the logged steps' actual draws.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import numpy as np
 from etils import epath
 
 from flt_jax import files
+from flt_jax.model import loop_count
 from flt_jax.model.config import ModelConfig
 
 # ----------------------------------------------------------------------------
@@ -52,14 +62,21 @@ def block_params_per_layer(cfg: ModelConfig) -> int:
   return q + kv + proj + mlp
 
 
-def flops_per_token(cfg: ModelConfig) -> float:
-  """Training FLOPs per token (see the module docstring for the formula)."""
-  k = cfg.loops
+def flops_per_token(cfg: ModelConfig, loops: int | None = None) -> float:
+  """Training FLOPs per token of a step of `loops` loops (default: cfg.loops, or the
+  expectation over a random draw); see the module docstring for the formula."""
+  if loops is None and cfg.loop_sampling != "fixed":
+    probs = loop_count.probabilities(cfg)
+    return float(sum(p * flops_per_token(cfg, n) for n, p in enumerate(probs, 1) if p))
+  k = cfg.loops if loops is None else loops
+  with_grad = min(k, cfg.gradient_window) if cfg.windowed else k
+  forward_only = k - with_grad
   n_blocks = cfg.n_layer * block_params_per_layer(cfg)
-  loss_loops = len(cfg.loss_loops(k))
+  per_loop = 6 * n_blocks + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.seq_len
+  loss_loops = len(cfg.trained_loss_loops(k))
   return float(
-    6 * n_blocks * k
-    + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.seq_len * k
+    per_loop * with_grad
+    + per_loop * forward_only / 3
     + 6 * cfg.d_model * cfg.padded_vocab_size * loss_loops
   )
 
@@ -128,16 +145,22 @@ def compute_mfu(
 
 
 def step_scalars(metrics) -> dict[str, float]:
-  """TensorBoard names for a diagnostics train step's metrics (host values)."""
+  """TensorBoard names for a diagnostics train step's metrics (host values). A step
+  with a drawn loop count (metrics['loops']) adds train/loops and reports the per-loop
+  values of the loops it ran only."""
   out = {"train/loss": float(metrics["loss"]), "train/grad_norm": float(metrics["grad_norm"])}
+  ran = width = len(metrics["residual_norm"])
+  if "loops" in metrics:
+    ran = int(metrics["loops"])
+    out["train/loops"] = float(ran)
   # Zero-padded indices so TensorBoard sorts loops_02 before loops_10.
   num = lambda i, n: f"{i:0{max(2, len(str(n - 1)))}d}"
-  for prefix, values in (
-    ("loops/loss_", metrics["loop_loss"]),
-    ("loops/residual_norm_", metrics["residual_norm"]),
-    ("grads/layer_", metrics["layer_grad_norm"]),
+  for prefix, values, n in (
+    ("loops/loss_", metrics["loop_loss"][:ran], width),
+    ("loops/residual_norm_", metrics["residual_norm"][:ran], width),
+    ("grads/layer_", metrics["layer_grad_norm"], len(metrics["layer_grad_norm"])),
   ):
-    out.update({prefix + num(i, len(values)): float(v) for i, v in enumerate(values)})
+    out.update({prefix + num(i, n): float(v) for i, v in enumerate(values)})
   return out
 
 

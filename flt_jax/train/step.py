@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from flt_jax.constants import IGNORE_LABEL
+from flt_jax.model import loop_count
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.model.loss import loss_fn
 from flt_jax.train.state import TrainState
@@ -58,10 +59,16 @@ def train_step(
   num_micro: int = 1,
   diagnostics: bool = False,
   max_consecutive_nonfinite: int | None = None,
+  loop_seed: int = 0,
 ):
   """One optimizer update from `batch` (the `batch_keys` arrays, [B, T] each),
   accumulating gradients over num_micro micro-batches. Each micro-batch is weighted by
   its share of valid target tokens, so the update equals that of one large batch.
+
+  With random loop counts or a gradient window (`model.cfg.windowed`), the step draws
+  its loop count from (`loop_seed` = train.seed, the step's index step + nonfinite_total,
+  which the host counts too), the same on every device, and every micro-batch runs it;
+  metrics['loops'] is the count.
 
   A non-finite loss or gradient skips the update and is counted. With
   `max_consecutive_nonfinite`, a state that already has that many skipped updates in a
@@ -72,6 +79,9 @@ def train_step(
   tokens_M = jnp.sum(micro["targets"] != IGNORE_LABEL, axis=(1, 2)).astype(jnp.float32)
   weights_M = tokens_M / jnp.maximum(jnp.sum(tokens_M), 1.0)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  count = None
+  if model.cfg.windowed:
+    count = loop_count.draw(model.cfg, loop_seed, state.step + state.nonfinite_total)
 
   def accumulate(carry, xs):
     loss_sum, grads_sum, aux_sum = carry
@@ -81,6 +91,7 @@ def train_step(
       model,
       mb["inputs"],
       mb["targets"],
+      loop_count=count,
       diagnostics=diagnostics,
       **document_kwargs(mb, model.cfg),
     )
@@ -96,6 +107,7 @@ def train_step(
       model,
       first_mb["inputs"],
       first_mb["targets"],
+      loop_count=count,
       diagnostics=diagnostics,
       **document_kwargs(first_mb, model.cfg),
     )[1]
@@ -133,6 +145,8 @@ def train_step(
     "tokens": jnp.sum(tokens_M),
     **aux,
   }
+  if count is not None:
+    metrics["loops"] = count
   if diagnostics:
     metrics["layer_grad_norm"] = per_layer_grad_norms(grads)
   return new_state, metrics

@@ -59,11 +59,36 @@ def test_window_sizes_follow_pattern_and_last_layer_is_full():
     (dict(d_model=30, n_head=2), "n_head|d_model|head_dim"),  # head_dim 15 is odd
     (dict(dtype="float16"), "dtype"),
     (dict(kv_lora_rank=-1), "kv_lora_rank"),
+    (dict(loop_sampling="poisson"), "loop_sampling"),
+    (dict(loop_sampling="uniform", loops=4, max_loops=3), "max_loops"),
+    (dict(loop_sampling="poisson_lognormal", max_loops=0), "max_loops"),
+    (dict(max_loops=-1), "max_loops"),
+    (dict(backprop_loops=-2), "backprop_loops"),
   ],
 )
 def test_invalid_config_raises_naming_the_field(overrides, field):
   with pytest.raises(ValueError, match=field):
     ModelConfig.from_config(_config(**overrides))
+
+
+def test_max_loops_message_says_the_fix():
+  with pytest.raises(ValueError) as e:
+    ModelConfig.from_config(_config(loop_sampling="uniform", loops=6, max_loops=4))
+  assert str(e.value) == (
+    "config.model.max_loops=4 is invalid: loop_sampling='uniform' draws up to max_loops "
+    "loops, which must be >= loops=6. Fix: set model.max_loops (e.g. 12)."
+  )
+
+
+def test_loop_count_settings_and_what_they_imply():
+  fixed = ModelConfig.from_config(_config(loops=5))
+  assert (fixed.windowed, fixed.max_count, fixed.gradient_window) == (False, 5, 5)
+  window = ModelConfig.from_config(_config(loops=5, backprop_loops=8))  # more than run: all
+  assert (window.windowed, window.gradient_window) == (True, 5)
+  drawn = ModelConfig.from_config(
+    _config(loops=5, loop_sampling="poisson_lognormal", max_loops=20, backprop_loops=3)
+  )
+  assert (drawn.windowed, drawn.max_count, drawn.gradient_window) == (True, 20, 3)
 
 
 def test_unknown_key_raises_naming_it():

@@ -214,3 +214,48 @@ def test_metrics_jsonl_is_written_through_epath(tmp_path):
     {"step": 1, "train/loss": 2.0},
     {"step": 2, "train/loss": 1.0},
   ]
+
+
+def test_flops_of_a_windowed_step_count_forward_only_loops_at_a_third():
+  """n = 7 loops with backprop_loops=3: 3 loops forward and backward, 4 forward only,
+  lm_head for FEW's loops 4..6 that lie in the window (4..6)."""
+  c = _model(loss_type="FEW", loops=6, max_loops=10, loop_sampling="uniform", backprop_loops=3)
+  n_blocks = c.n_layer * sum(math.prod(s) for s in _block_shapes(c).values())
+  per_loop = 6 * n_blocks + 12 * c.n_layer * c.n_head * (c.d_model // c.n_head) * 32
+  expected = per_loop * 3 + per_loop * 4 / 3 + 6 * c.d_model * 128 * 3
+  assert m.flops_per_token(c, 7) == pytest.approx(expected)
+  # n = 2 < k: two loops, both with gradient; FEW at n=2 is loop 1.
+  assert m.flops_per_token(c, 2) == pytest.approx(per_loop * 2 + 6 * c.d_model * 128)
+  # Without n: the expectation over uniform 1..10.
+  want = np.mean([m.flops_per_token(c, n) for n in range(1, 11)])
+  assert m.flops_per_token(c) == pytest.approx(want)
+
+
+def test_trained_loss_loops_inside_the_window():
+  c = _model(loss_type="STEP", loops=6, max_loops=12, loop_sampling="uniform", backprop_loops=4)
+  assert c.trained_loss_loops(10) == (6, 7, 8, 9)
+  assert c.trained_loss_loops(3) == (0, 1, 2)
+  few = _model(loss_type="FEW", loops=6, max_loops=24, loop_sampling="uniform", backprop_loops=4)
+  assert few.trained_loss_loops(24) == (20, 21, 22, 23)  # 16..23, in the window
+  assert few.trained_loss_loops(6) == (4, 5)
+  end = _model(loss_type="END", loops=6, max_loops=24, loop_sampling="uniform")
+  assert end.trained_loss_loops(9) == (8,) and end.gradient_window == 24
+
+
+def test_step_scalars_of_a_drawn_count_show_the_loops_run():
+  metrics = {
+    "loss": 1.0,
+    "grad_norm": 2.0,
+    "loops": np.int32(3),
+    "loop_loss": np.array([3.0, 2.0, 1.0, 0.0, 0.0]),
+    "residual_norm": np.array([5.0, 6.0, 7.0, 0.0, 0.0]),
+    "layer_grad_norm": np.array([0.5, 0.25]),
+  }
+  s = m.step_scalars(metrics)
+  assert s["train/loops"] == 3.0
+  assert sorted(k for k in s if k.startswith("loops/loss_")) == [
+    "loops/loss_00",
+    "loops/loss_01",
+    "loops/loss_02",
+  ]
+  assert s["loops/residual_norm_02"] == 7.0 and "loops/residual_norm_03" not in s

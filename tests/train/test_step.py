@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from flt_jax.model import config as model_config
+from flt_jax.model import loop_count
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.train import config as train_config
 from flt_jax.train import optimizer as optim_lib
@@ -180,3 +181,35 @@ def test_separate_documents_sends_segments_and_positions_to_the_loss(monkeypatch
   for m, (segment_ids, positions) in enumerate(received):
     np.testing.assert_array_equal(segment_ids, batch["segment_ids"][2 * m : 2 * m + 2])
     np.testing.assert_array_equal(positions, batch["positions"][2 * m : 2 * m + 2])
+
+
+def test_random_loop_counts_one_compilation_and_the_host_draws():
+  """Each step draws its count from (seed, step + nonfinite_total) inside the one
+  compiled step; metrics['loops'] is that count, the host's copy draws the same, and a
+  skipped (non-finite) step moves the draw on as the host's step count does."""
+  model = _model(loop_sampling="uniform", max_loops=4, backprop_loops=2, loss_type="FEW")
+  optimizer = optax.sgd(1e-2)
+  state = _state(model, optimizer)
+  step = jax.jit(
+    functools.partial(step_lib.train_step, model=model, optimizer=optimizer, loop_seed=5)
+  )
+  counts = []
+  for i in range(6):
+    state, metrics = step(state, _batch(4, seed=i))
+    assert bool(metrics["finite"]) and metrics["residual_norm"].shape == (4,)
+    counts.append(int(metrics["loops"]))
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  np.testing.assert_array_equal(counts, loop_count.draws_on_host(model.cfg, 5, range(6)))
+  assert len(set(counts)) > 1
+  skipped = state.replace(nonfinite_total=jnp.int32(3))  # host step 6 + 3 = 9
+  _, metrics = step(skipped, _batch(4))
+  assert int(metrics["loops"]) == int(loop_count.draws_on_host(model.cfg, 5, [9])[0])
+
+
+def test_fixed_loop_count_reports_no_draw():
+  model = _model()
+  optimizer = optax.sgd(1e-2)
+  _, metrics = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer))(
+    _state(model, optimizer), _batch(4)
+  )
+  assert "loops" not in metrics
