@@ -6,6 +6,8 @@ r"""flt_jax entry point.
   python -m flt_jax.main --workdir=DIR --mode=eval --eval_loops=1,6,12,24
   python -m flt_jax.main --workdir=DIR --mode=eval --eval_tasks=core \
       --eval_bundle=eval_bundle --eval_loops=1,12
+  python -m flt_jax.main --workdir=DIR --mode=eval \
+      --eval_exit=latent_diff:0.01,latent_diff:0.03,kl:5e-4,argmax_stable:3
   python -m flt_jax.main --config=experiments/flt_12loop.py --print_config
 
 Every setting is a config field (--config.<section>.<field>=value); the reference is
@@ -23,6 +25,7 @@ from ml_collections import config_flags
 from flt_jax import cli, run
 from flt_jax.errors import ConfigError
 from flt_jax.files import FileWriteError
+from flt_jax.model import exit as exit_lib
 from flt_jax.train.checkpoint import CheckpointError
 from flt_jax.workdir_lock import WorkdirLockedError
 
@@ -78,6 +81,20 @@ _EVAL_MAX_LEN = flags.DEFINE_integer(
   "left-truncated to fit); 0: the model's seq_len.",
   lower_bound=0,
 )
+_EVAL_EXIT = flags.DEFINE_string(
+  "eval_exit",
+  "",
+  "Per-token exit in eval mode: criterion:threshold rules separated by commas "
+  "(latent_diff:x, kl:x, argmax_stable:n; 0 never exits), each evaluated teacher-forced "
+  "against the fixed --eval_loops (default 1..--eval_max_loops); writes the quality-versus-"
+  "compute table exit_step<N>.json/csv/png. E.g. latent_diff:0.01,kl:5e-4,argmax_stable:3.",
+)
+_EVAL_MIN_LOOPS = flags.DEFINE_integer(
+  "eval_min_loops", 1, "Per-token exit: loops every token runs before it may exit."
+)
+_EVAL_MAX_LOOPS = flags.DEFINE_integer(
+  "eval_max_loops", 0, "Per-token exit: loops a token runs at most (0: the trained K)."
+)
 _PRINT_CONFIG = flags.DEFINE_bool(
   "print_config", False, "Print the resolved config (every field, after overrides) and exit."
 )
@@ -95,6 +112,25 @@ def parse_loops(values) -> list[int]:
       "commas, e.g. --eval_loops=1,2,4,12"
     )
   return loops
+
+
+def parse_exit_rules() -> tuple:
+  """--eval_exit with --eval_min_loops/--eval_max_loops as exit rules (none without
+  --eval_exit); ValueError in one line for a bad rule or bound."""
+  if not _EVAL_EXIT.value.strip():
+    return ()
+  if _EVAL_MAX_LOOPS.value < 0:
+    raise ValueError(
+      f"--eval_max_loops={_EVAL_MAX_LOOPS.value} is invalid: give 0 (the trained K) or more"
+    )
+  return tuple(
+    exit_lib.parse_exit_list(
+      _EVAL_EXIT.value,
+      flag="--eval_exit",
+      min_loops=_EVAL_MIN_LOOPS.value,
+      max_loops=_EVAL_MAX_LOOPS.value,
+    )
+  )
 
 
 def _one_line(message: str) -> str:
@@ -180,6 +216,7 @@ def main(argv):
         lm_eval_include=_EVAL_LM_EVAL_INCLUDE.value,
         max_examples=_EVAL_MAX_EXAMPLES.value,
         max_len=_EVAL_MAX_LEN.value,
+        exit_rules=parse_exit_rules(),
       )
       tasks = run.EvalTasks.parse(_EVAL_TASKS.value)
       run.evaluate_tasks(config, _WORKDIR.value, tasks, loops, _EVAL_STEP.value, options)

@@ -2,7 +2,8 @@
 checkpoint at several K' from one command, one results file per step and K' and a
 table; CORE and lm-eval accuracies equal those of a plain unsharded float64 scorer on the
 restored params; what can be refused before the restore is (unknown families, a missing
-bundle, lm-eval not installed), in one line."""
+bundle, lm-eval not installed, a bad exit rule), in one line; --eval_exit's
+quality-versus-compute table."""
 
 import functools
 import json
@@ -17,7 +18,8 @@ import pytest
 import yaml
 
 from flt_jax import presets, run
-from flt_jax.eval import core
+from flt_jax.eval import core, exit_report
+from flt_jax.model import exit as exit_lib
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "tests" / "fixtures" / "eval_bundle"
@@ -188,3 +190,49 @@ def test_lm_eval_missing_is_one_line_at_the_command(tmp_path):
   assert len(errors) == 1 and errors[0] == proc.stderr.splitlines()[-1]
   assert "needs EleutherAI's lm-eval" in errors[0] and "Traceback" not in proc.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_exit_rules_are_set_against_the_fixed_loop_counts(workdir):
+  """--eval_exit (here through evaluate_tasks, as main passes it): the table holds the
+  fixed K' curve and every rule; threshold 0 is the trained K's figures."""
+  rules = tuple(exit_lib.parse_exit_list("latent_diff:0,kl:1e-3", flag="--eval_exit", max_loops=0))
+  out = run.evaluate_tasks(
+    None, str(workdir), run.EvalTasks(sweep=False), options=run.TaskOptions(exit_rules=rules)
+  )
+  assert sorted(out) == ["exit"]
+  table = json.loads((workdir / "exit_step2.json").read_text())
+  assert sorted(table["fixed"]) == ["1", "2"]  # default: 1 .. max_loops (the trained K=2)
+  names = ["latent_diff:0 (loops 1-2)", "kl:0.001 (loops 1-2)"]
+  assert sorted(table["exit"]) == sorted(names)
+  never = table["exit"][names[0]]["metrics"]
+  assert never["loss"] == pytest.approx(table["fixed"]["2"]["loss"], rel=1e-6)
+  assert never["mean_exit_loop"] == never["executed_loops"] == 2.0
+  fired = table["exit"][names[1]]
+  assert (fired["criterion"], fired["threshold"], fired["max_loops"]) == ("kl", 1e-3, 2)
+  assert 1.0 <= fired["metrics"]["mean_exit_loop"] <= 2.0
+  rows = exit_report.read_exit_csv(workdir / "exit_step2.csv")
+  assert [r["rule"] for r in rows] == ["K'=1", "K'=2", *names]
+  assert float(rows[1]["mean_loops"]) == 2.0 and rows[2]["kind"] == "exit"
+  assert (workdir / "exit_step2.png").stat().st_size > 0
+  # a second evaluation adds to the table
+  run.evaluate_tasks(
+    None,
+    str(workdir),
+    run.EvalTasks(sweep=False),
+    loops_list=[1],
+    options=run.TaskOptions(exit_rules=rules[:1]),
+  )
+  again = json.loads((workdir / "exit_step2.json").read_text())
+  assert sorted(again["fixed"]) == ["1", "2"] and sorted(again["exit"]) == sorted(names)
+
+
+def test_a_bad_exit_rule_is_one_line_before_the_restore(tmp_path):
+  proc = _main(f"--workdir={tmp_path / 'run'}", "--eval_exit=latent_diff:0.01,entropy:1")
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: --eval_exit=entropy:1 is invalid: unknown criterion 'entropy'")
+  assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+  proc = _main(f"--workdir={tmp_path / 'run'}", "--eval_exit=kl:1e-3", "--eval_min_loops=0")
+  assert proc.stderr.strip().splitlines()[-1] == (
+    "error: --min_loops=0 is invalid: a token runs at least 1 loop"
+  )

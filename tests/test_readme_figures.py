@@ -173,12 +173,14 @@ README = (rf.REPO / "README.md").read_text()
 
 
 def _table_rows(first_cell_pattern: str) -> dict[str, list[str]]:
-  """{first cell: other cells} of README.md's table rows whose first cell matches."""
+  """{first cell: other cells} of README.md's table rows whose first cell matches; the
+  first such row wins (the fixed-K multihop table comes before the random-K one, whose
+  rows start with the same hop counts)."""
   rows = {}
   for line in README.splitlines():
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
     if line.startswith("|") and re.fullmatch(first_cell_pattern, cells[0]):
-      rows[cells[0]] = cells[1:]
+      rows.setdefault(cells[0], cells[1:])
   return rows
 
 

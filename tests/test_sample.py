@@ -126,3 +126,52 @@ def test_a_request_beyond_the_rotary_table_is_one_line(workdir):
   with pytest.raises(ValueError, match="the prompt is 301 tokens, 61 more than the 240") as e:
     sample.generate_text(str(workdir), "x" * 300, max_new_tokens=1)
   _one_line(e)
+
+
+def test_exit_and_kv_loops_say_what_the_generation_ran(workdir):
+  """Threshold 0 with the exact cache as a ring of K=2 slots: the greedy text, and after
+  it (stderr) every token's loops, the block evaluations run and the cache's bytes."""
+  proc = cli(
+    f"--workdir={workdir}",
+    f"--prompt={PROMPT}",
+    f"--max_new_tokens={NEW}",
+    "--temperature=0",
+    "--stop_token=-1",
+    "--exit=kl:0",
+    "--kv_loops=2",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout == PROMPT + recomputed_greedy_text(workdir, PROMPT, NEW) + "\n"
+  loops_line, cache_line = proc.stderr.strip().splitlines()[-2:]
+  # 20 steps of 2 loops x 2 layers; the prompt (eos + 8 bytes) but its last token: 2 loops
+  assert loops_line == (
+    f"loops: K=2, exit kl:0, min_loops 1: mean exit loop 2.00 over {NEW} new token(s); "
+    f"block evaluations run: 80 by {NEW} step(s) (40 loop iterations x 2 layers), 4 by the "
+    "prompt pass"
+  )
+  assert cache_line.startswith("cache: ring of 2 slots per layer for 2 loops")
+  assert "1.000x the exact cache's" in cache_line
+
+
+def test_fewer_loop_slots_and_an_exit_rule_are_checked(workdir):
+  pieces = []
+  sample.generate_text(
+    str(workdir),
+    PROMPT,
+    max_new_tokens=4,
+    kv_loops="first",
+    exit_rule="latent_diff:0.5",
+    min_loops=2,
+    log=pieces.append,
+  )
+  assert "min_loops 2" in pieces[0] and "cache: first (1 slot per layer" in pieces[1]
+  assert "0.500x the exact cache's" in pieces[1]  # 1 of K=2 slots
+  for kwargs, message in (
+    ({"kv_loops": "3"}, "--kv_loops=3 is invalid: give a slot count from 1 to the loop count 2"),
+    ({"exit_rule": "kl"}, "--exit=kl is invalid: kl needs a threshold"),
+    ({"min_loops": 2}, "--min_loops=2 needs --exit=criterion:threshold"),
+    ({"exit_rule": "kl:1e-3", "min_loops": 3}, "max_loops=2 is below min_loops=3"),
+  ):
+    with pytest.raises(ValueError, match=message) as e:
+      sample.generate_text(str(workdir), PROMPT, max_new_tokens=2, **kwargs)
+    _one_line(e)

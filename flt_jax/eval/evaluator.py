@@ -4,6 +4,7 @@ sweep of a checkpoint, the CORE and lm-eval scorers) runs through it.
     evaluator = Evaluator(model, mesh, rules, param_shardings, rows=..., token_bytes_V=...)
     evaluator.metrics(params, host_batches, loops=12)         # loss, bpb, answer accuracy
     evaluator.sweep(params, make_batches, [1, 6, 12], per_loop=True)   # + h_change per K'
+    evaluator.exit_metrics(params, host_batches, exit_rule)   # per-token exit (model/exit.py)
     score_fn = evaluator.score_fn(params, loops=12, max_len=1024)     # CORE / lm-eval
 
 The steps (eval/step.py) are compiled once per (step, loop count, options) with the
@@ -16,6 +17,7 @@ want every loop rather than the last.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -26,13 +28,19 @@ from jax.sharding import Mesh
 
 from flt_jax.eval import scorer
 from flt_jax.eval import step as step_lib
+from flt_jax.model.exit import ExitRule
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.parallel import sharding as sharding_lib
 
 
 def finish(totals: dict) -> dict[str, float]:
   """Metrics from summed step outputs: loss (nats/token), tokens, bpb, answer_accuracy,
-  and h_change (the last loop's mean relative change of h; nan at one loop)."""
+  h_change (the last loop's mean relative change of h; nan at one loop), and with
+  per-token exit the compute: mean_exit_loop (the mean over target tokens of the loops
+  each ran: what decoding them one at a time executes), mean_exit_loop_answers (over
+  answer tokens), mean_exit_loop_inputs (over every input token) and executed_loops (the
+  loop iterations the teacher-forced pass ran per batch: a loop runs while any token of
+  the batch is active)."""
   tokens = float(totals.get("tokens", 0.0))
   if not tokens:
     raise ValueError(
@@ -47,7 +55,26 @@ def finish(totals: dict) -> dict[str, float]:
   if "h_change_K1" in totals:
     per_loop_K1 = np.asarray(totals["h_change_K1"], np.float64) / tokens
     out["h_change"] = float(per_loop_K1[-1]) if per_loop_K1.size else math.nan
+  if "exit_loops" in totals:  # per-token exit: the compute, as the figures say
+    out["mean_exit_loop"] = float(totals["exit_loops"]) / tokens
+    if totals.get("answer_tokens"):
+      out["mean_exit_loop_answers"] = float(totals["exit_loops_answers"]) / float(
+        totals["answer_tokens"]
+      )
+    out["mean_exit_loop_inputs"] = float(totals["exit_loops_inputs"]) / max(
+      float(totals["input_tokens"]), 1.0
+    )
+    out["executed_loops"] = float(totals["loops_run"]) / max(float(totals["batches"]), 1.0)
   return out
+
+
+def _summed(run_batch: Callable[[dict], dict], host_batches: Iterable[dict]) -> dict:
+  """The sums run_batch returns for each host batch, added up in float64 on the host."""
+  totals: dict = {}
+  for batch in host_batches:
+    for k, v in jax.device_get(run_batch(batch)).items():
+      totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+  return totals
 
 
 class Evaluator:
@@ -99,6 +126,22 @@ class Evaluator:
       )
     return self._compiled[key]
 
+  def exit_step(self, rule: ExitRule) -> Callable:
+    """(params, global batch, token_bytes_V, threshold) -> exit_eval_step's sums; one
+    program per criterion and loop bounds (the threshold is an argument)."""
+    rule = dataclasses.replace(rule, threshold=0.0)
+    key = ("exit", rule)
+    if key not in self._compiled:
+      replicated = sharding_lib.replicated(self.mesh)
+      self._compiled[key] = sharding_lib.sharded_jit(
+        functools.partial(step_lib.exit_eval_step, model=self.model, rule=rule),
+        self.mesh,
+        self.rules,
+        in_shardings=(self.param_shardings, self.batch_sharding, replicated, replicated),
+        out_shardings=replicated,
+      )
+    return self._compiled[key]
+
   def score_step(self, loops: int) -> Callable:
     """(params, global {inputs, targets, mask}) -> (sum_logprob_B, all_greedy_B)."""
     key = ("score", int(loops))
@@ -114,10 +157,12 @@ class Evaluator:
 
   # ------------------------------------------------------------------- metrics
 
-  def global_batch(self, host_batch: dict) -> dict:
-    """This host's share of `rows` sequences as global arrays (only what eval_step reads)."""
+  def global_batch(self, host_batch: dict, keys: Sequence[str] | None = None) -> dict:
+    """This host's share of `rows` sequences as global arrays (only what eval_step, or
+    the step reading `keys`, reads)."""
+    keys = self._keys if keys is None else keys
     return sharding_lib.make_global_batch(
-      {k: host_batch[k] for k in self._keys if k in host_batch}, self.batch_sharding, self.rows
+      {k: host_batch[k] for k in keys if k in host_batch}, self.batch_sharding, self.rows
     )
 
   def totals(
@@ -126,12 +171,9 @@ class Evaluator:
     """eval_step's sums over `host_batches` (a finite iterable of this host's numpy
     batches), added up in float64 on the host."""
     step = self.eval_step(loops, per_loop)
-    totals: dict = {}
-    for batch in host_batches:
-      sums = jax.device_get(step(params, self.global_batch(batch), self.token_bytes_V))
-      for k, v in sums.items():
-        totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
-    return totals
+    return _summed(
+      lambda batch: step(params, self.global_batch(batch), self.token_bytes_V), host_batches
+    )
 
   def metrics(
     self, params, host_batches: Iterable[dict], loops: int, *, per_loop: bool = False
@@ -139,6 +181,18 @@ class Evaluator:
     """Loss, bpb and answer accuracy over `host_batches` at `loops` loops; `per_loop`
     adds h_change (it keeps every loop's h: K' x the activations of one batch)."""
     return finish(self.totals(params, host_batches, loops, per_loop=per_loop))
+
+  def exit_metrics(self, params, host_batches: Iterable[dict], rule: ExitRule) -> dict[str, float]:
+    """metrics() with per-token exit by `rule` (at most rule.max_loops loops), plus the
+    compute it took (mean_exit_loop, ..., executed_loops: see finish)."""
+    step = self.exit_step(rule)
+    keys = step_lib.exit_batch_keys(self.model.cfg)
+    threshold = np.float32(rule.threshold)
+    totals = _summed(
+      lambda batch: step(params, self.global_batch(batch, keys), self.token_bytes_V, threshold),
+      host_batches,
+    )
+    return finish(totals)
 
   def sweep(
     self,

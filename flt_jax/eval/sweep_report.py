@@ -109,7 +109,7 @@ def plot_sweep(
   if not metrics:
     raise ValueError(f"no metric to plot; the sweep holds {_column_order(results)}")
   loops = sorted(results)
-  fig = _figure(figsize=(3.6 * len(metrics), 3.2))
+  fig = new_figure(figsize=(3.6 * len(metrics), 3.2))
   axes = fig.subplots(1, len(metrics), squeeze=False)[0]
   for ax, metric in zip(axes, metrics):
     values = [results[k].get(metric, math.nan) for k in loops]
@@ -122,7 +122,7 @@ def plot_sweep(
   axes[0].legend(fontsize=8)
   if title:
     fig.suptitle(title)
-  return _save_png(fig, path)
+  return save_png(fig, path)
 
 
 def write_sweep_report(
@@ -174,7 +174,7 @@ def plot_hop_heatmap(
   hops = sorted(accuracy)
   loops = sorted({k for row in accuracy.values() for k in row})
   grid = np.array([[accuracy[h].get(k, math.nan) for k in loops] for h in hops], np.float64)
-  fig = _figure(figsize=(1.0 + 0.7 * len(loops), 1.2 + 0.5 * len(hops)))
+  fig = new_figure(figsize=(1.0 + 0.7 * len(loops), 1.2 + 0.5 * len(hops)))
   ax = fig.subplots()
   image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
   for i in range(len(hops)):
@@ -195,7 +195,7 @@ def plot_hop_heatmap(
   ax.set_ylabel("hops")
   ax.set_title(title or "answer accuracy", fontsize=10)
   fig.colorbar(image, ax=ax)
-  return _save_png(fig, path)
+  return save_png(fig, path)
 
 
 def write_hop_report(
@@ -213,7 +213,8 @@ def write_hop_report(
   }
 
 
-def _figure(figsize):
+def new_figure(figsize):
+  """A bare matplotlib Figure (no pyplot state), constrained layout."""
   try:
     from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -223,7 +224,8 @@ def _figure(figsize):
   return Figure(figsize=figsize, layout="constrained")
 
 
-def _save_png(fig, path) -> epath.Path:
+def save_png(fig, path) -> epath.Path:
+  """The figure as a PNG at `path`, written whole."""
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=120)
   return write_atomic(path, buffer.getvalue())

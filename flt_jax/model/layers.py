@@ -146,30 +146,50 @@ class Attention(nn.Module):
       entry = {"k": k_BxTxHkvxD, "v": v_BxTxHkvxD}
     return q_BxTxHxD, k_BxTxHkvxD, v_BxTxHkvxD, entry
 
-  def decode(self, q_in_BxTxD, kv_in_BxTxD, cos, sin, window_left, slots: CacheSlots | None):
+  def decode(
+    self,
+    q_in_BxTxD,
+    kv_in_BxTxD,
+    cos,
+    sin,
+    window_left,
+    slots: CacheSlots | None,
+    keep: Callable[[dict], dict] | None = None,
+    segment_ids_BxT=None,
+  ):
     """Cached decoding: returns (output [B, T, D], the cache entry of these T tokens).
 
-    slots None (a prompt): attends over its own T tokens as `__call__` does. Otherwise
-    the entry is stored in `slots` and the queries attend over every slot that holds a
-    position (a window's cache keeps only the positions the window sees).
+    slots None (a prompt): attends over its own T tokens as `__call__` does (within
+    `segment_ids_BxT`'s documents when given). Otherwise the entry is stored in `slots`
+    and the queries attend over every slot that holds a position (a window's cache
+    keeps only the positions the window sees). keep(entry) -> the entry these tokens
+    attend with and cache instead (per-token exit: a token that has exited keeps its
+    last computed loop's keys/values; model/decode.py).
     """
     q_BxTxHxD, k_BxTxHkvxD, v_BxTxHkvxD, entry = self.qkv(q_in_BxTxD, kv_in_BxTxD, cos, sin)
+    if keep is not None:
+      entry = keep(entry)
     if slots is None:
-      y_BxTxHxD = self._attend(q_BxTxHxD, k_BxTxHkvxD, v_BxTxHkvxD, window_left, None)
+      if keep is not None:
+        k_BxTxHkvxD, v_BxTxHkvxD = self._entry_kv(entry, cos, sin)
+      y_BxTxHxD = self._attend(q_BxTxHxD, k_BxTxHkvxD, v_BxTxHkvxD, window_left, segment_ids_BxT)
       return self._project_out(y_BxTxHxD), entry
-    stored = slots.store(entry)
-    if self.cfg.kv_lora_rank:  # the latent re-expanded, RoPE at each slot's position
-      c_kv_BxSxR = stored["c_kv"]
-      k_BxSxHkvxD = self._rotated_heads(
-        self.c_k_up(c_kv_BxSxR), self.cfg.n_kv_head, slots.cos_1xSxD2, slots.sin_1xSxD2
-      ).astype(jnp.dtype(self.cfg.dtype))
-      v_BxSxHkvxD = self._value_heads(self.c_v_up(c_kv_BxSxR))
-    else:
-      k_BxSxHkvxD, v_BxSxHkvxD = stored["k"], stored["v"]
+    k_BxSxHkvxD, v_BxSxHkvxD = self._entry_kv(
+      slots.store(entry), slots.cos_1xSxD2, slots.sin_1xSxD2
+    )
     B, T = q_BxTxHxD.shape[:2]
     visible_BxTxS = jnp.broadcast_to(slots.positions_S >= 0, (B, T, slots.positions_S.shape[0]))
     y_BxTxHxD = attention.masked_attention(q_BxTxHxD, k_BxSxHkvxD, v_BxSxHkvxD, visible_BxTxS)
     return self._project_out(y_BxTxHxD), entry
+
+  def _entry_kv(self, entry: dict, cos, sin):
+    """Keys and values [B, S, Hkv, hd] of cache entries: as kept, or for MLA the latent
+    re-expanded with RoPE at the entries' positions (cos/sin rows) and the key norm."""
+    if not self.cfg.kv_lora_rank:
+      return entry["k"], entry["v"]
+    c_kv_BxSxR = entry["c_kv"]
+    k_BxSxHkvxD = self._rotated_heads(self.c_k_up(c_kv_BxSxR), self.cfg.n_kv_head, cos, sin)
+    return k_BxSxHkvxD.astype(jnp.dtype(self.cfg.dtype)), self._value_heads(self.c_v_up(c_kv_BxSxR))
 
   def _rotated_heads(self, x_BxTxF, heads: int, cos, sin):
     """Split into heads, rotate (RoPE), norm: the queries and keys."""
@@ -303,13 +323,18 @@ class Block(nn.Module):
     sin,
     window_left,
     slots: CacheSlots | None = None,
+    keep: Callable[[dict], dict] | None = None,
+    segment_ids_BxT=None,
   ):
-    """The block in cached decoding: (output, this layer's cache entry); `slots` as in
-    Attention.decode (None: a prompt attending over itself)."""
+    """The block in cached decoding: (output, this layer's cache entry); `slots`, `keep`
+    and `segment_ids_BxT` as in Attention.decode (slots None: a prompt attending over
+    itself)."""
     x_BxTxD, x_normed, q_in = self._inputs(
       x_BxTxD, h_BxTxD, h_query_BxTxD, inject_query, inject_residual
     )
-    attn_out, entry = self.attn.decode(q_in, x_normed, cos, sin, window_left, slots)
+    attn_out, entry = self.attn.decode(
+      q_in, x_normed, cos, sin, window_left, slots, keep, segment_ids_BxT
+    )
     return self._residuals(x_BxTxD, attn_out), entry
 
   def _inputs(self, x_BxTxD, h_BxTxD, h_query_BxTxD, inject_query, inject_residual):

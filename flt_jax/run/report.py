@@ -1,7 +1,8 @@
 """What a run shows and writes for people: console lines, TensorBoard and metrics.jsonl
-(`Reporter`), `config.txt`, a loop sweep's files (`write_sweep`), and a benchmark's
-results per step and K' (`write_task_results`, `print_task_table`). Process 0 writes;
-every file is written whole (`flt_jax.files`)."""
+(`Reporter`), `config.txt`, a loop sweep's files (`write_sweep`), per-token exit's
+quality-versus-compute table (`write_exit`, `print_exit`), and a benchmark's results per
+step and K' (`write_task_results`, `print_task_table`). Process 0 writes; every file is
+written whole (`flt_jax.files`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from flt_jax.eval import sweep_report
+from flt_jax.eval import exit_report, sweep_report
 from flt_jax.files import write_atomic
 from flt_jax.model import loop_count
 from flt_jax.train import metrics as metrics_lib
@@ -226,6 +227,93 @@ def write_sweep(
     writer.write_scalars(k, finite)
   writer.close()
   say(f"wrote {table_path}, {files['csv']} and {files['png']}")
+
+
+def read_exit_table(path: epath.Path) -> dict:
+  """{'fixed': {K': metrics}, 'exit': {rule: entry}} already written to `path` by earlier
+  exit evaluations of the same step and data, read before any work; ValueError naming
+  the file if it is not an exit table."""
+  if not path.exists():
+    return {"fixed": {}, "exit": {}}
+  try:
+    table = json.loads(path.read_text())
+    parts = {"fixed": table["fixed"], "exit": table["exit"]}
+    if not all(isinstance(part, dict) for part in parts.values()):
+      raise TypeError("'fixed' or 'exit' is not an object")
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+      f"{path} is not a per-token exit table ({type(e).__name__}: {e}); move it aside (mv "
+      f"{path} {path}.bad) to start a new table for this step"
+    ) from None
+  return parts
+
+
+def _finite(metrics: dict) -> dict:
+  """NaN (h_change at K'=1) is None in JSON, and None NaN again when read."""
+  return {n: (None if v is None or not np.isfinite(v) else float(v)) for n, v in metrics.items()}
+
+
+def write_exit(
+  workdir: str, table_path: epath.Path, name: str, table: dict, fixed: dict, results: dict
+) -> None:
+  """Adds the fixed-K' curve and the exit rules' `results` to `table` (its earlier ones
+  under 'fixed' and 'exit') and writes it (JSON) with its CSV and PNG (`name`.csv/png)
+  over everything the table then holds."""
+  table["fixed"].update({str(k): _finite(m) for k, m in fixed.items()})
+  for key, entry in results.items():
+    table["exit"][key] = {**entry, "metrics": _finite(entry["metrics"])}
+  write_atomic(table_path, json.dumps(table, indent=1))
+
+  def present(metrics: dict) -> dict:
+    return {n: v for n, v in metrics.items() if v is not None}
+
+  every_fixed = {int(k): present(m) for k, m in table["fixed"].items()}
+  every_exit = {k: {**e, "metrics": present(e["metrics"])} for k, e in table["exit"].items()}
+  files = exit_report.write_exit_report(
+    every_fixed,
+    every_exit,
+    table["trained_loops"],
+    workdir,
+    name=name,
+    title=f"per-token exit, step {table['step']}",
+  )
+  say(f"wrote {table_path}, {files['csv']} and {files['png']}")
+
+
+def print_exit(title: str, fixed: dict, results: dict) -> None:
+  """A row per fixed K' and per exit rule: quality, then the compute it took."""
+  every = [*fixed.values(), *(e["metrics"] for e in results.values())]
+  if not every:
+    return
+  quality = exit_report.quality_metric(every[0])
+  compute = exit_report.compute_metric(every[-1])
+  hops = sorted(
+    {int(n.removeprefix(HOP_METRIC)) for m in every for n in m if n.startswith(HOP_METRIC)}
+  )
+  columns = [(quality, quality), ("loss", "loss")] if quality != "loss" else [("loss", "loss")]
+  columns += [("exit loop" + (" answers" if "answers" in compute else ""), compute)]
+  columns += [("exit loop inputs", "mean_exit_loop_inputs"), ("executed loops", "executed_loops")]
+  for h in hops:
+    columns += [
+      (f"acc {h} hops", f"{HOP_METRIC}{h}"),
+      (f"exit {h} hops", f"{exit_report.HOPS_EXIT}{h}"),
+    ]
+  # a fixed K' runs K' loops for every token, in every pass
+  ran = [compute, "mean_exit_loop_inputs", "executed_loops"]
+  ran += [f"{exit_report.HOPS_EXIT}{h}" for h in hops]
+  named = [
+    (f"K'={k} (fixed)", {**m, **dict.fromkeys(ran, float(k))}) for k, m in sorted(fixed.items())
+  ]
+  named += [(key, e["metrics"]) for key, e in results.items()]
+  width = max(len(name) for name, _ in named)
+  cell = max(len(label) for label, _ in columns) + 2
+  lines = [title, f"  {'':<{width}}" + "".join(f"{label:>{cell}}" for label, _ in columns)]
+  for name, metrics in named:
+    values = [metrics.get(metric) for _, metric in columns]
+    lines.append(
+      f"  {name:<{width}}" + "".join(" " * cell if v is None else f"{v:>{cell}.4f}" for v in values)
+    )
+  say("\n".join(lines))
 
 
 def _jsonable(value):

@@ -91,7 +91,7 @@ def hop_data_config(data_config, hops: int) -> ml_collections.ConfigDict:
   return data
 
 
-def _hop_sweep(run_setup: RunSetup, params, loops_list) -> dict[int, dict[str, float]]:
+def hop_sweep(run_setup: RunSetup, params, loops_list) -> dict[int, dict[str, float]]:
   """{K': {answer_accuracy_hops<h>: accuracy}} for every hop count h the run trained on,
   each on its own validation set (hop_data_config)."""
   m = run_setup.config.data.multihop
@@ -105,7 +105,7 @@ def _hop_sweep(run_setup: RunSetup, params, loops_list) -> dict[int, dict[str, f
   return out
 
 
-def _eval_data(run_setup: RunSetup, saved: dict) -> tuple[str, dict]:
+def eval_data_record(run_setup: RunSetup, saved: dict) -> tuple[str, dict]:
   """(file-name suffix, record) of the data a sweep evaluates on: '' for the run's own
   validation data, '_data-<hash>' for other data, so a sweep on another corpus writes
   under its own name instead of over the run's rows."""
@@ -157,14 +157,14 @@ def sweep_checkpoint(
   table records its data. Each file is written whole (a kill leaves the previous one)."""
   run_setup, params, step = checkpoint.run_setup, checkpoint.params, checkpoint.step
   trained_loops = checkpoint.trained_loops
-  suffix, data_record = _eval_data(run_setup, checkpoint.saved_config)
+  suffix, data_record = eval_data_record(run_setup, checkpoint.saved_config)
   table_path = epath.Path(workdir) / f"eval_step{step}{suffix}.json"
   earlier = report.read_sweep_table(table_path)  # a damaged table stops us before the work
   loops_list = sorted(set(loops_list or [trained_loops]))
   # per_loop: h_change, how much the last loop still moves h, from the same forward.
   results = run_setup.evaluator.sweep(params, run_setup.eval_batches, loops_list, per_loop=True)
   if run_setup.config.data.source == "multihop":
-    for k, per_hop in _hop_sweep(run_setup, params, loops_list).items():
+    for k, per_hop in hop_sweep(run_setup, params, loops_list).items():
       results[k].update(per_hop)
   report.print_sweep(step, workdir, run_setup.model_cfg.variant, trained_loops, results)
   if jax.process_index() == 0:

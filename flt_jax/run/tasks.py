@@ -6,6 +6,10 @@
   lm_eval:<task,...>    EleutherAI lm-eval tasks (eval/lm_eval_adapter.py; an optional
                         dependency, requirements-eval.txt); last in the list
 
+and with --eval_exit=<criterion:threshold,...> per-token exit (run/exit_eval.py): each
+rule against the fixed-K' curve (--eval_loops, default 1..max_loops), the
+quality-versus-compute table exit_step<N>.json/csv/png.
+
 One read-only restore, then each family at each K' on the run's sharded evaluator.
 Process 0 writes `core_step<N>_loops<K>.json` and `lm_eval_step<N>_loops<K>.json`
 (each whole) and prints a task x K' table. What can be checked before the restore is:
@@ -22,7 +26,8 @@ import os
 import ml_collections
 
 from flt_jax.eval import core
-from flt_jax.run import report
+from flt_jax.model.exit import ExitRule, with_max_loops
+from flt_jax.run import exit_eval, report
 from flt_jax.run.sweep import RestoredCheckpoint, check_loops, restore_checkpoint, sweep_checkpoint
 
 FAMILIES = ("sweep", "core")
@@ -59,6 +64,8 @@ class TaskOptions:
   lm_eval_include: str = ""  # lm-eval: a directory of task YAMLs besides lm-eval's own
   max_examples: int | None = None  # per task (CORE's seeded subset, lm-eval's limit)
   max_len: int = 0  # tokens of context + continuation; 0: the model's seq_len
+  # per-token exit rules (--eval_exit); a max_loops of 0 becomes the trained K
+  exit_rules: tuple[ExitRule, ...] = ()
 
 
 def _lm_eval_adapter(tasks: tuple[str, ...]):
@@ -80,8 +87,10 @@ def evaluate_tasks(
   options: TaskOptions | None = None,
 ) -> dict:
   """Restores a checkpoint of workdir (default: the latest; `config` None: the config
-  saved with it) and runs `tasks` at each K' (default: the trained K): {'sweep': {K':
-  metrics}, 'core': {K': CoreResult}, 'lm_eval': {K': results}} for those asked."""
+  saved with it) and runs `tasks` at each K' (default: the trained K; with exit rules
+  1..their max_loops): {'sweep': {K': metrics}, 'core': {K': CoreResult}, 'lm_eval':
+  {K': results}} for those asked, and 'exit' ({rule: entry}, run/exit_eval.py) with
+  options.exit_rules."""
   check_loops(loops_list)
   options = options or TaskOptions()
   core_tasks = adapter = manager = None
@@ -96,11 +105,21 @@ def evaluate_tasks(
     adapter = _lm_eval_adapter(tasks.lm_eval)
     manager = adapter.task_manager(tasks.lm_eval, options.lm_eval_include or None)
   checkpoint = restore_checkpoint(workdir, config, step)
-  loops_list = sorted(set(loops_list or [checkpoint.trained_loops]))
+  rules = [
+    rule if rule.max_loops else with_max_loops(rule, checkpoint.trained_loops)
+    for rule in options.exit_rules
+  ]
+  default_loops = [checkpoint.trained_loops]
+  if rules:  # the fixed-K' curve the rules are set against
+    default_loops = list(range(1, max(rule.max_loops for rule in rules) + 1))
+  loops_list = sorted(set(loops_list or default_loops))
   max_len = options.max_len or checkpoint.run_setup.model_cfg.seq_len
   out = {}
   if tasks.sweep:
     out["sweep"] = sweep_checkpoint(checkpoint, workdir, loops_list)
+  if rules:
+    fixed = out.get("sweep") or exit_eval.fixed_curve(checkpoint, loops_list)
+    out["exit"] = exit_eval.exit_checkpoint(checkpoint, workdir, rules, fixed)
   if core_tasks is not None:
     out["core"] = _core(checkpoint, workdir, loops_list, core_tasks, options, max_len)
   if adapter is not None:

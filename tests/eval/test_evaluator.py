@@ -2,7 +2,8 @@
 accuracy against a float64 per-token NLL computed with numpy from the model's logits;
 h_change against h from separately run loop counts (and 0 at a fixed point); the score
 function against full-sequence log-probabilities; only the arrays the step reads are
-sent to the device."""
+sent to the device; per-token exit's metrics and compute against the unsharded
+teacher-forced pass, and at threshold 0 the fixed-K metrics."""
 
 import functools
 import math
@@ -13,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flt_jax.constants import IGNORE_LABEL
+from flt_jax.constants import IGNORE_LABEL, PAD_SEGMENT
 from flt_jax.eval import evaluator as evaluator_lib
+from flt_jax.model import exit as exit_lib
 from flt_jax.model.config import ModelConfig, get_config
+from flt_jax.model.decode import CachedDecoder
 from flt_jax.model.looped import LoopedTransformer
 
 VOCAB = 64
@@ -215,3 +218,76 @@ def test_score_fn_errors(tiny_lm, make_evaluator):
     score_fn([([1], list(range(9)))])
   with pytest.raises(ValueError, match="empty context"):
     score_fn([([], [1])])
+
+
+# ----------------------------------------------------------------------------- exit
+
+
+def _exit_reference(model, params, batches, rule):
+  """Loss, answer accuracy and the exit figures from the unsharded teacher-forced pass
+  (CachedDecoder.forward_exit) and float64 numpy."""
+  decoder = CachedDecoder(model.cfg)
+
+  @jax.jit
+  def forward(params, tokens, real):
+    h, exits = decoder.forward_exit(params, tokens, rule, real_BxT=real)
+    return decoder.logits(params, h), exits.exit_loops_BxT
+
+  nll = tokens = answers = correct = 0.0
+  loops = {"targets": [], "answers": [], "inputs": []}
+  executed = []
+  for batch in batches:
+    real = batch["segment_ids"] != PAD_SEGMENT
+    logits, exit_loops = (np.asarray(a, np.float64) for a in forward(params, batch["inputs"], real))
+    shifted = logits - logits.max(-1, keepdims=True)
+    logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    valid = batch["targets"] != IGNORE_LABEL
+    picked = np.take_along_axis(logprobs, np.where(valid, batch["targets"], 0)[..., None], -1)
+    nll -= picked[..., 0][valid].sum()
+    tokens += valid.sum()
+    answer = (batch["answer_mask"] > 0) & valid
+    for b in range(ROWS):
+      if answer[b].any():
+        answers += 1
+        correct += bool(np.all(logits[b].argmax(-1)[answer[b]] == batch["targets"][b][answer[b]]))
+    loops["targets"] += exit_loops[valid].tolist()
+    loops["answers"] += exit_loops[answer].tolist()
+    loops["inputs"] += exit_loops[real].tolist()
+    executed.append(exit_loops[real].max())  # the pass runs while any real token is active
+  return {
+    "loss": nll / tokens,
+    "answer_accuracy": correct / answers,
+    "mean_exit_loop": np.mean(loops["targets"]),
+    "mean_exit_loop_answers": np.mean(loops["answers"]),
+    "mean_exit_loop_inputs": np.mean(loops["inputs"]),
+    "executed_loops": np.mean(executed),
+  }
+
+
+def test_exit_metrics_match_the_teacher_forced_pass(make_evaluator):
+  model = _model("LT_ia")
+  params = _random_params(model)
+  evaluator = make_evaluator(model, ROWS)
+  batches = _host_batches()
+  for batch in batches:  # padding at the end of two rows: not real, targets ignored
+    batch["segment_ids"] = np.ones_like(batch["inputs"])
+    batch["segment_ids"][1, 8:] = PAD_SEGMENT
+    batch["segment_ids"][3, 11:] = PAD_SEGMENT
+  fixed = evaluator.metrics(params, batches, 3)
+  for criterion in exit_lib.CRITERIA:  # threshold 0: the fixed K=3 metrics, 3 loops each
+    got = evaluator.exit_metrics(params, batches, exit_lib.ExitRule(criterion, 0.0, 1, 3))
+    for name in ("loss", "bpb", "answer_accuracy"):
+      assert got[name] == pytest.approx(fixed[name], rel=1e-6), (criterion, name)
+    for name in ("mean_exit_loop", "mean_exit_loop_answers", "mean_exit_loop_inputs"):
+      assert got[name] == 3.0
+    assert got["executed_loops"] == 3.0
+  rule = exit_lib.ExitRule("latent_diff", 0.5, 1, 3)
+  got = evaluator.exit_metrics(params, batches, rule)
+  want = _exit_reference(model, params, batches, rule)
+  assert 1.0 < want["mean_exit_loop_inputs"] < 3.0  # tokens exit at different loops
+  for name, value in want.items():
+    assert got[name] == pytest.approx(value, rel=1e-5), name
+  # the threshold is an argument: another threshold of the criterion reuses the program
+  compiled = len(evaluator._compiled)  # pylint: disable=protected-access
+  evaluator.exit_metrics(params, batches, exit_lib.ExitRule("latent_diff", 0.2, 1, 3))
+  assert len(evaluator._compiled) == compiled  # pylint: disable=protected-access

@@ -10,30 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flt_jax.model.config import ModelConfig
 from flt_jax.model.decode import CachedDecoder, slot_positions
 from flt_jax.model.looped import LoopedTransformer
-from tests.helpers.models import model_config, random_params
+from tests.helpers.decoding import ATTENTION, LOOPS, VARIANTS, VOCAB, compile_fast, make_cfg
+from tests.helpers.models import random_params
 
-VARIANTS = ("FLT", "FLT_res", "LT", "LT_i", "LT_ia")
-LOOPS, B, VOCAB = 3, 2, 70
+B = 2
 PROMPT, PADDED, NEW = 7, 8, 16  # 7 real prompt tokens padded to 8, then 16 steps
-BASE = dict(n_layer=2, d_model=32, vocab_size=VOCAB, seq_len=16, loops=LOOPS, kv_lora_rank=0)
-ATTENTION = {
-  # layer 0 has the window seq_len // 4 = 4 (< 23 positions), layer 1 full context
-  "gqa_window": dict(n_head=4, n_kv_head=2, window_pattern="SL"),
-  "mla_window": dict(n_head=4, n_kv_head=2, window_pattern="SL", kv_lora_rank=16),
-  "mha_full": dict(n_head=2, n_kv_head=2, window_pattern="L"),
-}
-
-
-def make_cfg(**overrides) -> ModelConfig:
-  return model_config(**{**BASE, **overrides})
-
-
-def compile_fast(fn, *args):
-  """Compiled once, ahead of the calls (cheaply: tests/conftest.py's XLA flags)."""
-  return jax.jit(fn).lower(*args).compile()
+# ATTENTION's window 4 is shorter than the 23 positions: its ring buffer wraps.
 
 
 @functools.cache
