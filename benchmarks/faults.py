@@ -12,6 +12,21 @@ simply run again. Printed at the end:
   resumes that were exact: the run resumed from the newest complete checkpoint present at
   the kill, and every loss it logged equals the uninterrupted run's (atol 1e-6);
   checkpoints lost: resumes that started before the newest complete checkpoint, or failed.
+
+--reader_rounds=N (default 3): a second phase runs every reader beside a live run that saves
+every step (eval at K'=1, export, sample, and the same training command a second time),
+N rounds back to back while it trains; the live run must finish rc 0 with every
+checkpoint, each reader must succeed (the second run must be refused), and no temporary
+checkpoint directory may be left behind.
+
+--writer_kills=N (default 6): a third phase SIGKILLs the eval sweep and the export N times
+each at a random moment of their run (after a good result file exists); the previous
+eval_step<N>.json must still parse with its earlier rows and the previous .npz must still
+load whole. Half of the kills come at a random moment, half as soon as the writer's
+temporary file (.<name>.<pid>.tmp) appears; kills that found it on disk are counted: those
+hit the write itself.
+
+--faults=0 --reader_rounds=0 --writer_kills=0 selects nothing; each phase runs on its own.
 """
 
 from __future__ import annotations
@@ -85,6 +100,151 @@ def temporary_dirs(workdir: Path) -> set[str]:
   return {p.name for p in root.iterdir() if "tmp" in p.name} if root.exists() else set()
 
 
+def module_command(module: str, *flags: str) -> list[str]:
+  return [sys.executable, "-m", module, *flags]
+
+
+def readers(workdir: Path, out: Path) -> dict[str, list[str]]:
+  """Every reader of a workdir, as a user runs it: name -> command."""
+  return {
+    "eval K'=1": module_command(
+      "flt_jax.main", f"--workdir={workdir}", "--mode=eval", "--eval_loops=1"
+    ),
+    "export": module_command("flt_jax.export", f"--workdir={workdir}", f"--out={out}"),
+    "sample": module_command(
+      "flt_jax.sample", f"--workdir={workdir}", "--prompt=1", "--max_new_tokens=2"
+    ),
+  }
+
+
+def readers_beside_a_live_run(tmp: Path, rounds: int, steps: int) -> list[tuple[str, object]]:
+  """Phase 2: every reader, `rounds` times, while a run saves every step."""
+  workdir = tmp / "live"
+  live_cmd = command(workdir, steps) + [
+    "--config.checkpoint.every_steps=1",
+    "--config.checkpoint.keep=0",
+  ]
+  live = subprocess.Popen(live_cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  ok = {name: 0 for name in readers(workdir, tmp / "r.npz")}
+  ok["second training run refused"] = 0
+  failed: list[str] = []
+  done_rounds = 0
+  while live.poll() is None and not complete_checkpoints(workdir):
+    time.sleep(0.2)
+  while live.poll() is None and done_rounds < rounds:
+    second = subprocess.run(live_cmd, cwd=REPO, capture_output=True, text=True)
+    if second.returncode != 0 and "is in use" in second.stderr:
+      ok["second training run refused"] += 1
+    elif live.poll() is None:
+      failed.append(f"second run: rc {second.returncode}: {second.stderr.strip()[-300:]}")
+    for name, cmd in readers(workdir, tmp / "r.npz").items():
+      proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+      if proc.returncode == 0:
+        ok[name] += 1
+      else:
+        failed.append(f"{name}: rc {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    done_rounds += 1
+  output = live.communicate()[0].decode()
+  saved = complete_checkpoints(workdir)
+  every = saved == list(range(1, steps + 1))
+  if live.returncode != 0:
+    print(output[-3000:])
+  for line in failed:
+    print("reader failed:", line)
+  rows: list[tuple[str, object]] = [
+    (f"reader rounds beside the live run (of {rounds})", done_rounds)
+  ]
+  rows += [
+    (name if "refused" in name else f"{name} succeeded", count) for name, count in ok.items()
+  ]
+  rows += [
+    ("readers that failed", len(failed)),
+    ("live run (saving every step) finished rc 0", live.returncode == 0),
+    (f"live run kept all {steps} checkpoints", every),
+    ("temporary checkpoint directories left", len(temporary_dirs(workdir))),
+  ]
+  return rows
+
+
+def kill_writer(
+  cmd: list[str], directory: Path, rng: random.Random, duration: float, at_write: bool
+) -> tuple[bool, bool]:
+  """Start cmd and SIGKILL it: at a random moment of a run that takes `duration`, or
+  (at_write) as soon as its temporary file appears in `directory`. Returns (killed,
+  whether the writer's temporary file was on disk at the kill)."""
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + rng.uniform(0.3 * duration, 1.05 * duration)
+
+  def writing() -> bool:
+    return any(p.name.endswith(".tmp") for p in directory.iterdir())
+
+  while proc.poll() is None:
+    if at_write and writing():
+      break
+    if not at_write and time.time() >= deadline:
+      break
+    if not at_write:
+      time.sleep(0.002)
+  if proc.poll() is not None:
+    return False, False
+  in_write = writing()
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return True, in_write
+
+
+def timed_run(cmd: list[str]) -> float:
+  start = time.time()
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  if proc.returncode:
+    sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+  return time.time() - start
+
+
+def kills_of_writers(tmp: Path, kills: int, rng: random.Random) -> list[tuple[str, object]]:
+  """Phase 3: SIGKILL the eval sweep and the export while they run; the previous results
+  survive."""
+  import numpy as np  # noqa: PLC0415 (phases 1-2 need no numpy here)
+
+  workdir = tmp / "written"
+  steps = 4
+  subprocess.run(command(workdir, steps), cwd=REPO, check=True, capture_output=True)
+  eval_cmd = readers(workdir, tmp / "x.npz")["eval K'=1"]
+  timed_run(eval_cmd)  # the results file with K'=1
+  table = workdir / f"eval_step{steps}.json"
+  first = json.loads(table.read_text())
+  export_path = tmp / "exports" / "x.npz"
+  export_path.parent.mkdir()
+  export_cmd = readers(workdir, export_path)["export"]
+  export_seconds = timed_run(export_cmd)
+  arrays = sorted(np.load(export_path).files)
+  sweep_cmd = [c.replace("--eval_loops=1", "--eval_loops=2,3") for c in eval_cmd]
+  sweep_seconds = timed_run(sweep_cmd)  # rows 2 and 3 written once, so a kill can lose them
+  written = json.loads(table.read_text())
+  rows: list[tuple[str, object]] = []
+  for name, cmd, directory, seconds in (
+    ("eval sweep", sweep_cmd, workdir, sweep_seconds),
+    ("export", export_cmd, export_path.parent, export_seconds),
+  ):
+    killed = in_write = intact = 0
+    for attempt in range(kills):
+      hit, during = kill_writer(cmd, directory, rng, seconds, at_write=attempt % 2 == 1)
+      killed += hit
+      in_write += during
+      if name == "export":
+        with np.load(export_path) as z:
+          intact += sorted(z.files) == arrays and all(z[k].size >= 0 for k in z.files)
+      else:
+        now = json.loads(table.read_text())
+        intact += now == written and set(first) <= set(now)
+    rows += [
+      (f"{name}: SIGKILLs", killed),
+      (f"{name}: of them with its temporary file on disk", in_write),
+      (f"{name}: previous file intact after each attempt (of {kills})", intact),
+    ]
+  return rows
+
+
 def run_reference(workdir: Path, steps: int) -> dict[int, float]:
   proc = subprocess.run(command(workdir, steps), cwd=REPO, capture_output=True, text=True)
   if proc.returncode:
@@ -97,10 +257,31 @@ def main() -> None:
   parser.add_argument("--faults", type=int, default=20)
   parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--reader_rounds", type=int, default=3)
+  parser.add_argument("--live_steps", type=int, default=60, help="the live run's steps")
+  parser.add_argument("--writer_kills", type=int, default=6)
   parser.add_argument("--keep", action="store_true", help="keep the temporary workdirs")
   args = parser.parse_args()
   rng = random.Random(args.seed)
   tmp = Path(tempfile.mkdtemp(prefix="flt_faults_"))
+  rows: list[tuple[str, object]] = []
+  if args.faults:
+    rows += kills_of_training(tmp, args, rng)
+  if args.reader_rounds:
+    rows += readers_beside_a_live_run(tmp, args.reader_rounds, args.live_steps)
+  if args.writer_kills:
+    rows += kills_of_writers(tmp, args.writer_kills, rng)
+  print("| what | count |\n|---|---|")
+  for what, count in rows:
+    print(f"| {what} | {count} |")
+  if args.keep:
+    print(f"workdirs kept in {tmp}")
+  else:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def kills_of_training(tmp: Path, args, rng: random.Random) -> list[tuple[str, object]]:
+  """Phase 1: SIGKILL training again and again, resume, compare with an uninterrupted run."""
   reference = run_reference(tmp / "reference", args.steps)
   workdir = tmp / "faulty"
   faults = during_save = exact = lost = 0
@@ -162,18 +343,15 @@ def main() -> None:
   final = losses(workdir)
   finished = proc.returncode == 0 and max(final, default=0) == args.steps
   all_equal = finished and all(abs(final[s] - reference[s]) <= 1e-6 for s in reference)
-  print("| what | count |\n|---|---|")
-  print(f"| faults injected (SIGKILL) | {faults} |")
-  print(f"| of them while an async save was in flight | {during_save} |")
-  print(f"| resumes | {len(resumed_steps)} |")
-  print(f"| resumes that were exact | {exact} |")
-  print(f"| checkpoints lost | {lost} |")
-  print(f"| final run finished all {args.steps} steps | {finished} |")
-  print(f"| every step's loss equals the uninterrupted run's (1e-6) | {all_equal} |")
-  if args.keep:
-    print(f"workdirs kept in {tmp}")
-  else:
-    shutil.rmtree(tmp, ignore_errors=True)
+  return [
+    ("faults injected (SIGKILL)", faults),
+    ("of them while an async save was in flight", during_save),
+    ("resumes", len(resumed_steps)),
+    ("resumes that were exact", exact),
+    ("checkpoints lost", lost),
+    (f"final run finished all {args.steps} steps", finished),
+    ("every step's loss equals the uninterrupted run's (1e-6)", all_equal),
+  ]
 
 
 if __name__ == "__main__":
