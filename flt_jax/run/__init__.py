@@ -15,7 +15,7 @@ tasks.py     evaluate_tasks: the sweep, CORE and lm-eval of a checkpoint at any 
 
 from flt_jax.run.loop import NonFiniteError, train_and_evaluate
 from flt_jax.run.program import Program, build_program, resolve_config
-from flt_jax.run.report import HOP_METRIC
+from flt_jax.run.results import HOP_METRIC
 from flt_jax.run.setup import RunSetup, open_checkpointer, setup
 from flt_jax.run.sweep import (
   RestoredCheckpoint,

@@ -19,7 +19,7 @@ import jax
 from etils import epath
 
 from flt_jax.model.exit import ExitRule
-from flt_jax.run import report
+from flt_jax.run import results as result_files
 from flt_jax.run.sweep import RestoredCheckpoint, eval_data_record, hop_data_config, hop_sweep
 
 EXIT_HOPS_METRICS = ("answer_accuracy", "mean_exit_loop_answers", "executed_loops")
@@ -74,7 +74,7 @@ def exit_checkpoint(
   run_setup, step = checkpoint.run_setup, checkpoint.step
   suffix, data_record = eval_data_record(run_setup, checkpoint.saved_config)
   table_path = epath.Path(workdir) / f"exit_step{step}{suffix}.json"
-  earlier = report.read_exit_table(table_path)  # a damaged table stops us before the work
+  earlier = result_files.read_exit_table(table_path)  # a damaged table stops us before the work
   results = {}
   for rule in rules:
     results[rule_key(rule)] = {
@@ -85,12 +85,12 @@ def exit_checkpoint(
       "metrics": rule_metrics(checkpoint, rule),
     }
   variant, trained = run_setup.model_cfg.variant, checkpoint.trained_loops
-  report.print_exit(
+  result_files.print_exit(
     f"per-token exit, checkpoint step {step} of {workdir} ({variant}, trained at K={trained}):",
     fixed,
     results,
   )
   if jax.process_index() == 0:
     table = {"step": step, "trained_loops": trained, "data": data_record, **earlier}
-    report.write_exit(workdir, table_path, f"exit_step{step}{suffix}", table, fixed, results)
+    result_files.write_exit(workdir, table_path, f"exit_step{step}{suffix}", table, fixed, results)
   return results

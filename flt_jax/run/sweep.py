@@ -19,7 +19,7 @@ from flt_jax import config as flt_config
 from flt_jax.errors import config_error
 from flt_jax.parallel import config as parallel_config
 from flt_jax.parallel import multihost
-from flt_jax.run import report
+from flt_jax.run import results as result_files
 from flt_jax.run.program import resolve_config
 from flt_jax.run.setup import RunSetup, setup
 from flt_jax.train.checkpoint import Checkpointer
@@ -101,7 +101,7 @@ def hop_sweep(run_setup: RunSetup, params, loops_list) -> dict[int, dict[str, fl
       run_setup.eval_batches, hop_data_config(run_setup.config.data, hops)
     )
     for k, metrics in run_setup.evaluator.sweep(params, batches, loops_list).items():
-      out[k][f"{report.HOP_METRIC}{hops}"] = metrics["answer_accuracy"]
+      out[k][f"{result_files.HOP_METRIC}{hops}"] = metrics["answer_accuracy"]
   return out
 
 
@@ -159,15 +159,17 @@ def sweep_checkpoint(
   trained_loops = checkpoint.trained_loops
   suffix, data_record = eval_data_record(run_setup, checkpoint.saved_config)
   table_path = epath.Path(workdir) / f"eval_step{step}{suffix}.json"
-  earlier = report.read_sweep_table(table_path)  # a damaged table stops us before the work
+  earlier = result_files.read_sweep_table(table_path)  # a damaged table stops us before the work
   loops_list = sorted(set(loops_list or [trained_loops]))
   # per_loop: h_change, how much the last loop still moves h, from the same forward.
   results = run_setup.evaluator.sweep(params, run_setup.eval_batches, loops_list, per_loop=True)
   if run_setup.config.data.source == "multihop":
     for k, per_hop in hop_sweep(run_setup, params, loops_list).items():
       results[k].update(per_hop)
-  report.print_sweep(step, workdir, run_setup.model_cfg.variant, trained_loops, results)
+  result_files.print_sweep(step, workdir, run_setup.model_cfg.variant, trained_loops, results)
   if jax.process_index() == 0:
     table = {"step": step, "trained_loops": trained_loops, "data": data_record, "loops": earlier}
-    report.write_sweep(workdir, table_path, f"step{step}{suffix}", table, results, run_setup.config)
+    result_files.write_sweep(
+      workdir, table_path, f"step{step}{suffix}", table, results, run_setup.config
+    )
   return results

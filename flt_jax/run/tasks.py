@@ -28,6 +28,7 @@ import ml_collections
 from flt_jax.eval import core
 from flt_jax.model.exit import ExitRule, with_max_loops
 from flt_jax.run import exit_eval, report
+from flt_jax.run import results as result_files
 from flt_jax.run.sweep import RestoredCheckpoint, check_loops, restore_checkpoint, sweep_checkpoint
 
 FAMILIES = ("sweep", "core")
@@ -162,12 +163,12 @@ def _core(checkpoint, workdir, loops_list, core_tasks, options, max_len) -> dict
       "core": result.core,
       "tasks": {label: dataclasses.asdict(r) for label, r in result.tasks.items()},
     }
-    path = report.write_task_results(workdir, "core", step, k, record)
+    path = result_files.write_task_results(workdir, "core", step, k, record)
     report.say(f"wrote {path}")
     for label, r in result.tasks.items():
       table.setdefault(label, {})[k] = r.centered
     table.setdefault("CORE", {})[k] = result.core
-  report.print_task_table(f"CORE (centred accuracy), {_about(checkpoint, workdir)}:", table)
+  result_files.print_task_table(f"CORE (centred accuracy), {_about(checkpoint, workdir)}:", table)
   return results
 
 
@@ -189,7 +190,7 @@ def _lm_eval(checkpoint, workdir, loops_list, adapter, manager, tasks, options, 
       "max_len": max_len,
       **out,
     }
-    path = report.write_task_results(workdir, "lm_eval", step, k, record)
+    path = result_files.write_task_results(workdir, "lm_eval", step, k, record)
     report.say(f"wrote {path}")
     for task, metrics in out["results"].items():
       for metric, value in metrics.items():
@@ -198,5 +199,5 @@ def _lm_eval(checkpoint, workdir, loops_list, adapter, manager, tasks, options, 
         numeric = isinstance(value, int | float) and not isinstance(value, bool)
         if numeric and "," in metric and "_stderr" not in metric:
           table.setdefault(f"{task} {metric}", {})[k] = float(value)
-  report.print_task_table(f"lm-eval, {_about(checkpoint, workdir)}:", table)
+  result_files.print_task_table(f"lm-eval, {_about(checkpoint, workdir)}:", table)
   return results
