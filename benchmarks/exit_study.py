@@ -1,6 +1,6 @@
 """Per-token exit and the loop-slot budget on a trained checkpoint, measured three ways.
 
-  python benchmarks/exit_study.py --workdir=/work/runs/flt12_multihop \
+  python benchmarks/exit_study.py --workdir=/tmp/runs/flt12_multihop \
       --exit=latent_diff:0.15 [--min_loops=1] [--batch=128] [--kv_loops=12,4,first]
 
 1. teacher-forced: the sharded evaluator's exit pass on the validation data (per hop
