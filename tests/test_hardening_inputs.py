@@ -1,5 +1,5 @@
 """Bad input to the commands is one line naming the problem and the fix, written before
-anything else; asking for help is not an error (issue 24)."""
+anything else; asking for help is not an error."""
 
 import re
 import subprocess

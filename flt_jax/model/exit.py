@@ -1,4 +1,4 @@
-"""Per-token exit over successive loops (adaptive computation at inference, issue 22).
+"""Per-token exit over successive loops (adaptive computation at inference).
 
 A token runs loops until its criterion fires, then stops being computed: its h is frozen
 at its last computed loop, and a later token that attends to it at a deeper loop reads

@@ -1,5 +1,5 @@
 """Data that would train on garbage says so, and preparation that cannot fit (in memory, in
-time) is refused with an estimate before it starts (issue 24)."""
+time) is refused with an estimate before it starts."""
 
 import logging
 import os
