@@ -18,6 +18,9 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path):
     "from absl import app\n"
     "from flt_jax import main\n"
     "from flt_jax.run import loop\n"
+    # A terminal's Ctrl-C meets Python's default handler; a job a shell starts in the
+    # background (as CI may run this suite) inherits SIGINT ignored.
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     "def setup(*args, **kwargs):\n"
     "  os.kill(os.getpid(), signal.SIGINT)\n"
     "  time.sleep(30)\n"

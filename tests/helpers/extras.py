@@ -9,9 +9,17 @@ import importlib.util
 import pytest
 
 
+def installed(module: str) -> bool:
+  """Whether `module` (dotted names too: its parent package may be absent) is importable."""
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # a dotted name whose parent package is not installed
+    return False
+
+
 def needs(module: str, requirements: str, what: str) -> list[pytest.MarkDecorator]:
   """Marks for a test (or a module's `pytestmark`) that needs `module` for `what`;
   `requirements` is the file that installs it."""
-  missing = importlib.util.find_spec(module) is None
+  missing = not installed(module)
   reason = f"{module} is not installed: {what} needs it (pip install -r {requirements})"
   return [pytest.mark.needs_extra, pytest.mark.skipif(missing, reason=reason)]

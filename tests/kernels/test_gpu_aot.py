@@ -6,7 +6,6 @@ speed or numerics on a GPU. Skipped without the plugin: `pip install --no-deps -
 requirements-gpu-aot.txt`."""
 
 import functools
-import importlib.util
 
 import flax.linen as nn
 import jax
@@ -17,17 +16,18 @@ from flt_jax import aot
 from flt_jax.kernels import cudnn_attention, flash_attention
 from flt_jax.model import config as model_config
 from flt_jax.model.looped import LoopedTransformer
+from tests.helpers.extras import installed
 
 pytestmark = [
   pytest.mark.needs_extra,
   pytest.mark.skipif(
-    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    not installed("jax_plugins.xla_cuda12"),
     reason="the CUDA plugin (the GPU compiler) is not installed; `pip install --no-deps -r "
     "requirements-gpu-aot.txt` to compile for GPUs ahead of time on CPU",
   ),
 ]
 needs_cudnn = pytest.mark.skipif(
-  importlib.util.find_spec("nvidia.cudnn") is None,
+  not installed("nvidia.cudnn"),
   reason="cuDNN is not installed (nvidia-cudnn-cu12 in requirements-gpu-aot.txt); XLA "
   "builds cuDNN's attention graphs with it",
 )

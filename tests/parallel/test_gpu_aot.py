@@ -6,7 +6,6 @@ hosts with the data axis over them. Tiny shapes; nothing runs. Skipped without t
 from __future__ import annotations
 
 import functools
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -17,14 +16,14 @@ from flt_jax import aot, presets, run
 from flt_jax.errors import ConfigError
 from flt_jax.parallel import config as parallel_config
 from flt_jax.parallel import mesh as mesh_lib
+from tests.helpers.extras import installed
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 pytestmark = [
   pytest.mark.needs_extra,
   pytest.mark.skipif(
-    importlib.util.find_spec("jax_plugins.xla_cuda12") is None
-    or importlib.util.find_spec("nvidia.cudnn") is None,
+    not installed("jax_plugins.xla_cuda12") or not installed("nvidia.cudnn"),
     reason="the CUDA plugin and cuDNN are not installed; `pip install --no-deps -r "
     "requirements-gpu-aot.txt` to compile for GPU topologies ahead of time on CPU",
   ),
