@@ -24,6 +24,7 @@ from flt_jax.parallel import config as parallel_config
 from flt_jax.parallel import mesh as mesh_lib
 from flt_jax.parallel import sharding as sharding_lib
 from flt_jax.train import state as state_lib
+from tests.helpers.xla_flags import with_fast_compile
 
 ROWS, LENGTH, LOOPS, VOCAB, MAX_LEN = 4, 8, 2, 64, 8
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -78,8 +79,12 @@ def _sharded() -> dict:
 
 
 def test_four_devices_match_a_plain_reference():
-  fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {fast}")
+  env = dict(
+    os.environ,
+    XLA_FLAGS=with_fast_compile(
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ),
+  )
   env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
   proc = subprocess.run(
     [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=600

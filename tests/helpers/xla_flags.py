@@ -3,10 +3,15 @@ every process a test starts inherits)."""
 
 from __future__ import annotations
 
-# XLA:CPU's LLVM at -O0 without its expensive passes: the same HLO and semantics, compiled
-# in about half the time (compiling is most of what the tests spend). libtpu's ahead-of-time
-# compile of the paper step is unchanged by them (same memory and FLOP report, same time).
-FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+# XLA:CPU's LLVM at -O0 without its expensive passes, and its classic fusion emitters
+# instead of the MLIR ones: the same HLO and semantics, compiled in well under half the
+# time (compiling is most of what the tests spend; WORKSPACE "Tests and benchmarks" has
+# the figures). libtpu's and the CUDA plugin's ahead-of-time compiles ignore them.
+FAST_COMPILE = (
+  "--xla_backend_optimization_level=0",
+  "--xla_llvm_disable_expensive_passes=true",
+  "--xla_cpu_use_fusion_emitters=false",
+)
 
 
 def _name(flag: str) -> str:

@@ -189,8 +189,10 @@ def test_muon_stacked_equals_per_layer():
         np.testing.assert_allclose(
           stacked[l],
           np.asarray(ref_u["w"]),
+          # float32 Newton-Schulz amplifies rounding: batched and per-matrix matmuls
+          # sum in different orders (seen up to 4e-7 on entries of ~1e-2)
           rtol=1e-5,
-          atol=1e-7,
+          atol=1e-6,
           err_msg=f"{name} layer {l} step {step}",
         )
     # Independent check of the first step against the reference algorithm:
