@@ -63,8 +63,7 @@ def _forward_fn(model, loops):
     h, _ = model.apply({"params": p}, t, loops, method=model.hidden_states)
     return h, model.apply({"params": p}, h, method=model.logits)
 
-  fast = {"xla_backend_optimization_level": 0}  # compiles faster; same numerics here
-  return jax.jit(forward, compiler_options=fast)
+  return jax.jit(forward)
 
 
 def _forward(model, params, tokens, loops):

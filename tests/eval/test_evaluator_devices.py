@@ -95,9 +95,7 @@ def test_four_devices_match_a_plain_reference():
 
   model, params = _model_and_params()
 
-  @functools.partial(
-    jax.jit, static_argnums=1, compiler_options={"xla_backend_optimization_level": 0}
-  )
+  @functools.partial(jax.jit, static_argnums=1)
   def forward_fn(tokens, loops):
     h, _ = model.apply({"params": params}, tokens, loops, method=model.hidden_states)
     return h, model.apply({"params": params}, h, method=model.logits)

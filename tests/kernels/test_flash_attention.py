@@ -25,7 +25,6 @@ BLOCKS = {"mosaic_tpu": 128, "triton": 64}
 WINDOWS = (-1, 48, 200)
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 H, B = 4, 2
-_FAST = {"xla_backend_optimization_level": 0}
 
 
 def _segments(T: int, seed: int):
@@ -73,7 +72,7 @@ def _compiled(lowering, T, Hkv, D, dtype, with_segments):
     return _value_and_grads(ours, q, k, v, do), _value_and_grads(ref, q, k, v, do)
 
   args = (*_inputs(T, T, Hkv, D, dtype), jnp.int32(-1), _segments(T, 0))
-  return jax.jit(fn).lower(*args).compile(_FAST)
+  return jax.jit(fn).lower(*args).compile()
 
 
 def _check(lowering, T, Hkv, D, dtype, with_segments):
@@ -158,7 +157,7 @@ def _compiled_small(lowering, T, S, Hkv, window_static=None):
     return _value_and_grads(ours, q, k, v, do)
 
   args = (*_inputs(T, S, Hkv, 64, jnp.float32), jnp.int32(-1), jnp.int32(0))
-  return jax.jit(fn).lower(*args).compile(_FAST)
+  return jax.jit(fn).lower(*args).compile()
 
 
 def _reference(q, k, v, do, window, q_offset=0):
@@ -261,7 +260,7 @@ def test_static_window_shrinks_the_tpu_grid_and_matches_xla():
       )
     )
     .lower(q, k, v, do)
-    .compile(_FAST)
+    .compile()
   )
   ours = compiled(q, k, v, do)
   ref = _reference(q, k, v, do, window)

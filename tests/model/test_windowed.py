@@ -1,8 +1,6 @@
 """A traced loop count with a gradient window (model/windowed.py, loss_fn(loop_count=)):
 the fixed-K model at K = n when every loop has gradient, a plain stop_gradient reference
-when only the last k do, one compilation for every count, and memory bounded by k.
-
-Compiled with XLA's backend optimisation off (same semantics, faster to compile)."""
+when only the last k do, one compilation for every count, and memory bounded by k."""
 
 import functools
 
@@ -21,7 +19,6 @@ B, T, VOCAB = 2, 8, 40
 BASE = dict(
   n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=VOCAB, seq_len=T, loops=3, max_loops=6
 )
-_FAST = {"xla_backend_optimization_level": 0}
 
 
 def make_cfg(**overrides) -> ModelConfig:
@@ -54,23 +51,19 @@ def batch(seed=0):
   return jnp.asarray(toks[:, :-1]), jnp.asarray(targets)
 
 
-def fast_jit(fn, **kwargs):
-  return jax.jit(fn, compiler_options=_FAST, **kwargs)
-
-
 @functools.cache
 def windowed_grad(cfg: ModelConfig, diagnostics=False):
   """jitted (params, x, y, count) -> ((loss, aux), grads): the count is traced."""
   model = LoopedTransformer(cfg)
   fn = lambda p, x, y, n: loss_fn(p, model, x, y, loop_count=n, diagnostics=diagnostics)
-  return fast_jit(jax.value_and_grad(fn, has_aux=True))
+  return jax.jit(jax.value_and_grad(fn, has_aux=True))
 
 
 @functools.cache
 def fixed_grad(cfg: ModelConfig, loops: int, diagnostics=False):
   model = LoopedTransformer(cfg)
   fn = lambda p, x, y: loss_fn(p, model, x, y, loops=loops, diagnostics=diagnostics)
-  return fast_jit(jax.value_and_grad(fn, has_aux=True))
+  return jax.jit(jax.value_and_grad(fn, has_aux=True))
 
 
 def assert_trees_close(got, want, rel=1e-5, what=""):
@@ -153,7 +146,7 @@ def reference_loss(params, cfg, toks, targets, n, k, loss_loops):
 
 
 # cfg, n, k and the loss loops are static
-REFERENCE = fast_jit(jax.value_and_grad(reference_loss), static_argnums=(1, 4, 5, 6))
+REFERENCE = jax.jit(jax.value_and_grad(reference_loss), static_argnums=(1, 4, 5, 6))
 
 
 def expected_loss_loops(loss_type, n, k):
