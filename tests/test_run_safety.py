@@ -144,3 +144,18 @@ def test_a_deleted_record_is_refused_not_skipped(trained, tmp_path):
     run.train_and_evaluate(c, str(workdir))
   with pytest.raises(CorruptCheckpointError, match="_CHECKPOINT_METADATA .* is missing"):
     run.restore_params(str(workdir))
+
+
+@pytest.mark.parametrize("text", ["", '{"fixed": {}}', '{"fixed": [], "exit": {}}'])
+def test_a_damaged_exit_table_is_named_and_a_missing_one_is_empty(tmp_path, text):
+  from etils import epath
+
+  from flt_jax.run import results
+
+  path = epath.Path(tmp_path) / "exit_step3.json"
+  assert results.read_exit_table(path) == {"fixed": {}, "exit": {}}
+  path.write_text(text)
+  with pytest.raises(ValueError) as e:
+    results.read_exit_table(path)
+  msg = str(e.value)
+  assert str(path) in msg and "per-token exit table" in msg and "\n" not in msg

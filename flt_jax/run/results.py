@@ -22,22 +22,28 @@ from flt_jax.train import metrics as metrics_lib
 HOP_METRIC = "answer_accuracy_hops"
 
 
-def read_sweep_table(path: epath.Path) -> dict:
-  """The loops already written to `path` by earlier sweeps of the same step and data, read
-  before any work; ValueError naming the file if it is not a sweep table."""
+def _read_table(path: epath.Path, kind: str, parts: tuple[str, ...]) -> dict:
+  """{part: object} of the results table an earlier evaluation of the same step and data
+  wrote to `path` (empty objects when there is none), read before any work; ValueError
+  naming the file if it is not a `kind` table."""
   if not path.exists():
-    return {}
+    return {part: {} for part in parts}
   try:
     table = json.loads(path.read_text())
-    loops = table["loops"]
-    if not isinstance(loops, dict):
-      raise TypeError("'loops' is not an object")
+    found = {part: table[part] for part in parts}
+    if not all(isinstance(value, dict) for value in found.values()):
+      raise TypeError(f"{' or '.join(repr(p) for p in parts)} is not an object")
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(
-      f"{path} is not a loop-sweep table ({type(e).__name__}: {e}); move it aside (mv {path} "
+      f"{path} is not a {kind} table ({type(e).__name__}: {e}); move it aside (mv {path} "
       f"{path}.bad) to start a new table for this step"
     ) from None
-  return loops
+  return found
+
+
+def read_sweep_table(path: epath.Path) -> dict:
+  """{K': metrics} already written to `path` by earlier sweeps (see _read_table)."""
+  return _read_table(path, "loop-sweep", ("loops",))["loops"]
 
 
 def print_sweep(step: int, workdir: str, variant: str, trained_loops: int, results) -> None:
@@ -91,21 +97,8 @@ def write_sweep(
 
 def read_exit_table(path: epath.Path) -> dict:
   """{'fixed': {K': metrics}, 'exit': {rule: entry}} already written to `path` by earlier
-  exit evaluations of the same step and data, read before any work; ValueError naming
-  the file if it is not an exit table."""
-  if not path.exists():
-    return {"fixed": {}, "exit": {}}
-  try:
-    table = json.loads(path.read_text())
-    parts = {"fixed": table["fixed"], "exit": table["exit"]}
-    if not all(isinstance(part, dict) for part in parts.values()):
-      raise TypeError("'fixed' or 'exit' is not an object")
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-      f"{path} is not a per-token exit table ({type(e).__name__}: {e}); move it aside (mv "
-      f"{path} {path}.bad) to start a new table for this step"
-    ) from None
-  return parts
+  exit evaluations (see _read_table)."""
+  return _read_table(path, "per-token exit", ("fixed", "exit"))
 
 
 def _finite(metrics: dict) -> dict:
