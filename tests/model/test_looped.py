@@ -23,6 +23,7 @@ from flt_jax.model.config import CHECKPOINT_NAMES, ModelConfig, remat_policy
 from flt_jax.model.layers import Block, rope_tables
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.model.loss import loss_fn
+from tests.helpers import reference as jax_reference
 from tests.helpers.models import model_config, random_params
 
 VARIANTS = ("FLT", "FLT_res", "LT", "LT_i", "LT_ia")
@@ -98,13 +99,6 @@ def _rope(x, base=10000.0):  # x [B, T, H, hd]: rotate the two halves as pairs
   return np.concatenate([a * cos + b * sin, -a * sin + b * cos], axis=-1)
 
 
-def _windows(cfg):
-  pat = cfg.window_pattern.upper()
-  out = [(cfg.seq_len // 4 if pat[i % len(pat)] == "S" else None) for i in range(cfg.n_layer)]
-  out[-1] = None
-  return out
-
-
 def _attention(w, q_in, kv_in, cfg, window):
   bsz, t, _ = q_in.shape
   h, hkv = cfg.n_head, cfg.n_kv_head
@@ -133,7 +127,7 @@ def reference_logits(params, cfg, toks, loops):
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   blk = p["blocks"]["layers"]["block"]
   layer_w = lambda mod, l: {n: v["kernel"][l] for n, v in blk[mod].items()}
-  windows = _windows(cfg)
+  windows = jax_reference.windows(cfg)
   x0 = p["wte"]["embedding"][np.asarray(toks)]
   h = None
   for i in range(loops):
@@ -156,71 +150,6 @@ def reference_logits(params, cfg, toks, loops):
     h = _rms(x)
   z = (h @ p["lm_head"]["kernel"])[..., : cfg.vocab_size]
   return cfg.softcap * np.tanh(z / cfg.softcap)
-
-
-# The same reference in plain jax.numpy (vectorised, float32, no custom derivatives, no
-# scan), so that jax.grad of it checks the model's gradients, custom VJPs included.
-
-
-def _jrms(x):
-  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + _EPS32)
-
-
-def _jrope(x, base=10000.0):
-  t, hd = x.shape[1], x.shape[-1]
-  freq = 1.0 / (base ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
-  ang = np.outer(np.arange(t, dtype=np.float32), freq)
-  cos, sin = np.cos(ang)[None, :, None, :], np.sin(ang)[None, :, None, :]
-  a, b = x[..., : hd // 2], x[..., hd // 2 :]
-  return jnp.concatenate([a * cos + b * sin, -a * sin + b * cos], axis=-1)
-
-
-def _jattention(w, q_in, kv_in, cfg, window):
-  bsz, t, _ = q_in.shape
-  h, hkv = cfg.n_head, cfg.n_kv_head
-  hd = cfg.d_model // h
-  q = (q_in @ w["c_q"]).reshape(bsz, t, h, hd)
-  if cfg.kv_lora_rank:
-    latent = _jrms(kv_in @ w["c_kv_down"])
-    k, v = latent @ w["c_k_up"], latent @ w["c_v_up"]
-  else:
-    k, v = kv_in @ w["c_k"], kv_in @ w["c_v"]
-  k, v = k.reshape(bsz, t, hkv, hd), v.reshape(bsz, t, hkv, hd)
-  q, k = _jrms(_jrope(q)), _jrms(_jrope(k))
-  k, v = jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
-  s = jnp.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(hd)
-  i, j = np.arange(t)[:, None], np.arange(t)[None, :]
-  visible = (j <= i) & ((i - j < window) if window else True)
-  s = jnp.where(visible, s, -jnp.inf)
-  p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-  p = p / jnp.sum(p, axis=-1, keepdims=True)
-  return jnp.einsum("bhij,bjhd->bihd", p, v).reshape(bsz, t, h * hd) @ w["c_proj"]
-
-
-def jax_reference_logits(params, cfg, toks, loops):
-  blk = params["blocks"]["layers"]["block"]
-  layer_w = lambda mod, l: {n: v["kernel"][l] for n, v in blk[mod].items()}
-  windows = _windows(cfg)
-  x0 = params["wte"]["embedding"][toks]
-  h = None
-  for i in range(loops):
-    if i == 0 or cfg.variant not in ("LT", "LT_i"):
-      x = _jrms(x0)
-    elif cfg.variant == "LT":
-      x = h
-    else:
-      x = _jrms(x0 + h)
-    for l in range(cfg.n_layer):
-      if cfg.variant == "FLT_res" and h is not None:
-        x = _jrms(x + h)
-      xn = _jrms(x)
-      inject = h is not None and (cfg.variant == "FLT" or (cfg.variant == "LT_ia" and l == 0))
-      x = x + _jattention(layer_w("attn", l), _jrms(h) if inject else xn, xn, cfg, windows[l])
-      m = _jrms(x) @ layer_w("mlp", l)["c_fc"]
-      x = x + jnp.square(jnp.maximum(m, 0.0)) @ layer_w("mlp", l)["c_proj"]
-    h = _jrms(x)
-  z = (h @ params["lm_head"]["kernel"])[..., : cfg.vocab_size]
-  return cfg.softcap * jnp.tanh(z / cfg.softcap)
 
 
 def _ce(logits, targets):
@@ -340,7 +269,7 @@ def _reference_value_and_grad(cfg_key, loops):
   cfg = make_cfg(**dict(cfg_key))
 
   def loss(p, x, y):
-    logits = jax_reference_logits(p, cfg, x, loops)
+    logits = jax_reference.reference_logits(p, cfg, x, loops)
     logz = jax.nn.logsumexp(logits, axis=-1)
     return jnp.mean(logz - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0])
 
@@ -357,7 +286,9 @@ def test_gradients_match_plain_autodiff_reference(variant, attention):
   cfg, params, toks = make_cfg(**dict(key)), noisy_params(_key(ATTENTION[attention])), tokens()
   targets = jnp.roll(toks, -1, 1)
   np.testing.assert_allclose(
-    np.asarray(jax.jit(jax_reference_logits, static_argnums=(1, 3))(params, cfg, toks, 3)),
+    np.asarray(
+      jax.jit(jax_reference.reference_logits, static_argnums=(1, 3))(params, cfg, toks, 3)
+    ),
     reference_logits(params, cfg, toks, 3),
     atol=1e-5,
     rtol=0,

@@ -13,6 +13,7 @@ import pytest
 from flt_jax.model.config import ModelConfig, get_config
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.model.loss import loss_fn
+from tests.helpers import reference
 
 VARIANTS = ("FLT", "FLT_res", "LT", "LT_i", "LT_ia")
 B, T, VOCAB = 2, 8, 40
@@ -77,71 +78,23 @@ def assert_trees_close(got, want, rel=1e-5, what=""):
 
 
 # ---------------------------------------------------------------------------
-# A plain jax.numpy model (no scan, no custom derivatives), the stop_gradient placed by
-# hand: h after loop n - k - 1 carries no gradient.
-
-_EPS32 = float(np.finfo(np.float32).eps)
-
-
-def _rms(x):
-  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + _EPS32)
-
-
-def _rope(x, base=10000.0):
-  t, hd = x.shape[1], x.shape[-1]
-  freq = 1.0 / (base ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
-  ang = np.outer(np.arange(t, dtype=np.float32), freq)
-  cos, sin = np.cos(ang)[None, :, None, :], np.sin(ang)[None, :, None, :]
-  a, b = x[..., : hd // 2], x[..., hd // 2 :]
-  return jnp.concatenate([a * cos + b * sin, -a * sin + b * cos], axis=-1)
-
-
-def _attention(w, q_in, kv_in, n_head):
-  bsz, t, d = q_in.shape
-  hd = d // n_head
-  q = (q_in @ w["c_q"]).reshape(bsz, t, n_head, hd)
-  k = (kv_in @ w["c_k"]).reshape(bsz, t, n_head, hd)
-  v = (kv_in @ w["c_v"]).reshape(bsz, t, n_head, hd)
-  q, k = _rms(_rope(q)), _rms(_rope(k))
-  s = jnp.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(hd)
-  s = jnp.where(np.tril(np.ones((t, t), bool)), s, -jnp.inf)
-  return jnp.einsum("bhij,bjhd->bihd", jax.nn.softmax(s, -1), v).reshape(bsz, t, d) @ w["c_proj"]
+# The plain jax.numpy model (tests/helpers/reference.py), its h after loop n - k - 1
+# stop_gradient'ed by hand.
 
 
 def reference_loss(params, cfg, toks, targets, n, k, loss_loops):
   """Mean loss over `loss_loops` of the plain n-loop model whose first n - k loops are
   stop_gradient'ed (k >= n: none)."""
-  blk = params["blocks"]["layers"]["block"]
-  layer_w = lambda mod, l: {name: v["kernel"][l] for name, v in blk[mod].items()}
-  x0 = params["wte"]["embedding"][toks]
-  h, losses = None, []
-  for i in range(n):
-    if i == 0 or cfg.variant not in ("LT", "LT_i"):
-      x = _rms(x0)
-    elif cfg.variant == "LT":
-      x = h
-    else:
-      x = _rms(x0 + h)
-    for l in range(cfg.n_layer):
-      if cfg.variant == "FLT_res" and h is not None:
-        x = _rms(x + h)
-      xn = _rms(x)
-      inject = h is not None and (cfg.variant == "FLT" or (cfg.variant == "LT_ia" and l == 0))
-      x = x + _attention(layer_w("attn", l), _rms(h) if inject else xn, xn, cfg.n_head)
-      m = _rms(x) @ layer_w("mlp", l)["c_fc"]
-      x = x + jnp.square(jnp.maximum(m, 0.0)) @ layer_w("mlp", l)["c_proj"]
-    h = _rms(x)
-    if i == n - k - 1:
-      h = jax.lax.stop_gradient(h)
-    if i in loss_loops:
-      z = (h @ params["lm_head"]["kernel"])[..., : cfg.vocab_size]
-      logits = cfg.softcap * jnp.tanh(z / cfg.softcap)
-      valid = targets != -1
-      nll = (
-        jax.nn.logsumexp(logits, -1)
-        - jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
-      )
-      losses.append(jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid))
+  states = reference.loop_states(params, cfg, toks, n, no_gradient_through=max(n - k, 0))
+  valid = targets != -1
+  losses = []
+  for i in loss_loops:
+    logits = reference.head_logits(params, cfg, states[i])
+    nll = (
+      jax.nn.logsumexp(logits, -1)
+      - jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
+    )
+    losses.append(jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid))
   return jnp.mean(jnp.stack(losses))
 
 
