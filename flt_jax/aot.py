@@ -123,9 +123,6 @@ def use_compile_only_devices() -> None:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
-use_compile_only_tpu = use_compile_only_devices  # the name benchmarks and tests knew
-
-
 def topology_devices(topology: Topology) -> list:
   """Compile-only devices of the topology (libtpu or the CUDA plugin; no device attached)."""
   if topology.platform == "gpu":

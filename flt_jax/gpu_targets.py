@@ -43,10 +43,6 @@ class GpuSpec:
   threads_per_sm: int = 2048
   shared_memory_per_block: int = 48 * KIB  # without opting in
 
-  @property
-  def memory_gib(self) -> float:
-    return self.memory_bytes / GIB
-
 
 # Hopper (GH100, compute capability 9.0): 132 SMs in the SXM parts, 228 KiB of shared
 # memory per SM (227 KiB per block), 50 MiB L2, 1.98 GHz boost.

@@ -120,7 +120,6 @@ def generate_text(
     kv_loops=slots,
   )
   prompt_tokens = [int(tokenizer.eos_id), *tokenizer.encode(prompt)]
-  generator.check_length(len(prompt_tokens), max_new_tokens)
   stream = _TextStream(tokenizer, write or (lambda s: None), stop_token)
   out = generator.generate(params, prompt_tokens, max_new_tokens, seed=seed, on_token=stream)
   text = stream.close()

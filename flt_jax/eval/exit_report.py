@@ -22,7 +22,7 @@ from etils import epath
 from flt_jax.eval import sweep_report
 from flt_jax.files import write_atomic
 
-HOPS_ACCURACY = "answer_accuracy_hops"  # + the hop count (run/results.HOP_METRIC)
+HOPS_ACCURACY = "answer_accuracy_hops"  # + the hop count (also the loop sweep's)
 HOPS_EXIT = "mean_exit_loop_answers_hops"  # + the hop count
 RULE_FIELDS = ("criterion", "threshold", "min_loops", "max_loops")
 COLUMNS = ("kind", "rule") + RULE_FIELDS + ("mean_loops",)

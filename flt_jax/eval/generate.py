@@ -293,8 +293,7 @@ class Generator:
 
     def run(params, prompt_BxTp, prompt_len, rng):
       B, Tp = prompt_BxTp.shape
-      # Positions 0..Tp-1 hold the padded prompt, then up to N - 1 fed-back tokens.
-      cache = decoder.init_cache(loops, B, Tp + N - 1)
+      cache = decoder.init_cache(loops, B, self.cache_length(Tp, N))
       out_BxN = jnp.full([B, N], fill, jnp.int32)
       exits_BxN = jnp.full([B, N], loops, jnp.int32)
       if self.exit_rule is None:  # the whole prompt in one pass gives the first token

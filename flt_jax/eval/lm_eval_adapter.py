@@ -11,7 +11,7 @@ requirements-eval.txt) scoring a flt_jax model.
       a cache cannot reproduce)
 
     lm = FltLM.from_evaluator(evaluator, params, tokenizer, loops=12, max_length=1024)
-    results = evaluate(lm, ["my_task"], include_path="tasks/", limit=None)
+    results = evaluate(lm, ["my_task"], task_manager(["my_task"], "tasks/"))
 
 (`python -m flt_jax.main --mode=eval --eval_tasks=lm_eval:<task,...>` does this for a
 workdir's checkpoint.)

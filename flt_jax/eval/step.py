@@ -73,10 +73,7 @@ def h_change_sums(h_KxBxTxD, valid_BxT) -> dict:
   """h_change_K1 [K-1]: for each loop i >= 1, ||h(i) - h(i-1)|| / ||h(i-1)|| summed over
   the valid tokens (divided by `tokens` later). Near 0 at the last loop: more loops would
   barely move the prediction."""
-  h_KxBxTxD = h_KxBxTxD.astype(jnp.float32)
-  step_K1xBxT = jnp.linalg.norm(h_KxBxTxD[1:] - h_KxBxTxD[:-1], axis=-1)
-  scale_K1xBxT = jnp.linalg.norm(h_KxBxTxD[:-1], axis=-1)
-  relative_K1xBxT = step_K1xBxT / jnp.maximum(scale_K1xBxT, jnp.finfo(jnp.float32).tiny)
+  relative_K1xBxT = exit_lib.relative_change(h_KxBxTxD[:-1], h_KxBxTxD[1:])
   return {"h_change_K1": jnp.sum(jnp.where(valid_BxT, relative_K1xBxT, 0.0), axis=(1, 2))}
 
 

@@ -130,8 +130,9 @@ def start(rule: ExitRule, batch: int, length: int, vocab: int) -> ExitState:
   return ExitState(jnp.ones(shape, bool), zeros, previous, zeros)
 
 
-def _relative_change(h_before_BxTxD, h_after_BxTxD):
-  """||after - before|| / ||before|| per token, in float32 (eval/step.h_change_sums' rule)."""
+def relative_change(h_before_BxTxD, h_after_BxTxD):
+  """||after - before|| / ||before|| per token (any leading axes), in float32: latent_diff's
+  measure and the h_change that evaluation reports (eval/step.h_change_sums)."""
   before = h_before_BxTxD.astype(jnp.float32)
   step_BxT = jnp.linalg.norm(h_after_BxTxD.astype(jnp.float32) - before, axis=-1)
   return step_BxT / jnp.maximum(jnp.linalg.norm(before, axis=-1), jnp.finfo(jnp.float32).tiny)
@@ -155,7 +156,7 @@ def after_loop(
   previous, streak_BxT = state.previous, state.streak_BxT
   never = jnp.inf
   if rule.criterion == "latent_diff":
-    measure_BxT = _relative_change(h_before_BxTxD, h_after_BxTxD)
+    measure_BxT = relative_change(h_before_BxTxD, h_after_BxTxD)
     fires_BxT = (loop_index > 0) & (measure_BxT < threshold)
   elif rule.criterion == "kl":
     logp_BxTxV = jax.nn.log_softmax(logits_fn(h_after_BxTxD).astype(jnp.float32), axis=-1)

@@ -19,7 +19,7 @@ from flt_jax.run.report import say
 from flt_jax.train import metrics as metrics_lib
 
 # The multihop sweep's per-hop accuracy: this prefix + the hop count.
-HOP_METRIC = "answer_accuracy_hops"
+HOP_METRIC = exit_report.HOPS_ACCURACY
 
 
 def _read_table(path: epath.Path, kind: str, parts: tuple[str, ...]) -> dict:
