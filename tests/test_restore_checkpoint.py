@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from flt_jax import export, run, sample
-from tests.helpers.runs import tiny_run_config
+from tests.helpers.runs import main_command, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,3 +71,34 @@ def test_a_reader_joins_its_cluster_before_orbax_starts_jax(trained, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split() == ["3", "True"]
   assert np.load(out).files
+
+
+def test_a_run_trained_on_a_cluster_reads_back_on_one_machine(tmp_path):
+  """mesh.distributed describes the machine that trained (the launch scripts set it on),
+  not the model: a reader on a plain machine must not try to join that cluster."""
+  workdir = tmp_path / "run"
+  cluster = dict(
+    os.environ,
+    JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
+    JAX_NUM_PROCESSES="1",
+    JAX_PROCESS_ID="0",
+  )
+  train = subprocess.run(
+    main_command(workdir, "--config.train.steps=1", "--config.mesh.distributed=on"),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=cluster,
+  )
+  assert train.returncode == 0, train.stderr[-3000:]
+  out = tmp_path / "x.npz"
+  proc = subprocess.run(
+    [sys.executable, "-c", _EXPORT_ON_A_CLUSTER, str(workdir), str(out)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["1", "False"]

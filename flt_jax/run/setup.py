@@ -127,11 +127,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, training: bool) ->
 
 
 def open_checkpointer(run_setup: RunSetup, workdir: str, *, read_only: bool) -> Checkpointer:
-  """The workdir's checkpoints: writable for the run that holds the workdir lock (it
-  alone may clean up unfinished saves), read-only for every reader (eval, sample,
-  export), which never writes, deletes or cleans anything, so it can run beside a live
-  run. Refuses an unwritable workdir (writable only), or one whose saved model shape or
-  tokenizer differs."""
+  """The workdir's checkpoints with this run's model shape and tokenizer guard: writable
+  for the run that holds the workdir lock (it alone may clean up unfinished saves), or
+  read-only (a test's look at what a run saved; eval, sample and export open theirs in
+  run/sweep.restore_checkpoint, before a RunSetup exists). Refuses an unwritable workdir
+  (writable only), or one whose saved model shape or tokenizer differs."""
   return Checkpointer.from_config(
     workdir, run_setup.config, tokenizer=run_setup.tokenizer.identity(), read_only=read_only
   )

@@ -24,9 +24,8 @@ from flt_jax.run.program import resolve_config
 from flt_jax.run.setup import RunSetup, setup
 from flt_jax.train.checkpoint import Checkpointer
 
-_MACHINE_FIELDS = (
-  parallel_config.MESH_AXES + parallel_config.DCN_FIELDS + ("cpu_devices", "cpu_reuse_memory")
-)
+_MACHINE_FIELDS = parallel_config.MESH_AXES + parallel_config.DCN_FIELDS
+_MACHINE_FIELDS += ("cpu_devices", "cpu_reuse_memory", "distributed")
 
 
 @dataclasses.dataclass(frozen=True)
