@@ -90,10 +90,13 @@ _EVAL_EXIT = flags.DEFINE_string(
   "compute table exit_step<N>.json/csv/png. E.g. latent_diff:0.01,kl:5e-4,argmax_stable:3.",
 )
 _EVAL_MIN_LOOPS = flags.DEFINE_integer(
-  "eval_min_loops", 1, "Per-token exit: loops every token runs before it may exit."
+  "eval_min_loops", 1, "Per-token exit: loops every token runs before it may exit.", lower_bound=1
 )
 _EVAL_MAX_LOOPS = flags.DEFINE_integer(
-  "eval_max_loops", 0, "Per-token exit: loops a token runs at most (0: the trained K)."
+  "eval_max_loops",
+  0,
+  "Per-token exit: loops a token runs at most (0: the trained K).",
+  lower_bound=0,
 )
 _PRINT_CONFIG = flags.DEFINE_bool(
   "print_config", False, "Print the resolved config (every field, after overrides) and exit."
@@ -119,10 +122,6 @@ def parse_exit_rules() -> tuple:
   --eval_exit); ValueError in one line for a bad rule or bound."""
   if not _EVAL_EXIT.value.strip():
     return ()
-  if _EVAL_MAX_LOOPS.value < 0:
-    raise ValueError(
-      f"--eval_max_loops={_EVAL_MAX_LOOPS.value} is invalid: give 0 (the trained K) or more"
-    )
   return tuple(
     exit_lib.parse_exit_list(
       _EVAL_EXIT.value,

@@ -234,5 +234,5 @@ def test_a_bad_exit_rule_is_one_line_before_the_restore(tmp_path):
   assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
   proc = _main(f"--workdir={tmp_path / 'run'}", "--eval_exit=kl:1e-3", "--eval_min_loops=0")
   assert proc.stderr.strip().splitlines()[-1] == (
-    "error: --min_loops=0 is invalid: a token runs at least 1 loop"
+    "error: flag --eval_min_loops=0: 0 is not a positive integer (--help lists the flags)"
   )
