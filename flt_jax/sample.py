@@ -103,8 +103,6 @@ def generate_text(
   if loops is None:
     loops = restored.trained_loops
   slots = decode.parse_kv_loops(kv_loops, loops)
-  if rule is not None:
-    rule = exit_lib.with_max_loops(rule, loops)
   if stop_token is None:
     stop_token = int(tokenizer.eos_id)
   elif stop_token < 0:

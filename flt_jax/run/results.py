@@ -61,9 +61,7 @@ def write_sweep(
   as the x axis. `name` (e.g. step300) suffixes every file."""
   step, trained_loops = table["step"], table["trained_loops"]
   # JSON has no NaN (h_change at K'=1): non-finite values are written as null.
-  table["loops"].update(
-    {str(k): {n: (v if np.isfinite(v) else None) for n, v in m.items()} for k, m in results.items()}
-  )
+  table["loops"].update({str(k): _finite(m) for k, m in results.items()})
   write_atomic(table_path, json.dumps(table, indent=1))
   every_k = {
     int(k): {n: (np.nan if v is None else v) for n, v in m.items()}

@@ -8,7 +8,6 @@ teacher-forced pass, and at threshold 0 the fixed-K metrics."""
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,29 +16,23 @@ import pytest
 from flt_jax.constants import IGNORE_LABEL, PAD_SEGMENT
 from flt_jax.eval import evaluator as evaluator_lib
 from flt_jax.model import exit as exit_lib
-from flt_jax.model.config import ModelConfig, get_config
 from flt_jax.model.decode import CachedDecoder
 from flt_jax.model.looped import LoopedTransformer
+from tests.helpers.models import model_config, random_params
 
 VOCAB = 64
 ROWS = 4
 
 
 def _model(variant="FLT", **fields):
-  c = get_config()
-  c.update(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=VOCAB, seq_len=16)
-  c.update(loops=3, variant=variant, window_pattern="L", kv_lora_rank=0, **fields)
-  return LoopedTransformer(ModelConfig.from_config(c))
+  shape = dict(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=VOCAB, seq_len=16)
+  return LoopedTransformer(
+    model_config(**shape, loops=3, variant=variant, window_pattern="L", kv_lora_rank=0, **fields)
+  )
 
 
 def _random_params(model, seed=0):
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros([1, 8], jnp.int32))
-  rng = np.random.default_rng(seed)
-  # Every matrix random (the init's zero c_proj would make each block the identity).
-  return jax.tree.map(
-    lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32),
-    nn.meta.unbox(shapes["params"]),
-  )
+  return random_params(model.cfg, seed)
 
 
 def _host_batches(count=2, length=12, seed=0):

@@ -12,18 +12,16 @@ import pathlib
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flt_jax.eval.evaluator import Evaluator
-from flt_jax.model.config import ModelConfig, get_config
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.parallel import config as parallel_config
 from flt_jax.parallel import mesh as mesh_lib
 from flt_jax.parallel import sharding as sharding_lib
 from flt_jax.train import state as state_lib
+from tests.helpers.models import model_config, random_params
 from tests.helpers.xla_flags import with_fast_compile
 
 ROWS, LENGTH, LOOPS, VOCAB, MAX_LEN = 4, 8, 2, 64, 8
@@ -31,15 +29,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _model_and_params():
-  c = get_config()
-  c.update(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=VOCAB, seq_len=16)
-  c.update(loops=LOOPS, window_pattern="L", kv_lora_rank=0)
-  model = LoopedTransformer(ModelConfig.from_config(c))
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros([1, 8], jnp.int32))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(
-    lambda s: rng.normal(0.0, 0.3, s.shape).astype(np.float32), nn.meta.unbox(shapes["params"])
-  )
+  shape = dict(n_layer=2, d_model=32, n_head=2, n_kv_head=2, vocab_size=VOCAB, seq_len=16)
+  cfg = model_config(**shape, loops=LOOPS, window_pattern="L", kv_lora_rank=0)
+  model = LoopedTransformer(cfg)
+  params = random_params(cfg)
   return model, params
 
 

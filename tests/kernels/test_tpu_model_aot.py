@@ -5,25 +5,17 @@ client gives the TPU; the custom calls are counted in the compiled HLO. Skipped 
 libtpu (`pip install -r requirements-tpu.txt`)."""
 
 import functools
-import importlib.util
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import pytest
 
 from flt_jax import aot
 from flt_jax.model import config as model_config
 from flt_jax.model.looped import LoopedTransformer
+from tests.helpers.extras import needs
 
-pytestmark = [
-  pytest.mark.needs_extra,
-  pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason="libtpu (the TPU compiler) is not installed; `pip install -r requirements-tpu.txt` "
-    "to compile for TPUs ahead of time on CPU",
-  ),
-]
+pytestmark = needs("libtpu", "requirements-tpu.txt", "compiling the model for a TPU ahead of time")
 
 B, T = 1, 512
 

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 
 from flt_jax.model import loop_count
-from flt_jax.model.config import ModelConfig, get_config
+from flt_jax.model.config import ModelConfig
+from tests.helpers.models import model_config
 
 
 def make_cfg(**overrides) -> ModelConfig:
-  c = get_config()
-  c.update(dict(vocab_size=64, loops=6, max_loops=16, loop_sampling="poisson_lognormal"))
-  c.update(overrides)
-  return ModelConfig.from_config(c)
+  base = dict(vocab_size=64, loops=6, max_loops=16, loop_sampling="poisson_lognormal")
+  return model_config(**{**base, **overrides})
 
 
 def test_poisson_lognormal_matches_sampling_its_definition():

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flt_jax.model.config import ModelConfig, get_config
+from flt_jax.model.config import ModelConfig
 from flt_jax.model.looped import LoopedTransformer
 from flt_jax.model.loss import loss_fn
 from tests.helpers import reference
+from tests.helpers.models import model_config, random_params
 
 VARIANTS = ("FLT", "FLT_res", "LT", "LT_i", "LT_ia")
 B, T, VOCAB = 2, 8, 40
@@ -23,25 +24,13 @@ BASE = dict(
 
 
 def make_cfg(**overrides) -> ModelConfig:
-  c = get_config()
-  c.update({**BASE, **overrides})
-  return ModelConfig.from_config(c)
+  return model_config(**{**BASE, **overrides})
 
 
 @functools.cache
 def params_for(cfg: ModelConfig, seed=0):
   """Every matrix non-zero (zero-initialised projections would hide gradients)."""
-  shapes = jax.eval_shape(
-    LoopedTransformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((B, T), jnp.int32)
-  )
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = jax.tree_util.keystr(path)
-    std = 1.0 if "wte" in name else 0.1
-    return jnp.asarray(rng.normal(0.0, std, s.shape).astype(np.float32))
-
-  return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(shapes["params"]))
+  return random_params(cfg, seed, 0.1, embedding_std=1.0)
 
 
 def batch(seed=0):
