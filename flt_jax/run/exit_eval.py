@@ -12,7 +12,6 @@ active).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -20,7 +19,7 @@ from etils import epath
 
 from flt_jax.model.exit import ExitRule
 from flt_jax.run import results as result_files
-from flt_jax.run.sweep import RestoredCheckpoint, eval_data_record, hop_data_config, hop_sweep
+from flt_jax.run.sweep import RestoredCheckpoint, eval_data_record, hop_data_config
 
 EXIT_HOPS_METRICS = ("answer_accuracy", "mean_exit_loop_answers", "executed_loops")
 
@@ -28,17 +27,6 @@ EXIT_HOPS_METRICS = ("answer_accuracy", "mean_exit_loop_answers", "executed_loop
 def rule_key(rule: ExitRule) -> str:
   """A rule's name in the table: criterion:threshold and its loop bounds."""
   return f"{rule.label} (loops {rule.min_loops}-{rule.max_loops})"
-
-
-def fixed_curve(checkpoint: RestoredCheckpoint, loops_list: Sequence[int]) -> dict[int, dict]:
-  """Loss, bpb and answer accuracy (per hop count on multihop) at each fixed K': the
-  curve the exit rules are set against (the sweep's figures, without its files)."""
-  run_setup, params = checkpoint.run_setup, checkpoint.params
-  results = run_setup.evaluator.sweep(params, run_setup.eval_batches, loops_list)
-  if run_setup.config.data.source == "multihop":
-    for k, per_hop in hop_sweep(run_setup, params, loops_list).items():
-      results[k].update(per_hop)
-  return results
 
 
 def rule_metrics(checkpoint: RestoredCheckpoint, rule: ExitRule) -> dict[str, float]:
@@ -51,10 +39,8 @@ def rule_metrics(checkpoint: RestoredCheckpoint, rule: ExitRule) -> dict[str, fl
   if run_setup.config.data.source == "multihop":
     m = run_setup.config.data.multihop
     for hops in range(int(m.hops_min), int(m.hops_max) + 1):
-      batches = functools.partial(
-        run_setup.eval_batches, hop_data_config(run_setup.config.data, hops)
-      )
-      per_hop = evaluator.exit_metrics(params, batches(), rule)
+      batches = run_setup.eval_batches(hop_data_config(run_setup.config.data, hops))
+      per_hop = evaluator.exit_metrics(params, batches, rule)
       for name in EXIT_HOPS_METRICS:
         metrics[f"{name}_hops{hops}"] = per_hop[name]
   return metrics

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -90,6 +91,19 @@ def hop_data_config(data_config, hops: int) -> ml_collections.ConfigDict:
   return data
 
 
+def fixed_curve(
+  checkpoint: RestoredCheckpoint, loops_list: Sequence[int], *, per_loop: bool = False
+) -> dict[int, dict]:
+  """Loss, bpb and answer accuracy (per hop count on multihop) at each fixed K'; with
+  per_loop, h_change too (how much the last loop still moves h, from the same forward)."""
+  run_setup, params = checkpoint.run_setup, checkpoint.params
+  results = run_setup.evaluator.sweep(params, run_setup.eval_batches, loops_list, per_loop=per_loop)
+  if run_setup.config.data.source == "multihop":
+    for k, per_hop in hop_sweep(run_setup, params, loops_list).items():
+      results[k].update(per_hop)
+  return results
+
+
 def hop_sweep(run_setup: RunSetup, params, loops_list) -> dict[int, dict[str, float]]:
   """{K': {answer_accuracy_hops<h>: accuracy}} for every hop count h the run trained on,
   each on its own validation set (hop_data_config)."""
@@ -154,17 +168,14 @@ def sweep_checkpoint(
   hops x K' table and heat map `hops_by_loops_step<N>.csv`/`.png`. Data other than the
   run's own validation data writes under `..._step<N>_data-<hash>` names, and every
   table records its data. Each file is written whole (a kill leaves the previous one)."""
-  run_setup, params, step = checkpoint.run_setup, checkpoint.params, checkpoint.step
+  run_setup, step = checkpoint.run_setup, checkpoint.step
   trained_loops = checkpoint.trained_loops
   suffix, data_record = eval_data_record(run_setup, checkpoint.saved_config)
   table_path = epath.Path(workdir) / f"eval_step{step}{suffix}.json"
   earlier = result_files.read_sweep_table(table_path)  # a damaged table stops us before the work
   loops_list = sorted(set(loops_list or [trained_loops]))
   # per_loop: h_change, how much the last loop still moves h, from the same forward.
-  results = run_setup.evaluator.sweep(params, run_setup.eval_batches, loops_list, per_loop=True)
-  if run_setup.config.data.source == "multihop":
-    for k, per_hop in hop_sweep(run_setup, params, loops_list).items():
-      results[k].update(per_hop)
+  results = fixed_curve(checkpoint, loops_list, per_loop=True)
   result_files.print_sweep(step, workdir, run_setup.model_cfg.variant, trained_loops, results)
   if jax.process_index() == 0:
     table = {"step": step, "trained_loops": trained_loops, "data": data_record, "loops": earlier}

@@ -29,7 +29,13 @@ from flt_jax.eval import core
 from flt_jax.model.exit import ExitRule, with_max_loops
 from flt_jax.run import exit_eval, report
 from flt_jax.run import results as result_files
-from flt_jax.run.sweep import RestoredCheckpoint, check_loops, restore_checkpoint, sweep_checkpoint
+from flt_jax.run.sweep import (
+  RestoredCheckpoint,
+  check_loops,
+  fixed_curve,
+  restore_checkpoint,
+  sweep_checkpoint,
+)
 
 FAMILIES = ("sweep", "core")
 LM_EVAL = "lm_eval:"
@@ -119,7 +125,7 @@ def evaluate_tasks(
   if tasks.sweep:
     out["sweep"] = sweep_checkpoint(checkpoint, workdir, loops_list)
   if rules:
-    fixed = out.get("sweep") or exit_eval.fixed_curve(checkpoint, loops_list)
+    fixed = out.get("sweep") or fixed_curve(checkpoint, loops_list)
     out["exit"] = exit_eval.exit_checkpoint(checkpoint, workdir, rules, fixed)
   if core_tasks is not None:
     out["core"] = _core(checkpoint, workdir, loops_list, core_tasks, options, max_len)
