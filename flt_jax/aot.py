@@ -353,10 +353,11 @@ def compile_train_step(program: Program, hbm_bytes: int, topology: str = ""):
   step = program.train_step(diagnostics=False)
   args = program.abstract_train_args()
   devices = list(program.mesh.devices.flat)
-  traced_flops = jaxpr_matmul_flops(jax.make_jaxpr(step)(*args).jaxpr)
   start = time.perf_counter()
-  lowered = step.lower(*args)
+  traced = step.trace(*args)  # one trace for the matmul count and the lowering
+  lowered = traced.lower()
   lower_seconds = time.perf_counter() - start
+  traced_flops = jaxpr_matmul_flops(traced.jaxpr.jaxpr)
   oom = ""
   try:
     compiled = lowered.compile()
