@@ -145,7 +145,7 @@ def train_step(
     "tokens": jnp.sum(tokens_M),
     **aux,
   }
-  if count is not None:
+  if count is not None and model.cfg.loop_sampling != "fixed":  # a draw, not the constant K
     metrics["loops"] = count
   if diagnostics:
     metrics["layer_grad_norm"] = per_layer_grad_norms(grads)

@@ -193,8 +193,12 @@ def test_random_loop_counts_one_compilation_and_the_host_draws():
   assert int(metrics["loops"]) == int(loop_count.draws_on_host(model.cfg, 5, [9])[0])
 
 
-def test_fixed_loop_count_reports_no_draw():
-  model = _model()
+@pytest.mark.parametrize("backprop_loops", [0, 1])
+def test_fixed_loop_count_reports_no_draw(backprop_loops):
+  """A fixed K, with or without a gradient window: nothing drawn, so no count to log (the
+  reporter would otherwise redo the draws on the host at every log line)."""
+  model = _model(backprop_loops=backprop_loops)
+  assert model.cfg.windowed == bool(backprop_loops)
   optimizer = optax.sgd(1e-2)
   _, metrics = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer))(
     _state(model, optimizer), _batch(4)
